@@ -1,0 +1,40 @@
+"""Typed job configuration: sections, YAML job files, ``--set`` overrides, clear errors."""
+
+from framework.config.errors import ConfigError
+from framework.config.job import JobConfig, check_world, load_raw, parse_override, plugin_names, resolve
+from framework.config.schema import build_section, option, section_docs
+from framework.config.sections import (
+    CORE_SECTIONS,
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    MoEConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "CORE_SECTIONS",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "JobConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "build_section",
+    "check_world",
+    "load_raw",
+    "option",
+    "parse_override",
+    "plugin_names",
+    "resolve",
+    "section_docs",
+]

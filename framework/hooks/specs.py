@@ -1,0 +1,227 @@
+"""Hook specifications: the whole extension surface of expertrain.
+
+Grouped by lifecycle, in the order they fire. Every hook fires on every rank; a collective inside a hook must run on
+all ranks. Unless a hook says otherwise, results of all plugins are collected in a list (pluggy's default) and the core
+merges them as described. Hook arguments are keyword-only in implementations: a plugin may accept any subset of them.
+
+Lifecycle of one job::
+
+    expertrain_config_sections ─ expertrain_register_components ─ expertrain_validate_config
+    build model ─ expertrain_transform_model ─ expertrain_trainable_parameters ─ parallelize
+    ─ expertrain_after_parallelize ─ expertrain_optimizer_param_groups ─ expertrain_after_optimizer
+    per step: expertrain_step_begin ─ (forward: expertrain_extra_losses) ─ expertrain_after_backward
+              ─ optimizer.step ─ expertrain_after_optimizer_step ─ expertrain_metrics
+    checkpoints: expertrain_state_dict / expertrain_load_state_dict
+    expertrain_export ─ expertrain_train_end
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from framework.hooks.markers import hookspec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from framework.config import JobConfig
+    from framework.hooks.registry import ComponentRegistry
+
+
+# --- registration -----------------------------------------------------------------------------------------------
+
+
+@hookspec
+def expertrain_config_sections() -> dict[str, type] | None:
+    """Declare the plugin's top-level config sections.
+
+    When: once, right after the plugin is loaded, before the job file is typed.
+    May change: nothing.
+    Returns: a mapping ``{section_name: dataclass}``; fields are declared with :func:`framework.config.option` so they
+    are typed, validated and documented like core fields. A section name claimed by two plugins, or by a plugin and
+    the core, is an error naming both. ``None`` when the plugin has no section.
+    """
+
+
+@hookspec
+def expertrain_register_components(registry: ComponentRegistry) -> None:
+    """Register named components: MoE blocks, routers, attention variants, PEFT methods.
+
+    When: once, after config sections are known and before the config is validated.
+    May change: ``registry`` only, through ``registry.register(kind, name, factory)``. Registering a name that
+    another plugin already registered is an error naming both plugins.
+    Returns: nothing.
+    """
+
+
+@hookspec
+def expertrain_validate_config(config: JobConfig, world_size: int) -> None:
+    """Check the plugin's section against the rest of the job and the world size.
+
+    When: once, after the whole config is typed, before anything is built. Fires on every rank.
+    May change: nothing.
+    Returns: nothing; raise :class:`framework.config.ConfigError` naming the key to reject the job.
+    """
+
+
+# --- build ------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
+    """Transform the freshly built model in place (inject adapters, swap modules).
+
+    When: after the model is built and its weights initialised (or loaded), before the trainable set is decided,
+    before parallelisation and before the optimizer exists. Plugins run in the order they are listed in ``plugins``.
+    May change: the model's modules and parameters.
+    Returns: nothing.
+    """
+
+
+@hookspec
+def expertrain_trainable_parameters(model: nn.Module, config: JobConfig) -> list[str] | None:
+    """Name the parameters this plugin wants trained.
+
+    When: after every ``expertrain_transform_model``.
+    May change: nothing (the core sets ``requires_grad``).
+    Returns: parameter names (as in ``model.named_parameters()``), or ``None`` for no opinion. If any plugin returns
+    a list, the union of all lists is trained and every other parameter is frozen (no gradient, no optimizer state);
+    if all return ``None`` every parameter is trained. A name that does not exist is an error naming the plugin.
+    """
+
+
+@hookspec
+def expertrain_after_parallelize(model: nn.Module, config: JobConfig, resumed: bool) -> None:
+    """Data-dependent initialisation on the final (possibly sharded) model, e.g. calibration.
+
+    When: after data-parallel wrapping, before the optimizer is built. ``resumed`` is true when the weights are
+    about to be replaced by a checkpoint (skip expensive work then).
+    May change: parameter values in place (every rank must compute the same values).
+    Returns: nothing.
+    """
+
+
+@hookspec
+def expertrain_optimizer_param_groups(model: nn.Module, config: JobConfig) -> list[dict[str, Any]] | None:
+    """Claim trainable parameters for optimizer groups with their own settings (lr, weight decay, ...).
+
+    When: once, when the optimizer is built.
+    May change: nothing.
+    Returns: a list of torch param-group dicts whose ``params`` are parameters of ``model``, or ``None``. A parameter
+    claimed by two groups is an error; unclaimed trainable parameters go to the core's default groups
+    (decay for matrices, no decay for norms and biases).
+    """
+
+
+@hookspec
+def expertrain_after_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: JobConfig) -> None:
+    """See the optimizer once it exists (e.g. to keep a handle for masking its state).
+
+    When: right after the optimizer and scheduler are built, before a checkpoint is loaded into them.
+    May change: the optimizer's settings, not its parameter list.
+    Returns: nothing.
+    """
+
+
+# --- step -------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def expertrain_step_begin(step: int, model: nn.Module, optimizer: torch.optim.Optimizer, config: JobConfig) -> None:
+    """A new optimizer step is about to run its first micro-batch.
+
+    When: before the forward of the first micro-batch of step ``step`` (1-based).
+    May change: parameter values, masks, the trainable set's optimizer state (e.g. refresh a sparse mask).
+    Returns: nothing.
+    """
+
+
+@hookspec
+def expertrain_extra_losses(
+    model: nn.Module, input_ids: torch.Tensor, logits: torch.Tensor, config: JobConfig
+) -> dict[str, torch.Tensor] | None:
+    """Add named loss terms to a micro-batch's objective.
+
+    When: after each micro-batch forward, before backward.
+    May change: nothing.
+    Returns: ``{name: scalar tensor}`` already weighted by the plugin's coefficient, or ``None``. Each term is added
+    to the language-model loss (scaled for gradient accumulation like it) and logged as ``loss/<name>``. A name
+    returned by two plugins is an error.
+    """
+
+
+@hookspec
+def expertrain_after_backward(step: int, model: nn.Module, config: JobConfig) -> None:
+    """Gradients of the step are complete (all micro-batches, reduced across data-parallel ranks).
+
+    When: after the last backward of step ``step``, before gradient clipping and the optimizer step.
+    May change: gradients in place (masking, noise).
+    Returns: nothing.
+    """
+
+
+@hookspec
+def expertrain_after_optimizer_step(step: int, model: nn.Module, optimizer: torch.optim.Optimizer, config: JobConfig) -> None:
+    """The optimizer has updated the parameters of step ``step``.
+
+    When: after ``optimizer.step()`` and the scheduler step, before metrics.
+    May change: parameter values and buffers (e.g. restore frozen slices, update routing biases).
+    Returns: nothing.
+    """
+
+
+@hookspec
+def expertrain_metrics(step: int, model: nn.Module, config: JobConfig) -> dict[str, float] | None:
+    """Report metrics for step ``step``.
+
+    When: on logging steps, after ``expertrain_after_optimizer_step``.
+    May change: nothing.
+    Returns: ``{name: number}`` merged into the step's metrics line (``metrics.jsonl``, TensorBoard); ``None`` for
+    nothing. Names should be prefixed with the plugin name.
+    """
+
+
+# --- state ------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def expertrain_state_dict(model: nn.Module, config: JobConfig) -> dict[str, Any] | None:
+    """State the plugin needs to resume exactly (masks, stage seeds, counters), saved with each checkpoint.
+
+    When: at each checkpoint save, on every rank.
+    May change: nothing.
+    Returns: a mapping of tensors and plain values (str, int, float, bool, lists), or ``None``. It is stored under
+    the plugin's name; tensors must be identical on every rank or be plain per-rank tensors of a fixed layout.
+    """
+
+
+@hookspec
+def expertrain_load_state_dict(model: nn.Module, state: dict[str, Any], config: JobConfig) -> None:
+    """Restore what ``expertrain_state_dict`` returned.
+
+    When: on resume, after model and optimizer state are loaded. Called only for plugins that saved state.
+    May change: the plugin's own state, parameter values.
+    Returns: nothing.
+    """
+
+
+@hookspec
+def expertrain_export(model: nn.Module, config: JobConfig, output_dir: Path, export_format: str) -> list[str] | None:
+    """Write the plugin's artefacts for ``expertrain export <format>`` (e.g. a peft adapter).
+
+    When: during an export, on rank 0 only, after the core wrote its own files for the format.
+    May change: nothing in the model.
+    Returns: the file names the plugin wrote in ``output_dir``, or ``None`` if the format is not the plugin's.
+    """
+
+
+@hookspec
+def expertrain_train_end(model: nn.Module, summary: dict[str, Any], config: JobConfig) -> None:
+    """The run finished its last step (after the final checkpoint and evaluation).
+
+    When: once, on every rank, before the summary is printed.
+    May change: ``summary`` (add lines the user should see).
+    Returns: nothing.
+    """
