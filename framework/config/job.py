@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,21 @@ from framework.config.sections import (
 )
 
 TOP_LEVEL_KEYS = ("plugins",)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-4`` as a number (YAML 1.1 wants ``1.0e-4``, which surprises everyone)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> object:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -79,10 +95,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(key, raw, "expected --set section.key=value with a dotted key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         problem = str(exc).splitlines()[0]
-        raise ConfigError(key, raw, f"could not parse the value ({problem}); lists are written [a, b, c]") from None
+        raise ConfigError(
+            key, raw, f"could not parse the value ({problem}); lists are written [a, b, c]"
+        ) from None
     return key.split("."), value
 
 
@@ -104,9 +122,11 @@ def read_job_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError("--config", str(path), "expected an existing YAML job file (see examples/configs/)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError("--config", str(path), f"expected valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(
+            "--config", str(path), f"expected valid YAML ({str(exc).splitlines()[0]})"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -146,7 +166,8 @@ def resolve(
         raise ConfigError(
             key,
             raw[key],
-            "unknown section; accepted: " + ", ".join(accepted)
+            "unknown section; accepted: "
+            + ", ".join(accepted)
             + " (a plugin's section is accepted once the plugin is listed in 'plugins')",
         )
     kwargs: dict[str, Any] = {n: build_section(cls, raw.get(n), n) for n, cls in CORE_SECTIONS.items()}
@@ -159,7 +180,9 @@ def resolve(
 def check_job(job: JobConfig) -> None:
     """Cross-section rules that do not depend on the world size."""
     if job.data.seq_len > job.model.max_seq_len:
-        raise ConfigError("data.seq_len", job.data.seq_len, f"expected at most model.max_seq_len={job.model.max_seq_len}")
+        raise ConfigError(
+            "data.seq_len", job.data.seq_len, f"expected at most model.max_seq_len={job.model.max_seq_len}"
+        )
     if job.train.global_batch_size % job.train.micro_batch_size:
         raise ConfigError(
             "train.global_batch_size",

@@ -89,7 +89,9 @@ def coerce(value: Any, tp: Any, key: str, meta: dict[str, Any] | None = None) ->
                 continue
         raise ConfigError(key, value, expected)
     if origin is Literal:
-        if value in get_args(tp) and not (isinstance(value, bool) and not any(a is value for a in get_args(tp))):
+        if value in get_args(tp) and not (
+            isinstance(value, bool) and not any(a is value for a in get_args(tp))
+        ):
             return value
         raise ConfigError(key, value, expected)
     if origin in (list, tuple):
@@ -165,5 +167,7 @@ def section_docs(cls: type) -> list[tuple[str, str, Any, str]]:
             default = f.default_factory()
         else:
             default = "(required)"
-        rows.append((f.name, describe_type(hints[f.name]) + _range_text(dict(f.metadata)), default, f.metadata["doc"]))
+        rows.append(
+            (f.name, describe_type(hints[f.name]) + _range_text(dict(f.metadata)), default, f.metadata["doc"])
+        )
     return rows

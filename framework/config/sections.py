@@ -27,16 +27,26 @@ class ModelConfig:
     rope_theta: float = option(10000.0, doc="RoPE base frequency.", min=0.0, min_exclusive=True)
     norm_eps: float = option(1e-5, doc="RMSNorm epsilon.", min=0.0, min_exclusive=True)
     tie_embeddings: bool = option(False, doc="Share the token embedding with the LM head.")
-    init_std: float = option(0.02, doc="Std of the normal weight init (output projections scaled by 1/sqrt(2L)).", min=0.0)
+    init_std: float = option(
+        0.02, doc="Std of the normal weight init (output projections scaled by 1/sqrt(2L)).", min=0.0
+    )
     attention: str = option("gqa", doc="Attention component name in the registry (plugins may add variants).")
 
     def validate(self, prefix: str) -> None:
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"{prefix}.n_kv_heads", self.n_kv_heads, f"expected a divisor of n_heads={self.n_heads}")
+            raise ConfigError(
+                f"{prefix}.n_kv_heads", self.n_kv_heads, f"expected a divisor of n_heads={self.n_heads}"
+            )
         if self.head_dim == 0 and self.dim % self.n_heads:
-            raise ConfigError(f"{prefix}.dim", self.dim, f"expected a multiple of n_heads={self.n_heads} (or set head_dim)")
+            raise ConfigError(
+                f"{prefix}.dim", self.dim, f"expected a multiple of n_heads={self.n_heads} (or set head_dim)"
+            )
         if self.resolved_head_dim % 2:
-            raise ConfigError(f"{prefix}.head_dim", self.resolved_head_dim, "expected an even head size (RoPE rotates pairs)")
+            raise ConfigError(
+                f"{prefix}.head_dim",
+                self.resolved_head_dim,
+                "expected an even head size (RoPE rotates pairs)",
+            )
 
     @property
     def resolved_head_dim(self) -> int:
@@ -50,34 +60,54 @@ class MoEConfig:
     num_experts: int = option(8, doc="Routed experts per MoE layer; 0 makes every layer dense.", min=0)
     top_k: int = option(2, doc="Experts each token is routed to.", min=1)
     expert_hidden: int = option(352, doc="Intermediate size of one expert's SwiGLU.", min=1)
-    every: int = option(1, doc="Every k-th layer (counting from the first after first_k_dense) is MoE.", min=1)
+    every: int = option(
+        1, doc="Every k-th layer (counting from the first after first_k_dense) is MoE.", min=1
+    )
     first_k_dense: int = option(0, doc="The first k layers use the dense MLP.", min=0)
     block: str = option("moe", doc="MoE block component name in the registry (plugins may add variants).")
     router: str = option("topk", doc="Router component name in the registry.")
-    score_func: Literal["softmax", "sigmoid"] = option("softmax", doc="Router score function (computed in fp32).")
-    route_norm: bool = option(True, doc="Renormalise the top-k weights to sum to 1 (always done for sigmoid).")
-    route_scale: float = option(1.0, doc="Routed scaling factor applied to the gate weights.", min=0.0, min_exclusive=True)
+    score_func: Literal["softmax", "sigmoid"] = option(
+        "softmax", doc="Router score function (computed in fp32)."
+    )
+    route_norm: bool = option(
+        True, doc="Renormalise the top-k weights to sum to 1 (always done for sigmoid)."
+    )
+    route_scale: float = option(
+        1.0, doc="Routed scaling factor applied to the gate weights.", min=0.0, min_exclusive=True
+    )
     n_groups: int = option(1, doc="Expert groups for group-limited routing (1 = off).", min=1)
     topk_groups: int = option(1, doc="Groups kept per token in group-limited routing.", min=1)
     aux_loss_coef: float = option(0.01, doc="Switch/GShard load-balance loss coefficient.", min=0.0)
-    seq_aux_loss_coef: float = option(0.0, doc="Sequence-wise balance loss coefficient (DeepSeek-V3).", min=0.0)
+    seq_aux_loss_coef: float = option(
+        0.0, doc="Sequence-wise balance loss coefficient (DeepSeek-V3).", min=0.0
+    )
     z_loss_coef: float = option(0.0, doc="Router z-loss coefficient.", min=0.0)
     bias_update_rate: float = option(
-        0.0, doc="Aux-loss-free bias step gamma (0 = off); b += gamma*sign(mean(c) - c) after each optimizer step.", min=0.0
+        0.0,
+        doc="Aux-loss-free bias step gamma (0 = off); b += gamma*sign(mean(c) - c) after each optimizer step.",
+        min=0.0,
     )
     capacity_factor: float = option(0.0, doc="Expert capacity factor; 0 = dropless.", min=0.0)
-    drop_policy: Literal["probs", "position"] = option("probs", doc="Which tokens an over-capacity expert drops.")
+    drop_policy: Literal["probs", "position"] = option(
+        "probs", doc="Which tokens an over-capacity expert drops."
+    )
     experts_impl: Literal["auto", "grouped_mm", "loop", "bmm"] = option(
         "auto", doc="Expert compute kernel; auto = grouped_mm on CUDA, the fastest measured path on CPU."
     )
 
     def validate(self, prefix: str) -> None:
         if self.num_experts and self.top_k > self.num_experts:
-            raise ConfigError(f"{prefix}.top_k", self.top_k, f"expected at most num_experts={self.num_experts}")
+            raise ConfigError(
+                f"{prefix}.top_k", self.top_k, f"expected at most num_experts={self.num_experts}"
+            )
         if self.num_experts and self.num_experts % self.n_groups:
-            raise ConfigError(f"{prefix}.n_groups", self.n_groups, f"expected a divisor of num_experts={self.num_experts}")
+            raise ConfigError(
+                f"{prefix}.n_groups", self.n_groups, f"expected a divisor of num_experts={self.num_experts}"
+            )
         if self.topk_groups > self.n_groups:
-            raise ConfigError(f"{prefix}.topk_groups", self.topk_groups, f"expected at most n_groups={self.n_groups}")
+            raise ConfigError(
+                f"{prefix}.topk_groups", self.topk_groups, f"expected at most n_groups={self.n_groups}"
+            )
 
 
 @dataclass
@@ -85,7 +115,9 @@ class ParallelConfig:
     """How ranks are used. Data parallelism spans every rank in this release."""
 
     data: Literal["ddp", "fsdp"] = option("fsdp", doc="Data-parallel wrapper: FSDP2 (fully_shard) or DDP.")
-    timeout_s: int = option(600, doc="Collective timeout in seconds: a rank that hangs fails the job after this.", min=1)
+    timeout_s: int = option(
+        600, doc="Collective timeout in seconds: a rank that hangs fails the job after this.", min=1
+    )
 
 
 @dataclass
@@ -100,11 +132,15 @@ class DataConfig:
     tokenizer: str = option("", doc="Folder with tokenizer.json; empty = the embedded corpus tokenizer.")
     seq_len: int = option(256, doc="Tokens per training sequence.", min=2)
     val_fraction: float = option(0.02, doc="Share of documents held out for validation.", min=0.0, max=0.5)
-    cache_dir: str = option("", doc="Where the embedded corpus and its tokenizer are cached; empty = ~/.cache/expertrain.")
+    cache_dir: str = option(
+        "", doc="Where the embedded corpus and its tokenizer are cached; empty = ~/.cache/expertrain."
+    )
 
     def validate(self, prefix: str) -> None:
         if self.weights and len(self.weights) != len(self.paths):
-            raise ConfigError(f"{prefix}.weights", self.weights, f"expected one weight per path ({len(self.paths)})")
+            raise ConfigError(
+                f"{prefix}.weights", self.weights, f"expected one weight per path ({len(self.paths)})"
+            )
 
 
 @dataclass
@@ -114,7 +150,9 @@ class OptimConfig:
     lr: float = option(3e-3, doc="Peak learning rate.", min=0.0)
     min_lr_ratio: float = option(0.1, doc="Final learning rate as a fraction of lr.", min=0.0, max=1.0)
     warmup_steps: int = option(20, doc="Linear warmup steps.", min=0)
-    weight_decay: float = option(0.1, doc="Decoupled weight decay (not applied to norms, biases, router biases).", min=0.0)
+    weight_decay: float = option(
+        0.1, doc="Decoupled weight decay (not applied to norms, biases, router biases).", min=0.0
+    )
     beta1: float = option(0.9, doc="AdamW beta1.", min=0.0, max=1.0)
     beta2: float = option(0.95, doc="AdamW beta2.", min=0.0, max=1.0)
     eps: float = option(1e-8, doc="AdamW epsilon.", min=0.0, min_exclusive=True)
@@ -131,10 +169,14 @@ class TrainConfig:
     micro_batch_size: int = option(
         4, doc="Sequences per rank per forward; accumulation = global / (data-parallel ranks * micro).", min=1
     )
-    dtype: Literal["fp32", "bf16"] = option("fp32", doc="Compute dtype: bf16 autocast keeps fp32 master weights.")
+    dtype: Literal["fp32", "bf16"] = option(
+        "fp32", doc="Compute dtype: bf16 autocast keeps fp32 master weights."
+    )
     activation_checkpointing: bool = option(False, doc="Recompute each block in backward to save memory.")
     compile: bool = option(False, doc="torch.compile each transformer block.")
-    eval_every: int = option(50, doc="Evaluate validation loss every N steps (and at the end); 0 = only at the end.", min=0)
+    eval_every: int = option(
+        50, doc="Evaluate validation loss every N steps (and at the end); 0 = only at the end.", min=0
+    )
     eval_batches: int = option(8, doc="Micro-batches per evaluation.", min=1)
     sample_tokens: int = option(48, doc="Tokens of generated text shown at the end (0 = none).", min=0)
     device: Literal["auto", "cpu", "cuda"] = option("auto", doc="Where to train; auto = cuda when available.")
@@ -145,7 +187,9 @@ class CheckpointConfig:
     """Resumable checkpoints (torch distributed checkpoint) under run.dir/checkpoints."""
 
     every: int = option(0, doc="Save every N steps (0 = only at the end).", min=0)
-    keep_last: int = option(2, doc="Checkpoints kept; older ones are deleted after a new one is in place.", min=1)
+    keep_last: int = option(
+        2, doc="Checkpoints kept; older ones are deleted after a new one is in place.", min=1
+    )
     resume: bool = option(True, doc="Continue from the latest checkpoint in run.dir if there is one.")
     save_final: bool = option(True, doc="Save a checkpoint after the last step.")
 

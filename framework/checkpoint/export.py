@@ -1,0 +1,75 @@
+"""Rebuild a model from a checkpoint in one process, and ``expertrain export native``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from framework.checkpoint.store import CheckpointStore
+from framework.config import JobConfig, resolve
+from framework.hooks import PluginManager
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, a run folder (its latest checkpoint) or a run's ``checkpoints`` folder."""
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        latest = CheckpointStore(root).latest()
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(
+        f"no complete checkpoint at {p}: expected a step_XXXXXXXX folder or a run folder that holds checkpoints/"
+    )
+
+
+def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, JobConfig, PluginManager, Path]:
+    """The trained model (fp32, CPU) of a checkpoint, with the plugins of its job re-applied."""
+    from framework.models import Transformer
+
+    path = resolve_checkpoint(checkpoint)
+    meta = CheckpointStore.read_meta(path)
+    raw = meta["config"]
+    pm = PluginManager()
+    pm.load(list(raw.get("plugins", [])))
+    config = resolve(raw, pm.config_sections, source=str(path))
+    model = Transformer(config.model, config.moe, pm.registry)
+    pm.hook.expertrain_transform_model(model=model, config=config)
+    target = {"model": model.state_dict()}
+    state, _, _ = CheckpointStore.load(path, target)
+    model.load_state_dict(state["model"])
+    plugin_states = state.get("plugins", {})
+    for name, st in plugin_states.items():
+        pm.call_plugin(name, "expertrain_load_state_dict", model=model, state=st, config=config)
+    model.eval()
+    return model, config, pm, path
+
+
+def export_native(checkpoint: str | Path, output: str | Path) -> list[str]:
+    """Write ``model.safetensors`` + ``config.yaml`` (+ the run's tokenizer) to ``output``."""
+    model, config, pm, path = load_model(checkpoint)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "expertrain-native"})
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    written = ["model.safetensors", "config.yaml"]
+    tokenizer_dir = path.parent.parent / "tokenizer"
+    if tokenizer_dir.is_dir():
+        for f in tokenizer_dir.iterdir():
+            shutil.copy2(f, out / f.name)
+            written.append(f.name)
+    for result in pm.hook.expertrain_export(
+        model=model, config=config, output_dir=out, export_format="native"
+    ):
+        written.extend(result or [])
+    (out / "export.json").write_text(
+        json.dumps({"checkpoint": path.name, "files": written}, indent=1), encoding="utf-8"
+    )
+    return written

@@ -1,0 +1,49 @@
+"""Rank-aware console output and silencing of dependency notices that do not apply."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from framework.parallel import collectives as C
+
+
+def info(message: str) -> None:
+    """Print on rank 0 only."""
+    if C.rank() == 0:
+        print(message, flush=True)
+
+
+def warn(message: str, all_ranks: bool = False) -> None:
+    """A warning line on rank 0 (or on every rank, prefixed with its rank, when it is rank-specific)."""
+    if all_ranks and C.world_size() > 1:
+        print(f"[rank {C.rank()}] warning: {message}", file=sys.stderr, flush=True)
+    elif C.rank() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def error_line(message: str) -> str:
+    prefix = f"[rank {C.rank()}] " if C.world_size() > 1 or "RANK" in os.environ else ""
+    return f"{prefix}expertrain: error: {message}"
+
+
+_NOISY_LOGGERS = ("megatron", "megatron.core", "torch.distributed.checkpoint", "torch.distributed.elastic")
+
+
+def quiet_dependencies() -> None:
+    """Keep notices that do not apply to this run (Transformer Engine on CPU, DCP single-process notes) off the console."""
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for pattern in (
+        ".*Transformer Engine.*",
+        ".*apex.*",
+        ".*torch.distributed is disabled.*",
+        ".*TypedStorage is deprecated.*",
+        ".*pkg_resources is deprecated.*",
+        ".*Apex is not installed.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")

@@ -1,0 +1,1 @@
+"""Process groups, the collectives wrapper and data-parallel wrapping (DDP / FSDP2)."""

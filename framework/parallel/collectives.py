@@ -1,0 +1,107 @@
+"""One thin wrapper over torch.distributed collectives.
+
+Several collective names are deprecated in torch 2.13 and gloo lacks some variants; every call the project makes goes
+through here so the rest of the code does not care. Every function is a no-op (identity) without a process group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """In-place sum over ``group`` (all ranks by default); returns ``t``."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (small picklable values only: this is not for untrusted data)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class RankFailure(RuntimeError):
+    """Another rank failed in a phase every rank runs; carries that rank's message."""
+
+
+def run_agreed(phase: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it raises on any rank, raise on every rank (no rank is left waiting).
+
+    The rank that failed re-raises its own exception; the others raise :class:`RankFailure` quoting it.
+    """
+    error: BaseException | None = None
+    result: Any = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
+        error = exc
+    if is_distributed():
+        messages = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if failed and error is None:
+            r, m = failed[0]
+            raise RankFailure(f"rank {r} failed during {phase}: {m}")
+    if error is not None:
+        raise error
+    return result
+
+
+def run_on_rank0(phase: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only, then share its result (or its error) with every rank."""
+    error: str | None = None
+    result: Any = None
+    exc_obj: BaseException | None = None
+    if rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001
+            exc_obj = exc
+            error = f"{type(exc).__name__}: {exc}"
+    result, error = broadcast_object((result, error))
+    if exc_obj is not None:
+        raise exc_obj
+    if error is not None:
+        raise RankFailure(f"rank 0 failed during {phase}: {error}")
+    return result

@@ -1,0 +1,1 @@
+"""The trainer: job set-up, the step loop, optimizer and schedule, losses."""

@@ -1,0 +1,540 @@
+"""The training job: build in order (config → plugins → model → transforms → trainable set → parallelize → optimizer),
+then the step loop with hooks, evaluation, checkpoints and the end-of-run report.
+
+Build order and why: ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from framework.checkpoint import CheckpointStore
+from framework.config import ConfigError, JobConfig, check_world
+from framework.config.job import save_resolved
+from framework.data import MicroBatchStream, build_pretrain_datasets, prepare_embedded, unigram_entropy
+from framework.data.tokenizer import Tokenizer
+from framework.hooks import PluginManager
+from framework.models import Transformer
+from framework.observe import console
+from framework.observe.metrics import MetricsWriter, read_metrics
+from framework.observe.plots import plot_expert_load, plot_loss
+from framework.observe.progress import ProgressBar
+from framework.parallel import collectives as C
+from framework.parallel.data_parallel import gradient_sync, wrap_data_parallel
+from framework.parallel.setup import DistInfo
+from framework.train.loss import count_loss_tokens, lm_loss_sum
+from framework.train.optim import build_optimizer, build_scheduler
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the model being trained."""
+
+
+# Config keys whose change alters the order in which samples are drawn.
+_ORDER_KEYS = (
+    ("train", "seed"),
+    ("train", "global_batch_size"),
+    ("train", "steps"),
+    ("data", "paths"),
+    ("data", "weights"),
+    ("data", "seq_len"),
+    ("data", "val_fraction"),
+)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    aux: dict[str, float]
+    grad_norm: float
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    samples_consumed: int = 0
+    started: float = field(default_factory=time.time)
+    tokens_seen: int = 0
+
+
+class Trainer:
+    """One training job on this rank. Construct, then :meth:`run`."""
+
+    def __init__(self, config: JobConfig, plugins: PluginManager, dist_info: DistInfo) -> None:
+        self.config = config
+        self.pm = plugins
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.run_dir = config.run_dir
+        self.store = CheckpointStore(self.run_dir / "checkpoints", keep_last=config.checkpoint.keep_last)
+        self.accumulation = check_world(config, dist_info.world_size)
+        self.state = RunState()
+
+    # --- build ----------------------------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        cfg = self.config
+        C.run_on_rank0("creating the run folder", self._create_run_dir)
+        self.resume_from = self._find_resume_point()
+        self._build_data()
+        self._build_model()
+        self.pm.hook.expertrain_after_parallelize(
+            model=self.model, config=cfg, resumed=self.resume_from is not None
+        )
+        plugin_groups = self.pm.param_groups(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg.optim, plugin_groups, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
+        self.pm.hook.expertrain_after_optimizer(model=self.model, optimizer=self.optimizer, config=cfg)
+        if self.resume_from is not None:
+            C.run_agreed("loading the checkpoint", lambda: self._load_checkpoint(self.resume_from))
+        self.train_stream = MicroBatchStream(
+            self.train_ds,
+            global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=cfg.train.micro_batch_size,
+            dp_rank=self.dist.rank,
+            dp_size=self.dist.world_size,
+            start_sample=self.state.samples_consumed,
+        )
+
+    def _create_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(self.config, self.run_dir / "config.yaml")
+
+    def _find_resume_point(self) -> Path | None:
+        if not self.config.checkpoint.resume:
+            return None
+        latest = self.store.latest()
+        if latest is None:
+            return None
+        meta = self.store.read_meta(latest)
+        self._check_compatible(meta, latest)
+        return latest
+
+    def _check_compatible(self, meta: dict[str, Any], path: Path) -> None:
+        saved = meta.get("config", {})
+        now = self.config.to_dict()
+        diffs = [
+            f"{section}.{k}: checkpoint {v!r}, config {now[section].get(k)!r}"
+            for section in ("model", "moe")
+            for k, v in saved.get(section, {}).items()
+            if now[section].get(k) != v
+        ]
+        if diffs:
+            raise CheckpointMismatch(
+                f"checkpoint {path} was saved for another model shape ({'; '.join(diffs[:4])}); "
+                "use the job's original model settings, or start a new run with another run.dir "
+                "(or checkpoint.resume=false)"
+            )
+        changed = [f"{s}.{k}" for s, k in _ORDER_KEYS if saved.get(s, {}).get(k) != now[s].get(k)]
+        if changed:
+            console.warn(
+                f"resuming {path.name} with changed {', '.join(changed)}: the sample order after step "
+                f"{meta['step']} differs from the original run's"
+            )
+
+    def _build_data(self) -> None:
+        cfg = self.config
+        if cfg.data.paths:
+            if not cfg.data.tokenizer:
+                raise ConfigError(
+                    "data.tokenizer",
+                    "",
+                    "expected the tokenizer folder of the prepared data (data.paths is set)",
+                )
+            tokenizer_dir = cfg.data.tokenizer
+        else:
+            cache = C.run_on_rank0(
+                "preparing the embedded corpus", lambda: prepare_embedded(cfg.data.cache_dir or None)
+            )
+            tokenizer_dir = str(cache[1])
+        self.tokenizer = Tokenizer.from_dir(tokenizer_dir)
+        C.run_on_rank0("saving the tokenizer", lambda: self.tokenizer.save(self.run_dir / "tokenizer"))
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                "model.vocab_size",
+                cfg.model.vocab_size,
+                f"expected at least the tokenizer's vocabulary size {self.tokenizer.vocab_size}",
+            )
+        train_samples = cfg.train.steps * cfg.train.global_batch_size
+        val_samples = cfg.train.eval_batches * cfg.train.micro_batch_size * self.dist.world_size
+        self.train_ds, self.val_ds = C.run_agreed(
+            "building the datasets",
+            lambda: build_pretrain_datasets(
+                cfg.data, cfg.data.seq_len, cfg.train.seed, train_samples, val_samples, self.tokenizer
+            ),
+        )
+
+    def _build_model(self) -> None:
+        cfg = self.config
+        with torch.device("meta"):
+            model = Transformer(cfg.model, cfg.moe, self.pm.registry)
+        model.to_empty(device=self.device)
+        model.init_weights(cfg.train.seed)
+        self.raw_model = model
+        self.pm.hook.expertrain_transform_model(model=model, config=cfg)
+        trainable = self.pm.trainable_names(model, cfg)
+        if trainable is not None:
+            for name, p in model.named_parameters():
+                p.requires_grad_(name in trainable)
+        if cfg.train.activation_checkpointing:
+            model.enable_activation_checkpointing()
+        if cfg.train.compile:
+            for i, block in enumerate(model.layers):
+                model.layers[i] = torch.compile(block)
+        self.model = wrap_data_parallel(model, cfg.parallel.data, self.device, self.dist.world_size)
+        counts = model.param_counts()
+        self.param_counts = counts
+        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        console.info(
+            f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active_per_token'] / 1e6:.2f}M active per token, "
+            f"{n_train / 1e6:.2f}M trainable; {self.flops_per_token / 1e6:.1f} MFLOPs per token (train)"
+        )
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        plugin_state = {
+            name: st
+            for name, st in self.pm.call_per_plugin(
+                "expertrain_state_dict", model=self.raw_model, config=self.config
+            ).items()
+            if st is not None
+        }
+        return {
+            "model": model_sd,
+            "optim": optim_sd,
+            "scheduler": self.scheduler.state_dict(),
+            "plugins": plugin_state,
+        }
+
+    def save_checkpoint(self) -> Path:
+        meta = {
+            "samples_consumed": self.state.samples_consumed,
+            "tokens_seen": self.state.tokens_seen,
+            "world_size": self.dist.world_size,
+            "config": self.config.to_dict(),
+        }
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return self.store.save(self.state.step, self._state(), meta, rng)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        target = self._state()
+        state, meta, rng = self.store.load(path, target)
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        for name, plugin_state in state.get("plugins", {}).items():
+            self.pm.call_plugin(
+                name,
+                "expertrain_load_state_dict",
+                model=self.raw_model,
+                state=plugin_state,
+                config=self.config,
+            )
+        self.state.step = int(meta["step"])
+        self.state.samples_consumed = int(meta["samples_consumed"])
+        self.state.tokens_seen = int(meta.get("tokens_seen", 0))
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        else:
+            console.warn(
+                f"no saved RNG state for rank {self.dist.rank} (world size changed); dropout noise will differ",
+                True,
+            )
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        console.info(f"resumed from {path} at step {self.state.step}")
+
+    # --- steps ----------------------------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.train.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, step: int) -> StepResult:
+        cfg = self.config
+        t0 = time.perf_counter()
+        self.pm.hook.expertrain_step_begin(
+            step=step, model=self.raw_model, optimizer=self.optimizer, config=cfg
+        )
+        micro_batches = [self.train_stream.next_micro_batch() for _ in range(self.accumulation)]
+        local_tokens = sum(count_loss_tokens(labels) for _, labels in micro_batches)
+        global_tokens = int(C.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.int64)).item())
+        # DDP and FSDP average gradients over ranks: scale so the result is the sum over the global batch / tokens.
+        lm_scale = self.dist.world_size / max(global_tokens, 1)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        aux_totals: dict[str, float] = {}
+        self.model.train()
+        for i, (input_ids, labels) in enumerate(micro_batches):
+            input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+            last = i == len(micro_batches) - 1
+            with gradient_sync(self.model, last):
+                with self._autocast():
+                    logits = self.model(input_ids)
+                    lm_sum = lm_loss_sum(logits, labels)
+                    extra = self._extra_losses(input_ids, logits)
+                objective = (
+                    lm_sum * lm_scale
+                    + sum(extra.values(), torch.zeros((), device=self.device)) / self.accumulation
+                )
+                objective.backward()
+            loss_sum += lm_sum.detach().double().cpu()
+            for k, v in extra.items():
+                aux_totals[k] = aux_totals.get(k, 0.0) + float(v.detach()) / self.accumulation
+        self.pm.hook.expertrain_after_backward(step=step, model=self.raw_model, config=cfg)
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._update_routing(step)
+        self.pm.hook.expertrain_after_optimizer_step(
+            step=step, model=self.raw_model, optimizer=self.optimizer, config=cfg
+        )
+        totals = torch.tensor([float(loss_sum), *aux_totals.values()], dtype=torch.float64)
+        C.all_reduce_sum(totals)
+        loss = float(totals[0]) / max(global_tokens, 1)
+        aux = {k: float(v) / self.dist.world_size for k, v in zip(aux_totals, totals[1:].tolist())}
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            raise TrainingDiverged(
+                f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping without saving. "
+                "The last good checkpoint is untouched: lower optim.lr, raise optim.warmup_steps or enable "
+                "optim.grad_clip, then rerun to resume from it"
+            )
+        return StepResult(loss, aux, grad_norm, global_tokens, time.perf_counter() - t0)
+
+    def _extra_losses(self, input_ids: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses = dict(self.raw_model.aux_losses())
+        for name, value in self.pm.extra_losses(
+            model=self.raw_model, input_ids=input_ids, logits=logits, config=self.config
+        ).items():
+            if name in losses:
+                raise ValueError(
+                    f"extra loss '{name}' is also a core MoE loss; a plugin must use another name"
+                )
+            losses[name] = value
+        return losses
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _update_routing(self, step: int) -> None:
+        """Exact int64 expert counts of this step, summed over every rank that saw tokens; aux-free bias update."""
+        layers = self.raw_model.moe_layers()
+        if not layers:
+            self.last_counts = []
+            return
+        counts = torch.stack([layer.consume_expert_counts().to("cpu", torch.int64) for layer in layers])
+        C.all_reduce_sum(counts)
+        if self.config.moe.bias_update_rate > 0:
+            for layer, c in zip(layers, counts):
+                layer.update_expert_bias(c.to(self.device))
+        self.last_counts = counts
+
+    def routing_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, c in enumerate(getattr(self, "last_counts", [])):
+            c = c.double()
+            for e, v in enumerate(c.tolist()):
+                out[f"moe/layer{i}/tokens_e{e}"] = v
+            out[f"moe/layer{i}/max_over_mean"] = float(c.max() / c.mean().clamp_min(1e-9))
+        return out
+
+    # --- evaluation and sampling ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        cfg = self.config
+        self.model.eval()
+        stream = MicroBatchStream(
+            self.val_ds,
+            global_batch_size=cfg.train.micro_batch_size * self.dist.world_size,
+            micro_batch_size=cfg.train.micro_batch_size,
+            dp_rank=self.dist.rank,
+            dp_size=self.dist.world_size,
+        )
+        total = torch.zeros(2, dtype=torch.float64)
+        for _ in range(cfg.train.eval_batches):
+            input_ids, labels = stream.next_micro_batch()
+            with self._autocast():
+                logits = self.model(input_ids.to(self.device))
+            total[0] += float(lm_loss_sum(logits, labels.to(self.device)))
+            total[1] += count_loss_tokens(labels)
+        self.raw_model.aux_losses()
+        for layer in self.raw_model.moe_layers():
+            layer.consume_expert_counts()
+        C.all_reduce_sum(total)
+        self.model.train()
+        return float(total[0] / total[1].clamp_min(1))
+
+    @torch.no_grad()
+    def sample_text(self, prompt: str = "def ", tokens: int = 48) -> str:
+        """Greedy continuation, run on every rank (FSDP needs all ranks in each forward); shown on rank 0."""
+        self.model.eval()
+        ids = torch.tensor([self.tokenizer.encode(prompt)], dtype=torch.long, device=self.device)
+        for _ in range(tokens):
+            window = ids[:, -self.config.data.seq_len :]
+            with self._autocast():
+                logits = self.model(window)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            if int(nxt) == self.tokenizer.eod:
+                break
+        for layer in self.raw_model.moe_layers():
+            layer.consume_expert_counts()
+        self.raw_model.aux_losses()
+        self.model.train()
+        return self.tokenizer.decode(ids[0].tolist())
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        if self.state.step >= cfg.train.steps:
+            summary = self._previous_summary()
+            console.info(
+                f"run {self.run_dir} is already complete ({self.state.step}/{cfg.train.steps} steps)"
+            )
+            return summary
+        metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, resume_step=self.state.step)
+        bar = ProgressBar(cfg.train.steps, self.state.step, cfg.logging.progress)
+        last_val: float | None = None
+        train_time = 0.0
+        steps_run = 0
+        try:
+            for step in range(self.state.step + 1, cfg.train.steps + 1):
+                result = self.train_step(step)
+                train_time += result.seconds
+                steps_run += 1
+                self.state.step = step
+                self.state.samples_consumed += cfg.train.global_batch_size
+                self.state.tokens_seen += result.tokens
+                tok_s = result.tokens / max(result.seconds, 1e-9)
+                record: dict[str, Any] = {
+                    "step": step,
+                    "loss": result.loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": result.grad_norm,
+                    "tokens_per_s": tok_s,
+                    "tokens_seen": self.state.tokens_seen,
+                    "model_tflops_per_s": self.flops_per_token * tok_s / 1e12,
+                }
+                record.update({f"loss/{k}": v for k, v in result.aux.items()})
+                if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+                    last_val = self.evaluate()
+                    record["val_loss"] = last_val
+                    record["val_ppl"] = math.exp(min(last_val, 50.0))
+                    bar.write(f"step {step}: val_loss {last_val:.4f} (ppl {record['val_ppl']:.1f})")
+                if step % cfg.logging.log_every == 0 or "val_loss" in record:
+                    record.update(self.routing_metrics())
+                    for extra in self.pm.hook.expertrain_metrics(step=step, model=self.raw_model, config=cfg):
+                        if extra:
+                            record.update(extra)
+                    metrics.write(record)
+                bar.update(result.loss, tok_s)
+                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
+                    step == cfg.train.steps and cfg.checkpoint.save_final
+                ):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            metrics.close()
+        summary = self._finish(last_val, train_time, steps_run)
+        return summary
+
+    def _finish(self, val_loss: float | None, train_time: float, steps_run: int) -> dict[str, Any]:
+        cfg = self.config
+        baseline = float(
+            C.run_on_rank0("measuring the unigram baseline", lambda: unigram_entropy(self.val_ds))
+        )
+        sample = self.sample_text(tokens=cfg.train.sample_tokens) if cfg.train.sample_tokens else ""
+        tokens_per_s = (steps_run * cfg.train.global_batch_size * cfg.data.seq_len) / max(train_time, 1e-9)
+        summary: dict[str, Any] = {
+            "run_dir": str(self.run_dir),
+            "steps": self.state.step,
+            "tokens_seen": self.state.tokens_seen,
+            "val_loss": val_loss,
+            "unigram_entropy": baseline,
+            "gap_below_unigram": None if val_loss is None else baseline - val_loss,
+            "train_seconds": train_time,
+            "tokens_per_s": tokens_per_s,
+            "params_total": self.param_counts["total"],
+            "params_active": self.param_counts["active_per_token"],
+            "model_tflops_per_s": self.flops_per_token * tokens_per_s / 1e12,
+            "sample": sample,
+            "lines": [],
+        }
+        self.pm.hook.expertrain_train_end(model=self.raw_model, summary=summary, config=cfg)
+        if C.rank() == 0:
+            records = read_metrics(self.run_dir / "metrics.jsonl")
+            if cfg.logging.plots:
+                plot_loss(records, self.run_dir / "loss.png", baseline)
+                plot_expert_load(records, self.run_dir / "expert_load.png")
+            import json
+
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        console.info(format_summary(summary))
+        return summary
+
+    def _previous_summary(self) -> dict[str, Any]:
+        import json
+
+        path = self.run_dir / "summary.json"
+        summary = (
+            json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"steps": self.state.step}
+        )
+        console.info(format_summary(summary))
+        return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The one-screen end-of-run report."""
+    lines = [
+        "",
+        "=" * 72,
+        f"run {s.get('run_dir', '')}: {s.get('steps')} steps, {s.get('tokens_seen', 0):,} tokens",
+    ]
+    if s.get("params_total"):
+        lines.append(
+            f"parameters      {s['params_total'] / 1e6:.2f}M total, {s['params_active'] / 1e6:.2f}M active per token"
+        )
+    if s.get("val_loss") is not None:
+        lines.append(
+            f"validation loss {s['val_loss']:.4f} nats (ppl {math.exp(min(s['val_loss'], 50)):.1f}); "
+            f"unigram entropy {s['unigram_entropy']:.4f}; {s['gap_below_unigram']:.2f} nats below it"
+        )
+    if s.get("train_seconds"):
+        lines.append(
+            f"throughput      {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of steps, "
+            f"{s['model_tflops_per_s'] * 1e3:.1f} model GFLOP/s"
+        )
+    lines.extend(s.get("lines", []))
+    if s.get("sample"):
+        lines.append("sample:")
+        lines.extend("  | " + line for line in s["sample"].splitlines()[:12])
+    lines.append("=" * 72)
+    return "\n".join(lines)
