@@ -41,12 +41,10 @@ def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, JobConfig, Plug
     config = resolve(raw, pm.config_sections, source=str(path))
     model = Transformer(config.model, config.moe, pm.registry)
     pm.hook.expertrain_transform_model(model=model, config=config)
-    target = {"model": model.state_dict()}
+    target = {"model": model.state_dict(), "plugins": pm.plugin_state_dicts(model, config)}
     state, _, _ = CheckpointStore.load(path, target)
     model.load_state_dict(state["model"])
-    plugin_states = state.get("plugins", {})
-    for name, st in plugin_states.items():
-        pm.call_plugin(name, "expertrain_load_state_dict", model=model, state=st, config=config)
+    pm.load_plugin_state_dicts(state.get("plugins", {}), model, config)
     model.eval()
     return model, config, pm, path
 

@@ -35,7 +35,9 @@ class ComponentRegistry:
     def register(self, kind: str, name: str, factory: Callable[..., Any], owner: str | None = None) -> None:
         """Register ``factory`` as component ``name`` of ``kind``; the owner defaults to the plugin being set up."""
         if kind not in COMPONENT_KINDS:
-            raise ComponentError(f"unknown component kind {kind!r}; expected one of {', '.join(COMPONENT_KINDS)}")
+            raise ComponentError(
+                f"unknown component kind {kind!r}; expected one of {', '.join(COMPONENT_KINDS)}"
+            )
         owner = owner or self.current_owner
         existing = self._components.get((kind, name))
         if existing is not None:

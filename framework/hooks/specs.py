@@ -2,7 +2,10 @@
 
 Grouped by lifecycle, in the order they fire. Every hook fires on every rank; a collective inside a hook must run on
 all ranks. Unless a hook says otherwise, results of all plugins are collected in a list (pluggy's default) and the core
-merges them as described. Hook arguments are keyword-only in implementations: a plugin may accept any subset of them.
+merges them as described. Hook arguments are passed by name: an implementation declares any subset of them, in any
+order, as ordinary parameters (not keyword-only). Plugins are called in plugin order: plugins the core enabled itself
+first, then the job's ``plugins`` list in order. An exception inside a hook stops the run as a
+:class:`framework.hooks.PluginHookError` naming the plugin and the hook (a ``ConfigError`` stays a ``ConfigError``).
 
 Lifecycle of one job::
 
@@ -62,7 +65,8 @@ def expertrain_validate_config(config: JobConfig, world_size: int) -> None:
 
     When: once, after the whole config is typed, before anything is built. Fires on every rank.
     May change: nothing.
-    Returns: nothing; raise :class:`framework.config.ConfigError` naming the key to reject the job.
+    Returns: nothing; raise :class:`framework.config.ConfigError` naming the key to reject the job (it propagates as
+    a ``ConfigError``, with the plugin's name added to its message).
     """
 
 
@@ -88,7 +92,8 @@ def expertrain_trainable_parameters(model: nn.Module, config: JobConfig) -> list
     May change: nothing (the core sets ``requires_grad``).
     Returns: parameter names (as in ``model.named_parameters()``), or ``None`` for no opinion. If any plugin returns
     a list, the union of all lists is trained and every other parameter is frozen (no gradient, no optimizer state);
-    if all return ``None`` every parameter is trained. A name that does not exist is an error naming the plugin.
+    if all return ``None`` every parameter is trained. A name that does not exist is an error naming the plugin, and
+    so is a union that is empty (nothing would be trained).
     """
 
 
@@ -109,9 +114,10 @@ def expertrain_optimizer_param_groups(model: nn.Module, config: JobConfig) -> li
 
     When: once, when the optimizer is built.
     May change: nothing.
-    Returns: a list of torch param-group dicts whose ``params`` are parameters of ``model``, or ``None``. A parameter
-    claimed by two groups is an error; unclaimed trainable parameters go to the core's default groups
-    (decay for matrices, no decay for norms and biases).
+    Returns: a list of torch param-group dicts whose ``params`` are trainable parameters of ``model``, or ``None``.
+    The core tags each group with ``"plugin": <name>``. A parameter claimed by two groups, a tensor that is not a
+    parameter of ``model`` and a frozen parameter are errors; unclaimed trainable parameters go to the core's default
+    groups (decay for matrices, no decay for norms and biases).
     """
 
 
@@ -129,7 +135,9 @@ def expertrain_after_optimizer(model: nn.Module, optimizer: torch.optim.Optimize
 
 
 @hookspec
-def expertrain_step_begin(step: int, model: nn.Module, optimizer: torch.optim.Optimizer, config: JobConfig) -> None:
+def expertrain_step_begin(
+    step: int, model: nn.Module, optimizer: torch.optim.Optimizer, config: JobConfig
+) -> None:
     """A new optimizer step is about to run its first micro-batch.
 
     When: before the forward of the first micro-batch of step ``step`` (1-based).
@@ -148,7 +156,7 @@ def expertrain_extra_losses(
     May change: nothing.
     Returns: ``{name: scalar tensor}`` already weighted by the plugin's coefficient, or ``None``. Each term is added
     to the language-model loss (scaled for gradient accumulation like it) and logged as ``loss/<name>``. A name
-    returned by two plugins is an error.
+    returned by two plugins, or a value that is not a scalar tensor, is an error.
     """
 
 
@@ -163,7 +171,9 @@ def expertrain_after_backward(step: int, model: nn.Module, config: JobConfig) ->
 
 
 @hookspec
-def expertrain_after_optimizer_step(step: int, model: nn.Module, optimizer: torch.optim.Optimizer, config: JobConfig) -> None:
+def expertrain_after_optimizer_step(
+    step: int, model: nn.Module, optimizer: torch.optim.Optimizer, config: JobConfig
+) -> None:
     """The optimizer has updated the parameters of step ``step``.
 
     When: after ``optimizer.step()`` and the scheduler step, before metrics.
@@ -178,8 +188,9 @@ def expertrain_metrics(step: int, model: nn.Module, config: JobConfig) -> dict[s
 
     When: on logging steps, after ``expertrain_after_optimizer_step``.
     May change: nothing.
-    Returns: ``{name: number}`` merged into the step's metrics line (``metrics.jsonl``, TensorBoard); ``None`` for
-    nothing. Names should be prefixed with the plugin name.
+    Returns: ``{name: number}`` (0-d tensors accepted) merged into the step's metrics line (``metrics.jsonl``,
+    TensorBoard); ``None`` for nothing. Names should be prefixed with the plugin name; a name returned by two plugins
+    is an error.
     """
 
 
@@ -201,14 +212,17 @@ def expertrain_state_dict(model: nn.Module, config: JobConfig) -> dict[str, Any]
 def expertrain_load_state_dict(model: nn.Module, state: dict[str, Any], config: JobConfig) -> None:
     """Restore what ``expertrain_state_dict`` returned.
 
-    When: on resume, after model and optimizer state are loaded. Called only for plugins that saved state.
+    When: on resume, after model and optimizer state are loaded. Called only for plugins that saved state; state of
+    a plugin the job does not enable, or of one without this hook, is an error.
     May change: the plugin's own state, parameter values.
     Returns: nothing.
     """
 
 
 @hookspec
-def expertrain_export(model: nn.Module, config: JobConfig, output_dir: Path, export_format: str) -> list[str] | None:
+def expertrain_export(
+    model: nn.Module, config: JobConfig, output_dir: Path, export_format: str
+) -> list[str] | None:
     """Write the plugin's artefacts for ``expertrain export <format>`` (e.g. a peft adapter).
 
     When: during an export, on rank 0 only, after the core wrote its own files for the format.

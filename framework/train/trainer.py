@@ -187,9 +187,8 @@ class Trainer:
         self.raw_model = model
         self.pm.hook.expertrain_transform_model(model=model, config=cfg)
         trainable = self.pm.trainable_names(model, cfg)
-        if trainable is not None:
-            for name, p in model.named_parameters():
-                p.requires_grad_(name in trainable)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trainable)
         if cfg.train.activation_checkpointing:
             model.enable_activation_checkpointing()
         if cfg.train.compile:
@@ -209,13 +208,7 @@ class Trainer:
 
     def _state(self) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        plugin_state = {
-            name: st
-            for name, st in self.pm.call_per_plugin(
-                "expertrain_state_dict", model=self.raw_model, config=self.config
-            ).items()
-            if st is not None
-        }
+        plugin_state = self.pm.plugin_state_dicts(self.raw_model, self.config)
         return {
             "model": model_sd,
             "optim": optim_sd,
@@ -242,14 +235,7 @@ class Trainer:
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
         self.scheduler.load_state_dict(state["scheduler"])
-        for name, plugin_state in state.get("plugins", {}).items():
-            self.pm.call_plugin(
-                name,
-                "expertrain_load_state_dict",
-                model=self.raw_model,
-                state=plugin_state,
-                config=self.config,
-            )
+        self.pm.load_plugin_state_dicts(state.get("plugins", {}), self.raw_model, self.config)
         self.state.step = int(meta["step"])
         self.state.samples_consumed = int(meta["samples_consumed"])
         self.state.tokens_seen = int(meta.get("tokens_seen", 0))
@@ -324,9 +310,7 @@ class Trainer:
 
     def _extra_losses(self, input_ids: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         losses = dict(self.raw_model.aux_losses())
-        for name, value in self.pm.extra_losses(
-            model=self.raw_model, input_ids=input_ids, logits=logits, config=self.config
-        ).items():
+        for name, value in self.pm.merge_extra_losses(self.raw_model, input_ids, logits, self.config).items():
             if name in losses:
                 raise ValueError(
                     f"extra loss '{name}' is also a core MoE loss; a plugin must use another name"
@@ -451,9 +435,7 @@ class Trainer:
                     bar.write(f"step {step}: val_loss {last_val:.4f} (ppl {record['val_ppl']:.1f})")
                 if step % cfg.logging.log_every == 0 or "val_loss" in record:
                     record.update(self.routing_metrics())
-                    for extra in self.pm.hook.expertrain_metrics(step=step, model=self.raw_model, config=cfg):
-                        if extra:
-                            record.update(extra)
+                    record.update(self.pm.merge_metrics(step, self.raw_model, cfg))
                     metrics.write(record)
                 bar.update(result.loss, tok_s)
                 if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (

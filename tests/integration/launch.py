@@ -1,0 +1,86 @@
+"""Launch real training jobs from tests: torchrun subprocesses or one plain process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "examples" / "configs" / "quickstart.yaml"
+
+# A model small enough that a few steps take about a second on two CPU ranks.
+TINY = (
+    "model.dim=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=64",
+    "model.max_seq_len=32",
+    "moe.num_experts=4",
+    "moe.expert_hidden=32",
+    "data.seq_len=32",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=1",
+    "train.steps=4",
+    "train.eval_every=0",
+    "train.eval_batches=2",
+    "train.sample_tokens=4",
+    "logging.tensorboard=false",
+    "checkpoint.every=0",
+    "logging.log_every=1",
+)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("EXPERTRAIN_TRACE_HOOKS", None)
+    return env
+
+
+def train_command(config: Path | str, overrides: Sequence[str], nproc: int) -> list[str]:
+    args = ["--config", str(config)]
+    for o in overrides:
+        args += ["--set", o]
+    if nproc == 0:
+        return [sys.executable, "-m", "framework.train", *args]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "framework.train", *args,
+    ]  # fmt: skip
+
+
+def run_training(
+    run_dir: Path, overrides: Sequence[str] = (), nproc: int = 2, config: Path | str = QUICKSTART, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``nproc=0`` runs one plain process without torchrun."""
+    cmd = train_command(config, [*TINY, f"run.dir={run_dir}", *overrides], nproc)
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start_training(run_dir: Path, overrides: Sequence[str] = (), nproc: int = 2) -> subprocess.Popen:
+    cmd = train_command(QUICKSTART, [*TINY, f"run.dir={run_dir}", *overrides], nproc)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 240, poll: float = 0.01) -> bool:
+    """SIGKILL the whole process group as soon as ``condition()`` holds; False if the process ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise TimeoutError("condition never held")

@@ -1,0 +1,153 @@
+"""Every bad input stops with one clear line, on every rank, without a hang and without losing work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests.integration.launch import REPO, run_training
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if "expertrain: error:" in line]
+
+
+def assert_fails_on_every_rank(proc: subprocess.CompletedProcess, fragment: str, nproc: int = 2) -> None:
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == nproc, proc.stderr[-3000:]
+    assert all(fragment in line for line in lines), lines
+    assert {line.split("]")[0] for line in lines} == {f"[rank {r}" for r in range(nproc)}
+    assert "Traceback" not in proc.stderr.split("torch.distributed.elastic")[0]
+
+
+def test_unknown_key_under_torchrun_fails_on_every_rank_before_anything_starts(tmp_path: Path) -> None:
+    proc = run_training(tmp_path / "run", ["train.stepz=3"], nproc=2, timeout=120)
+    assert_fails_on_every_rank(proc, "config key 'train.stepz'")
+    assert not (tmp_path / "run").exists(), "nothing is started for a bad config"
+
+
+def test_wrong_type_and_bad_list_syntax(tmp_path: Path) -> None:
+    proc = run_training(tmp_path / "a", ["train.steps=many"], nproc=0)
+    assert proc.returncode == 1 and error_lines(proc) == [
+        "expertrain: error: config key 'train.steps': got 'many'; expected an integer >= 1"
+    ]
+    proc = run_training(tmp_path / "b", ["data.paths=[x, y"], nproc=0)
+    assert proc.returncode == 1 and "lists are written [a, b, c]" in error_lines(proc)[0]
+
+
+def test_world_size_the_config_cannot_use(tmp_path: Path) -> None:
+    proc = run_training(tmp_path / "run", ["train.global_batch_size=4", "train.micro_batch_size=1"], nproc=3, timeout=120)
+    assert_fails_on_every_rank(proc, "multiple of data-parallel ranks (3)", nproc=3)
+
+
+def test_plugin_not_installed(tmp_path: Path) -> None:
+    proc = run_training(tmp_path / "run", ["plugins=[no_such_plugin]"], nproc=0)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert "no_such_plugin" in line and "installed" in line
+
+
+def test_missing_data_path(tmp_path: Path) -> None:
+    proc = run_training(
+        tmp_path / "run", [f"data.paths=[{tmp_path / 'nothing'}]", f"data.tokenizer={tmp_path}"], nproc=0
+    )
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert "nothing" in line
+
+
+def _prepare_small_dataset(tmp_path: Path) -> tuple[Path, Path]:
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 20}) + "\n" for i in range(60)))
+    prefix = tmp_path / "data" / "small"
+    proc = subprocess.run(
+        [sys.executable, "-m", "framework.cli", "data", "prepare", "--input", str(docs), "--output", str(prefix)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return prefix, Path(str(prefix) + ".tokenizer")
+
+
+def test_truncated_bin_and_idx(tmp_path: Path) -> None:
+    prefix, tok = _prepare_small_dataset(tmp_path)
+    common = [f"data.paths=[{prefix}]", f"data.tokenizer={tok}", "model.vocab_size=8192"]
+    for suffix in (".bin", ".idx"):
+        f = Path(str(prefix) + suffix)
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+        proc = run_training(tmp_path / f"run{suffix}", common, nproc=0)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        (line,) = error_lines(proc)
+        assert f.name in line and "prepare" in line
+        f.write_bytes(data)
+
+
+def test_checkpoint_of_another_model_shape(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert run_training(run_dir, ["train.steps=1"], nproc=0).returncode == 0
+    proc = run_training(run_dir, ["train.steps=2", "model.dim=64"], nproc=0)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert "model.dim: checkpoint 32, config 64" in line and "run.dir" in line
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_training(
+        run_dir,
+        ["optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0", "checkpoint.every=1", "train.steps=6"],
+        nproc=2,
+    )
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert lines and all("loss is" in line and "last good checkpoint is untouched" in line for line in lines)
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert meta["step"] == records[-1]["step"], "the checkpoint is the last finite step"
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def _install_raising_plugin(site: Path) -> dict[str, str]:
+    """A real plugin package found through entry points (a dist-info on PYTHONPATH) that raises in a hook."""
+    (site / "boom_plugin.py").write_text(
+        textwrap.dedent(
+            """
+            from framework.hooks import hookimpl
+
+            @hookimpl
+            def expertrain_step_begin(step):
+                if step == 2:
+                    raise ValueError("boom at step 2")
+            """
+        )
+    )
+    dist = site / "boom_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: boom-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[expertrain.plugins]\nboom = boom_plugin\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_plugin_raising_in_a_hook_names_plugin_and_hook(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    env = _install_raising_plugin(site)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "framework.train",
+        "--config", str(REPO / "examples/configs/quickstart.yaml"),
+    ]  # fmt: skip
+    from tests.integration.launch import TINY
+
+    for o in [*TINY, f"run.dir={tmp_path / 'run'}", "plugins=[boom]"]:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert_fails_on_every_rank(proc, "plugin 'boom'")
+    assert all("expertrain_step_begin" in line and "boom at step 2" in line for line in error_lines(proc))
