@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from framework.checkpoint.store import CheckpointStore
 from framework.config import JobConfig, resolve
 from framework.hooks import PluginManager
+from framework.models import default_registry
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -36,7 +37,7 @@ def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, JobConfig, Plug
     path = resolve_checkpoint(checkpoint)
     meta = CheckpointStore.read_meta(path)
     raw = meta["config"]
-    pm = PluginManager()
+    pm = PluginManager(default_registry())
     pm.load(list(raw.get("plugins", [])))
     config = resolve(raw, pm.config_sections, source=str(path))
     model = Transformer(config.model, config.moe, pm.registry)

@@ -11,6 +11,7 @@ import torch
 from framework.checkpoint import CheckpointFormatError
 from framework.config import ConfigError, JobConfig, check_world, load_raw, plugin_names, resolve
 from framework.hooks import PluginManager
+from framework.models import default_registry
 from framework.observe import console
 from framework.parallel import collectives as C
 from framework.parallel.setup import env_world_size, init_distributed, shutdown
@@ -45,7 +46,7 @@ def load_job(config_path: str, overrides: Sequence[str]) -> tuple[JobConfig, Plu
     """Type the job file and overrides, load the plugins it names, and let them validate it."""
     raw = load_raw(config_path, list(overrides))
     names = plugin_names(raw)
-    pm = PluginManager()
+    pm = PluginManager(default_registry())
     pm.load(names)
     config = resolve(raw, pm.config_sections, source=config_path)
     world = env_world_size()

@@ -19,8 +19,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from framework.checkpoint import CheckpointStore
 from framework.config import ConfigError, JobConfig, check_world
 from framework.config.job import save_resolved
-from framework.data import MicroBatchStream, build_pretrain_datasets, prepare_embedded, unigram_entropy
-from framework.data.tokenizer import Tokenizer
+from framework.data import MicroBatchStream, build_pretrain_datasets, load_tokenizer, unigram_entropy
 from framework.hooks import PluginManager
 from framework.models import Transformer
 from framework.observe import console
@@ -108,6 +107,7 @@ class Trainer:
             dp_rank=self.dist.rank,
             dp_size=self.dist.world_size,
             start_sample=self.state.samples_consumed,
+            as_pairs=True,
         )
 
     def _create_run_dir(self) -> None:
@@ -148,21 +148,14 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.config
-        if cfg.data.paths:
-            if not cfg.data.tokenizer:
-                raise ConfigError(
-                    "data.tokenizer",
-                    "",
-                    "expected the tokenizer folder of the prepared data (data.paths is set)",
-                )
-            tokenizer_dir = cfg.data.tokenizer
-        else:
-            cache = C.run_on_rank0(
-                "preparing the embedded corpus", lambda: prepare_embedded(cfg.data.cache_dir or None)
-            )
-            tokenizer_dir = str(cache[1])
-        self.tokenizer = Tokenizer.from_dir(tokenizer_dir)
-        C.run_on_rank0("saving the tokenizer", lambda: self.tokenizer.save(self.run_dir / "tokenizer"))
+        # Rank 0 prepares (and caches) the embedded corpus and tokenizer; the others then read the cache.
+        C.run_on_rank0("preparing the data", lambda: load_tokenizer(cfg.data) and None)
+        self.tokenizer = C.run_agreed(
+            "loading the tokenizer", lambda: load_tokenizer(cfg.data, progress=False)
+        )
+        C.run_on_rank0(
+            "saving the tokenizer", lambda: self.tokenizer.save(self.run_dir / "tokenizer") and None
+        )
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
                 "model.vocab_size",
@@ -263,7 +256,7 @@ class Trainer:
         self.pm.hook.expertrain_step_begin(
             step=step, model=self.raw_model, optimizer=self.optimizer, config=cfg
         )
-        micro_batches = [self.train_stream.next_micro_batch() for _ in range(self.accumulation)]
+        micro_batches = self.train_stream.next_step()
         local_tokens = sum(count_loss_tokens(labels) for _, labels in micro_batches)
         global_tokens = int(C.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.int64)).item())
         # DDP and FSDP average gradients over ranks: scale so the result is the sum over the global batch / tokens.
@@ -351,8 +344,11 @@ class Trainer:
     # --- evaluation and sampling ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
+        """Mean validation loss over ``train.eval_batches`` micro-batches per rank (the same batches every time)."""
         cfg = self.config
+        if self.val_ds is None:
+            return None
         self.model.eval()
         stream = MicroBatchStream(
             self.val_ds,
@@ -360,10 +356,10 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size,
             dp_rank=self.dist.rank,
             dp_size=self.dist.world_size,
+            as_pairs=True,
         )
         total = torch.zeros(2, dtype=torch.float64)
-        for _ in range(cfg.train.eval_batches):
-            input_ids, labels = stream.next_micro_batch()
+        for _, (input_ids, labels) in zip(range(cfg.train.eval_batches), stream):
             with self._autocast():
                 logits = self.model(input_ids.to(self.device))
             total[0] += float(lm_loss_sum(logits, labels.to(self.device)))
@@ -430,9 +426,10 @@ class Trainer:
                 record.update({f"loss/{k}": v for k, v in result.aux.items()})
                 if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
                     last_val = self.evaluate()
-                    record["val_loss"] = last_val
-                    record["val_ppl"] = math.exp(min(last_val, 50.0))
-                    bar.write(f"step {step}: val_loss {last_val:.4f} (ppl {record['val_ppl']:.1f})")
+                    if last_val is not None:
+                        record["val_loss"] = last_val
+                        record["val_ppl"] = math.exp(min(last_val, 50.0))
+                        bar.write(f"step {step}: val_loss {last_val:.4f} (ppl {record['val_ppl']:.1f})")
                 if step % cfg.logging.log_every == 0 or "val_loss" in record:
                     record.update(self.routing_metrics())
                     record.update(self.pm.merge_metrics(step, self.raw_model, cfg))
@@ -450,8 +447,10 @@ class Trainer:
 
     def _finish(self, val_loss: float | None, train_time: float, steps_run: int) -> dict[str, Any]:
         cfg = self.config
-        baseline = float(
-            C.run_on_rank0("measuring the unigram baseline", lambda: unigram_entropy(self.val_ds))
+        baseline = (
+            None
+            if self.val_ds is None
+            else float(C.run_on_rank0("measuring the unigram baseline", lambda: unigram_entropy(self.val_ds)))
         )
         sample = self.sample_text(tokens=cfg.train.sample_tokens) if cfg.train.sample_tokens else ""
         tokens_per_s = (steps_run * cfg.train.global_batch_size * cfg.data.seq_len) / max(train_time, 1e-9)
@@ -461,7 +460,7 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "val_loss": val_loss,
             "unigram_entropy": baseline,
-            "gap_below_unigram": None if val_loss is None else baseline - val_loss,
+            "gap_below_unigram": None if val_loss is None or baseline is None else baseline - val_loss,
             "train_seconds": train_time,
             "tokens_per_s": tokens_per_s,
             "params_total": self.param_counts["total"],
@@ -504,7 +503,7 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(
             f"parameters      {s['params_total'] / 1e6:.2f}M total, {s['params_active'] / 1e6:.2f}M active per token"
         )
-    if s.get("val_loss") is not None:
+    if s.get("val_loss") is not None and s.get("unigram_entropy") is not None:
         lines.append(
             f"validation loss {s['val_loss']:.4f} nats (ppl {math.exp(min(s['val_loss'], 50)):.1f}); "
             f"unigram entropy {s['unigram_entropy']:.4f}; {s['gap_below_unigram']:.2f} nats below it"

@@ -57,7 +57,11 @@ def train_command(config: Path | str, overrides: Sequence[str], nproc: int) -> l
 
 
 def run_training(
-    run_dir: Path, overrides: Sequence[str] = (), nproc: int = 2, config: Path | str = QUICKSTART, timeout: float = 300
+    run_dir: Path,
+    overrides: Sequence[str] = (),
+    nproc: int = 2,
+    config: Path | str = QUICKSTART,
+    timeout: float = 300,
 ) -> subprocess.CompletedProcess:
     """``nproc=0`` runs one plain process without torchrun."""
     cmd = train_command(config, [*TINY, f"run.dir={run_dir}", *overrides], nproc)
@@ -67,11 +71,19 @@ def run_training(
 def start_training(run_dir: Path, overrides: Sequence[str] = (), nproc: int = 2) -> subprocess.Popen:
     cmd = train_command(QUICKSTART, [*TINY, f"run.dir={run_dir}", *overrides], nproc)
     return subprocess.Popen(
-        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
-def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 240, poll: float = 0.01) -> bool:
+def kill_when(
+    proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 240, poll: float = 0.01
+) -> bool:
     """SIGKILL the whole process group as soon as ``condition()`` holds; False if the process ended first."""
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -41,7 +41,9 @@ def test_wrong_type_and_bad_list_syntax(tmp_path: Path) -> None:
 
 
 def test_world_size_the_config_cannot_use(tmp_path: Path) -> None:
-    proc = run_training(tmp_path / "run", ["train.global_batch_size=4", "train.micro_batch_size=1"], nproc=3, timeout=120)
+    proc = run_training(
+        tmp_path / "run", ["train.global_batch_size=4", "train.micro_batch_size=1"], nproc=3, timeout=120
+    )
     assert_fails_on_every_rank(proc, "multiple of data-parallel ranks (3)", nproc=3)
 
 
@@ -63,7 +65,9 @@ def test_missing_data_path(tmp_path: Path) -> None:
 
 def _prepare_small_dataset(tmp_path: Path) -> tuple[Path, Path]:
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 20}) + "\n" for i in range(60)))
+    docs.write_text(
+        "".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 20}) + "\n" for i in range(60))
+    )
     prefix = tmp_path / "data" / "small"
     proc = subprocess.run(
         [sys.executable, "-m", "framework.cli", "data", "prepare", "--input", str(docs), "--output", str(prefix)],

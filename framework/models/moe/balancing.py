@@ -1,0 +1,63 @@
+"""Load balancing for token-choice routers: auxiliary losses and the aux-loss-free expert bias.
+
+All functions return *unweighted* terms; :class:`~framework.models.moe.layer.MoELayer` multiplies by the configured
+coefficients. Counts are always exact int64 histograms (a bf16/fp16 count cannot represent 257 and flips the sign of
+the bias update on large batches).
+
+Normalisation: each term is normalised by the tokens of the micro-batch it was computed on, exactly like the mean
+language-model loss of that micro-batch, so a trainer that averages micro-batch losses averages these the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Exact int64 histogram of the routed (token, expert) pairs: ``counts[i] = #{(t, j): topk_ids[t, j] == i}``."""
+    return torch.bincount(topk_ids_TK.reshape(-1), minlength=num_experts).to(torch.int64)
+
+
+def load_balance_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch/GShard balance loss ``E/(k·T) · Σ_i c_i · P_i``.
+
+    ``c_i`` = (token, expert) pairs routed to ``i`` (no gradient), ``P_i`` = mean router probability of ``i`` over the
+    ``T`` tokens. Equals 1 for perfectly uniform routing.
+    """
+    T, K = topk_ids_TK.shape
+    counts_E = expert_counts(topk_ids_TK, num_experts).to(probs_TE.dtype)
+    mean_probs_E = probs_TE.mean(dim=0)
+    return num_experts / (K * T) * (counts_E * mean_probs_E).sum()
+
+
+def sequence_load_balance_loss(
+    probs_BSE: torch.Tensor, topk_ids_BSK: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss: :func:`load_balance_loss` per sequence, averaged over the batch."""
+    B, S, K = topk_ids_BSK.shape
+    one_hot_BSE = torch.zeros(B, S, num_experts, dtype=probs_BSE.dtype, device=probs_BSE.device)
+    one_hot_BSE.scatter_add_(2, topk_ids_BSK, torch.ones_like(topk_ids_BSK, dtype=probs_BSE.dtype))
+    counts_BE = one_hot_BSE.sum(dim=1)
+    mean_probs_BE = probs_BSE.mean(dim=1)
+    return (num_experts / (K * S) * (counts_BE * mean_probs_BE).sum(dim=-1)).mean()
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss ``mean_t logsumexp(logits_t)²`` (in fp32)."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).pow(2).mean()
+
+
+@torch.no_grad()
+def update_bias_(expert_bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float) -> torch.Tensor:
+    """Aux-loss-free balancing step, in place: ``b_i += rate · sign(mean(c) − c_i)``.
+
+    Under-loaded experts (below the mean count) get a higher bias, overloaded ones a lower bias. ``counts_E`` must be
+    an exact integer tensor (int64/int32), summed over every rank that routed tokens.
+    """
+    if counts_E.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"expert counts must be exact integers (int64), got {counts_E.dtype}")
+    if expert_bias_E.dtype != torch.float32:
+        raise TypeError(f"expert_bias must be fp32, got {expert_bias_E.dtype}")
+    counts_f64 = counts_E.to(device=expert_bias_E.device, dtype=torch.float64)
+    step_E = torch.sign(counts_f64.mean() - counts_f64).to(torch.float32)
+    return expert_bias_E.add_(step_E, alpha=rate)

@@ -1,0 +1,234 @@
+"""The MoE feed-forward block: router -> dispatcher -> grouped experts -> combine. Registered as moe_block ``"moe"``.
+
+What a trainer reads from every MoE layer (see :class:`MoEBlock`), per micro-batch and per optimizer step:
+
+- after each forward: :meth:`MoELayer.pop_aux_losses` (or ``Transformer.aux_losses()``) and add them to the loss;
+- after the optimizer step: ``counts = layer.consume_expert_counts()``, all-reduce ``counts`` (SUM, int64) over every
+  rank that routed tokens, then ``layer.update_expert_bias(counts)``;
+- whenever it logs: :meth:`MoELayer.routing_stats`.
+
+Counting happens once per token: only in training mode, never during the backward recompute of activation
+checkpointing (detected with ``torch._C._current_graph_task_id() != -1``), and accumulated across micro-batches until
+``consume_expert_counts`` is called.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from framework.config.sections import MoEConfig
+from framework.models.moe.balancing import (
+    expert_counts,
+    load_balance_loss,
+    router_z_loss,
+    sequence_load_balance_loss,
+    update_bias_,
+)
+from framework.models.moe.dispatch import LocalDispatcher, TokenDispatcher
+from framework.models.moe.experts import GroupedExperts
+from framework.models.moe.router import RouterOutput, TopKRouter
+
+
+@runtime_checkable
+class MoEBlock(Protocol):
+    """What the trainer expects of any moe_block component (built-in or plugin)."""
+
+    def pop_aux_losses(self) -> dict[str, torch.Tensor]: ...
+
+    def consume_expert_counts(self) -> torch.Tensor: ...
+
+    def update_expert_bias(self, counts: torch.Tensor) -> None: ...
+
+    def routing_stats(self, reset: bool = True) -> dict[str, float | list[int]]: ...
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. activation checkpointing recomputing this forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def build_topk_router(dim: int, moe_cfg: MoEConfig) -> TopKRouter:
+    """Router component ``"topk"``: factory ``(dim, moe_cfg) -> router``."""
+    return TopKRouter(
+        dim,
+        moe_cfg.num_experts,
+        moe_cfg.top_k,
+        score_func=moe_cfg.score_func,
+        route_norm=moe_cfg.route_norm,
+        route_scale=moe_cfg.route_scale,
+        n_groups=moe_cfg.n_groups,
+        topk_groups=moe_cfg.topk_groups,
+        use_expert_bias=moe_cfg.bias_update_rate > 0,
+    )
+
+
+class MoELayer(nn.Module):
+    """Token-choice top-k MoE with SwiGLU experts: ``forward(x_BSD) -> y_BSD``.
+
+    ``router`` defaults to :class:`TopKRouter` built from ``moe_cfg``; ``dispatcher`` to :class:`LocalDispatcher`
+    (an expert-parallel dispatcher plugs in here).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        moe_cfg: MoEConfig,
+        router: nn.Module | None = None,
+        dispatcher: TokenDispatcher | None = None,
+    ) -> None:
+        super().__init__()
+        if moe_cfg.num_experts < 1:
+            raise ValueError("MoELayer needs moe.num_experts >= 1")
+        self.num_experts = moe_cfg.num_experts
+        self.top_k = moe_cfg.top_k
+        self.score_func = moe_cfg.score_func
+        self.aux_loss_coef = moe_cfg.aux_loss_coef
+        self.seq_aux_loss_coef = moe_cfg.seq_aux_loss_coef
+        self.z_loss_coef = moe_cfg.z_loss_coef
+        self.bias_update_rate = moe_cfg.bias_update_rate
+        self.router = router if router is not None else build_topk_router(dim, moe_cfg)
+        self.dispatcher: TokenDispatcher = dispatcher or LocalDispatcher(
+            moe_cfg.num_experts, moe_cfg.capacity_factor, moe_cfg.drop_policy
+        )
+        self.experts = GroupedExperts(
+            moe_cfg.num_experts, dim, moe_cfg.expert_hidden, impl=moe_cfg.experts_impl
+        )
+        self._aux_losses: dict[str, torch.Tensor] = {}
+        # Plain attributes, not buffers: DDP's buffer broadcast must not overwrite a rank's own counts.
+        self._counts_E: torch.Tensor | None = None
+        self._stats: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        routed: RouterOutput = self.router(x_TD)
+        record = self.training and not _in_backward()
+        if self.training:
+            # Computed in the recompute too (same ops => same saved tensors), stored only once.
+            aux = self._aux_terms(routed, B, S)
+            if record:
+                self._aux_losses = aux
+
+        x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(
+            x_TD, routed.topk_ids_TK, routed.topk_weights_TK
+        )
+        if record:
+            self._record(routed, ctx.dropped_N, ctx.routed_N)
+        y_ND = self.experts(x_ND, tokens_per_expert_E)
+        y_TD = self.dispatcher.combine(y_ND, ctx)
+        return y_TD.view(B, S, D)
+
+    def _balance_probs(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        if self.score_func == "sigmoid":  # DeepSeek-V3: normalise sigmoid scores per token
+            return scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores_TE
+
+    def _aux_terms(self, routed: RouterOutput, B: int, S: int) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        if self.aux_loss_coef > 0:
+            probs_TE = self._balance_probs(routed.scores_TE)
+            terms["load_balance"] = self.aux_loss_coef * load_balance_loss(
+                probs_TE, routed.topk_ids_TK, self.num_experts
+            )
+        if self.seq_aux_loss_coef > 0:
+            probs_BSE = self._balance_probs(routed.scores_TE).view(B, S, self.num_experts)
+            terms["seq_load_balance"] = self.seq_aux_loss_coef * sequence_load_balance_loss(
+                probs_BSE, routed.topk_ids_TK.view(B, S, self.top_k), self.num_experts
+            )
+        if self.z_loss_coef > 0:
+            terms["router_z"] = self.z_loss_coef * router_z_loss(routed.logits_TE)
+        return terms
+
+    @torch.no_grad()
+    def _record(self, routed: RouterOutput, dropped: torch.Tensor, routed_pairs: int) -> None:
+        counts_E = expert_counts(routed.topk_ids_TK, self.num_experts)
+        if self._counts_E is None or self._counts_E.device != counts_E.device:
+            self._counts_E = torch.zeros_like(counts_E)
+        self._counts_E += counts_E
+        probs_TE = self._balance_probs(routed.scores_TE.detach())
+        entropy_T = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(dim=-1)
+        new = {
+            "counts": counts_E,
+            "dropped": torch.as_tensor(dropped, dtype=torch.int64, device=counts_E.device),
+            "routed": torch.tensor(routed_pairs, dtype=torch.int64, device=counts_E.device),
+            "entropy_sum": entropy_T.double().sum(),
+            "tokens": torch.tensor(entropy_T.numel(), dtype=torch.int64, device=counts_E.device),
+        }
+        for key, value in new.items():
+            self._stats[key] = self._stats[key] + value if key in self._stats else value.clone()
+
+    # ------------------------------------------------------------------ trainer API
+    def pop_aux_losses(self) -> dict[str, torch.Tensor]:
+        """This micro-batch's auxiliary losses, already multiplied by their coefficients (only terms with coef > 0).
+
+        Returns and forgets them; empty after an eval-mode forward.
+        """
+        aux, self._aux_losses = self._aux_losses, {}
+        return aux
+
+    def consume_expert_counts(self) -> torch.Tensor:
+        """Exact int64 ``[E]`` tokens routed to each expert since the last call (all micro-batches); then zeroes."""
+        if self._counts_E is None:
+            device = self.experts.gate_up_proj.device
+            return torch.zeros(self.num_experts, dtype=torch.int64, device=device)
+        counts, self._counts_E = self._counts_E, None
+        return counts
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts: torch.Tensor) -> None:
+        """Aux-loss-free step ``b += γ·sign(mean(c) − c)`` with ``counts`` = globally all-reduced int64 counts.
+
+        Call after the optimizer step. A no-op when ``bias_update_rate == 0`` (the router then has no bias).
+        """
+        bias = getattr(self.router, "expert_bias", None)
+        if self.bias_update_rate <= 0 or bias is None:
+            return
+        update_bias_(bias, counts, self.bias_update_rate)
+
+    def routing_stats(self, reset: bool = True) -> dict[str, float | list[int]]:
+        """Routing health since the last reset (training forwards only).
+
+        ``tokens_per_expert``, ``load_max`` / ``load_mean`` (pairs per expert), ``load_max_over_mean`` (1 = perfect
+        balance), ``dropped_fraction`` (pairs dropped by capacity), ``router_entropy`` (mean per-token entropy of the
+        routing distribution, nats; ``log E`` = uniform).
+        """
+        if not self._stats:
+            return {}
+        counts = self._stats["counts"].tolist()
+        mean = sum(counts) / len(counts)
+        routed = int(self._stats["routed"])
+        tokens = int(self._stats["tokens"])
+        stats: dict[str, float | list[int]] = {
+            "tokens_per_expert": counts,
+            "load_max": float(max(counts)),
+            "load_mean": float(mean),
+            "load_max_over_mean": float(max(counts) / mean) if mean else math.nan,
+            "dropped_fraction": int(self._stats["dropped"]) / routed if routed else 0.0,
+            "router_entropy": float(self._stats["entropy_sum"]) / tokens if tokens else math.nan,
+        }
+        if reset:
+            self._stats = {}
+        return stats
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self, init_std: float, out_std: float, generator: torch.Generator) -> None:
+        """Router ``N(0, init_std)`` (bias 0), experts' gate/up ``N(0, init_std)``, down ``N(0, out_std)``."""
+        init = getattr(self.router, "init_weights", None)
+        if init is not None:
+            init(init_std, out_std, generator)
+        self.experts.init_weights(init_std, out_std, generator)
+        self._aux_losses, self._counts_E, self._stats = {}, None, {}
+
+
+def build_moe_layer(dim: int, moe_cfg: MoEConfig, registry: object | None = None) -> MoELayer:
+    """moe_block component ``"moe"``: factory ``(dim, moe_cfg, registry) -> block``; the router comes from the
+    registry entry ``moe_cfg.router`` when a registry is given."""
+    router = None
+    if registry is not None:
+        router = registry.get("router", moe_cfg.router).factory(dim, moe_cfg)  # type: ignore[attr-defined]
+    return MoELayer(dim, moe_cfg, router=router)
