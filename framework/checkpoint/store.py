@@ -141,7 +141,9 @@ class CheckpointStore:
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(tensors, storage_reader=reader, no_dist=not C.is_distributed())
         state = _fill(target, tensors)
-        state = overlay_plain(state, meta.get("plain"))
+        # Only the parts the caller asked for (an export loads the model without the optimizer).
+        plain = {k: v for k, v in (meta.get("plain") or {}).items() if k in target}
+        state = overlay_plain(state, plain)
         rng_file = path / f"rng_rank{C.rank()}.safetensors"
         rng = load_file(str(rng_file)) if rng_file.is_file() else {}
         return state, meta, rng

@@ -131,7 +131,12 @@ class DataConfig:
     weights: list[float] = option(default_factory=list, doc="Blend weights, one per path (empty = equal).")
     tokenizer: str = option("", doc="Folder with tokenizer.json; empty = the embedded corpus tokenizer.")
     seq_len: int = option(256, doc="Tokens per training sequence.", min=2)
-    val_fraction: float = option(0.02, doc="Share of documents held out for validation.", min=0.0, max=0.5)
+    val_fraction: float = option(
+        0.05,
+        doc="Share of documents held out for validation (5% of the embedded corpus is ~90 files).",
+        min=0.0,
+        max=0.5,
+    )
     cache_dir: str = option(
         "", doc="Where the embedded corpus and its tokenizer are cached; empty = ~/.cache/expertrain."
     )

@@ -25,7 +25,10 @@ def warn(message: str, all_ranks: bool = False) -> None:
 
 
 def error_line(message: str) -> str:
-    prefix = f"[rank {C.rank()}] " if C.world_size() > 1 or "RANK" in os.environ else ""
+    """``[rank r] expertrain: error: ...`` under torchrun (before or after the process group exists)."""
+    rank = C.rank() if C.is_distributed() else int(os.environ.get("RANK", "0"))
+    launched = C.world_size() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    prefix = f"[rank {rank}] " if launched else ""
     return f"{prefix}expertrain: error: {message}"
 
 

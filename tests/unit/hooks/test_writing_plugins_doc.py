@@ -40,14 +40,16 @@ def test_the_page_tags_the_files_of_a_complete_plugin():
     }
 
 
-@pytest.fixture
-def installed(tmp_path, monkeypatch):
-    """The page's package written out and made importable + discoverable like an editable install."""
+def install_doc_plugin(root: Path) -> tuple[Path, dict[str, str]]:
+    """Write the page's files under ``root`` and the ``*.dist-info`` an editable install would create.
+
+    Returns the project folder (put it on ``sys.path`` / ``PYTHONPATH``) and the page's entry points.
+    """
     for rel, body in doc_files().items():
-        path = tmp_path / rel
+        path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(body, encoding="utf-8")
-    project = tmp_path / "expertrain-myplugin"
+    project = root / "expertrain-myplugin"
     meta = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
     (package,) = meta["tool"]["setuptools"]["packages"]
     (project / package / "__init__.py").write_text("", encoding="utf-8")  # "empty", says the layout
@@ -64,9 +66,17 @@ def installed(tmp_path, monkeypatch):
         lines.append(f"[{group}]")
         lines += [f"{key} = {value}" for key, value in entries.items()]
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return project, groups[ENTRY_POINT_GROUP]
+
+
+@pytest.fixture
+def installed(tmp_path, monkeypatch):
+    """The page's package written out and made importable + discoverable like an editable install."""
+    project, entry_points = install_doc_plugin(tmp_path)
+    package = next(iter(entry_points.values())).split(".")[0]
     monkeypatch.syspath_prepend(str(project))
     importlib.invalidate_caches()
-    yield tmp_path, groups[ENTRY_POINT_GROUP]
+    yield tmp_path, entry_points
     for module in [
         m for m in sys.modules if m == package or m.startswith(package + ".") or m == "test_myplugin"
     ]:
