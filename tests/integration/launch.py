@@ -62,10 +62,15 @@ def run_training(
     nproc: int = 2,
     config: Path | str = QUICKSTART,
     timeout: float = 300,
+    env: dict[str, str] | None = None,
+    extra_path: Sequence[Path] = (),
 ) -> subprocess.CompletedProcess:
-    """``nproc=0`` runs one plain process without torchrun."""
+    """``nproc=0`` runs one plain process without torchrun; ``extra_path`` goes in front of PYTHONPATH."""
     cmd = train_command(config, [*TINY, f"run.dir={run_dir}", *overrides], nproc)
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    full_env = {**_env(), **(env or {})}
+    if extra_path:
+        full_env["PYTHONPATH"] = os.pathsep.join([*map(str, extra_path), full_env["PYTHONPATH"]])
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def start_training(run_dir: Path, overrides: Sequence[str] = (), nproc: int = 2) -> subprocess.Popen:
