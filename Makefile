@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints/torch-cpu.txt examples/third_part
 .venv: $(VENV)/.installed
 
 train: $(VENV)/.installed
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m framework.train --config $(CONFIG) $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m framework.train --config $(CONFIG) $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -24,6 +24,7 @@ from framework.hooks import PluginManager
 from framework.models import Transformer
 from framework.observe import console
 from framework.observe.metrics import MetricsWriter, read_metrics
+from framework.observe.mfu import mfu, peak_tflops
 from framework.observe.plots import plot_expert_load, plot_loss
 from framework.observe.progress import ProgressBar
 from framework.parallel import collectives as C
@@ -191,6 +192,7 @@ class Trainer:
         counts = model.param_counts()
         self.param_counts = counts
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        self.peak_tflops = peak_tflops(self.device, cfg.train.dtype)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         console.info(
             f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active_per_token'] / 1e6:.2f}M active per token, "
@@ -423,6 +425,9 @@ class Trainer:
                     "tokens_seen": self.state.tokens_seen,
                     "model_tflops_per_s": self.flops_per_token * tok_s / 1e12,
                 }
+                step_mfu = mfu(self.flops_per_token, tok_s / self.dist.world_size, self.peak_tflops)
+                if step_mfu is not None:
+                    record["mfu"] = step_mfu
                 record.update({f"loss/{k}": v for k, v in result.aux.items()})
                 if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
                     last_val = self.evaluate()
@@ -466,6 +471,7 @@ class Trainer:
             "params_total": self.param_counts["total"],
             "params_active": self.param_counts["active_per_token"],
             "model_tflops_per_s": self.flops_per_token * tokens_per_s / 1e12,
+            "mfu": mfu(self.flops_per_token, tokens_per_s / self.dist.world_size, self.peak_tflops),
             "sample": sample,
             "lines": [],
         }
@@ -512,6 +518,11 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(
             f"throughput      {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of steps, "
             f"{s['model_tflops_per_s'] * 1e3:.1f} model GFLOP/s"
+            + (
+                f", MFU {s['mfu']:.1%}"
+                if s.get("mfu") is not None
+                else " (MFU: set EXPERTRAIN_PEAK_TFLOPS on CPU)"
+            )
         )
     lines.extend(s.get("lines", []))
     if s.get("sample"):
