@@ -374,15 +374,21 @@ class Trainer:
         return float(total[0] / total[1].clamp_min(1))
 
     @torch.no_grad()
-    def sample_text(self, prompt: str = "def ", tokens: int = 48) -> str:
-        """Greedy continuation, run on every rank (FSDP needs all ranks in each forward); shown on rank 0."""
+    def sample_text(
+        self, prompt: str = "def ", tokens: int = 48, temperature: float = 0.8, top_k: int = 40
+    ) -> str:
+        """Top-k sampling with a generator seeded by ``train.seed``, so every rank draws the same tokens (FSDP runs
+        each forward on all ranks); shown on rank 0."""
         self.model.eval()
+        generator = torch.Generator().manual_seed(self.config.train.seed)
         ids = torch.tensor([self.tokenizer.encode(prompt)], dtype=torch.long, device=self.device)
         for _ in range(tokens):
             window = ids[:, -self.config.data.seq_len :]
             with self._autocast():
                 logits = self.model(window)
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            top = torch.topk(logits[0, -1].float().cpu() / temperature, top_k)
+            choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+            nxt = top.indices[choice].view(1, 1).to(self.device)
             ids = torch.cat([ids, nxt], dim=1)
             if int(nxt) == self.tokenizer.eod:
                 break

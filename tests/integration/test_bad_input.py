@@ -163,3 +163,16 @@ def test_plugin_raising_in_a_hook_names_plugin_and_hook(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert_fails_on_every_rank(proc, "plugin 'boom'")
     assert all("expertrain_step_begin" in line and "boom at step 2" in line for line in error_lines(proc))
+
+
+def test_expertrain_train_takes_the_same_arguments(tmp_path: Path) -> None:
+    """The console script (framework.cli:main) parses --config/--set exactly like python -m framework.train."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "framework.cli", "train", "--config", str(REPO / "examples/configs/quickstart.yaml"),
+         "--set", "train.steps=0", "--set", f"run.dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert error_lines(proc) == [
+        "expertrain: error: config key 'train.steps': got 0; expected an integer >= 1"
+    ]

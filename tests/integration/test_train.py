@@ -65,7 +65,13 @@ def test_data_parallel_matches_one_process(tmp_path: Path) -> None:
 
 
 def test_resume_after_kill_is_bit_identical(tmp_path: Path) -> None:
-    common = ["train.steps=20", "checkpoint.every=10", "train.eval_every=15", "train.eval_batches=30"]
+    common = [
+        "train.steps=20",
+        "checkpoint.every=10",
+        "train.eval_every=15",
+        "train.eval_batches=30",
+        "parallel.data=fsdp",  # sharded state: the harder case for an exact resume
+    ]
     reference = run_training(tmp_path / "ref", common, nproc=2)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
