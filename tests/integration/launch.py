@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -101,3 +102,26 @@ def kill_when(
         time.sleep(poll)
     os.killpg(proc.pid, signal.SIGKILL)
     raise TimeoutError("condition never held")
+
+
+def prepare_dataset(
+    root: Path, name: str, make_text: Callable[[int], str], docs: int = 60
+) -> tuple[Path, Path]:
+    """``expertrain data prepare`` on a generated JSONL file: returns (prefix, tokenizer folder)."""
+    source = root / f"{name}.jsonl"
+    source.write_text("".join(json.dumps({"text": make_text(i)}) + "\n" for i in range(docs)))
+    prefix = root / "data" / name
+    cmd = [
+        sys.executable,
+        "-m",
+        "framework.cli",
+        "data",
+        "prepare",
+        "--input",
+        str(source),
+        "--output",
+        str(prefix),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return prefix, Path(str(prefix) + ".tokenizer")

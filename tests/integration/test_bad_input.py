@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.integration.launch import REPO, run_training
+from tests.integration.launch import REPO, prepare_dataset, run_training
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
@@ -71,22 +71,8 @@ def test_missing_data_path(tmp_path: Path) -> None:
     assert "nothing" in line
 
 
-def _prepare_small_dataset(tmp_path: Path) -> tuple[Path, Path]:
-    docs = tmp_path / "docs.jsonl"
-    docs.write_text(
-        "".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 20}) + "\n" for i in range(60))
-    )
-    prefix = tmp_path / "data" / "small"
-    proc = subprocess.run(
-        [sys.executable, "-m", "framework.cli", "data", "prepare", "--input", str(docs), "--output", str(prefix)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return prefix, Path(str(prefix) + ".tokenizer")
-
-
 def test_truncated_bin_and_idx(tmp_path: Path) -> None:
-    prefix, tok = _prepare_small_dataset(tmp_path)
+    prefix, tok = prepare_dataset(tmp_path, "small", lambda i: f"def f{i}(x):\n    return x * {i}\n" * 20)
     common = [f"data.paths=[{prefix}]", f"data.tokenizer={tok}", "model.vocab_size=8192"]
     for suffix in (".bin", ".idx"):
         f = Path(str(prefix) + suffix)

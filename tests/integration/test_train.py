@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.launch import kill_when, run_training, start_training
+from tests.integration.launch import kill_when, prepare_dataset, run_training, start_training
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -98,3 +98,15 @@ def test_changed_sample_order_on_resume_warns(tmp_path: Path) -> None:
     assert more.returncode == 0, more.stderr[-3000:]
     assert "changed train.steps" in more.stderr and "sample order" in more.stderr
     assert sorted(losses(run_dir)) == list(range(1, 7))
+
+
+def test_training_on_a_blend_of_prepared_datasets(tmp_path: Path) -> None:
+    defs, _ = prepare_dataset(tmp_path, "defs", lambda i: f"def f{i}(x):\n    return x * {i}\n" * 30)
+    classes, _ = prepare_dataset(tmp_path, "classes", lambda i: f"class C{i}:\n    value = {i}\n" * 30)
+    run_dir = tmp_path / "run"
+    proc = run_training(run_dir, [f"data.paths=[{defs}, {classes}]", "data.weights=[0.7, 0.3]"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and "val_loss" in records[-1]
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["weights"] == [0.7, 0.3]
