@@ -7,6 +7,7 @@ Build order and why: ``docs/architecture.md``.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -487,15 +488,11 @@ class Trainer:
             if cfg.logging.plots:
                 plot_loss(records, self.run_dir / "loss.png", baseline)
                 plot_expert_load(records, self.run_dir / "expert_load.png")
-            import json
-
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
         console.info(format_summary(summary))
         return summary
 
     def _previous_summary(self) -> dict[str, Any]:
-        import json
-
         path = self.run_dir / "summary.json"
         summary = (
             json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"steps": self.state.step}
