@@ -28,7 +28,8 @@ def plot_loss(records: list[dict[str, Any]], path: Path, baseline: float | None 
     ax.set_xlabel("step")
     ax.set_ylabel("nats / token")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -442,7 +442,7 @@ class Trainer:
                         record["val_loss"] = last_val
                         record["val_ppl"] = math.exp(min(last_val, 50.0))
                         bar.write(f"step {step}: val_loss {last_val:.4f} (ppl {record['val_ppl']:.1f})")
-                if step % cfg.logging.log_every == 0 or "val_loss" in record:
+                if step % cfg.logging.log_every == 0 or "val_loss" in record or step == cfg.train.steps:
                     record.update(self.routing_metrics())
                     record.update(self.pm.merge_metrics(step, self.raw_model, cfg))
                     metrics.write(record)

@@ -110,3 +110,14 @@ def test_training_on_a_blend_of_prepared_datasets(tmp_path: Path) -> None:
     assert [r["step"] for r in records] == [1, 2, 3, 4] and "val_loss" in records[-1]
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["weights"] == [0.7, 0.3]
+
+
+def test_no_validation_split_still_logs_the_last_step(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_training(run_dir, ["data.val_fraction=0", "logging.log_every=5", "train.steps=3"], nproc=0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [3] and "val_loss" not in records[0]
+    assert json.loads((run_dir / "summary.json").read_text())["val_loss"] is None
+    assert (run_dir / "loss.png").is_file()
