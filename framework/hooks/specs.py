@@ -101,6 +101,9 @@ def expertrain_trainable_parameters(model: nn.Module, config: JobConfig) -> list
 def expertrain_after_parallelize(model: nn.Module, config: JobConfig, resumed: bool) -> None:
     """Data-dependent initialisation on the final (possibly sharded) model, e.g. calibration.
 
+    ``model`` is the user's module with its parameter names unchanged: FSDP2 shards it in place, and under DDP the
+    hook gets the module inside the wrapper, never the wrapper.
+
     When: after data-parallel wrapping, before the optimizer is built. ``resumed`` is true when the weights are
     about to be replaced by a checkpoint (skip expensive work then).
     May change: parameter values in place (every rank must compute the same values).

@@ -94,10 +94,10 @@ class Trainer:
         self._build_data()
         self._build_model()
         self.pm.hook.expertrain_after_parallelize(
-            model=self.model, config=cfg, resumed=self.resume_from is not None
+            model=self.raw_model, config=cfg, resumed=self.resume_from is not None
         )
-        plugin_groups = self.pm.param_groups(self.model, cfg)
-        self.optimizer = build_optimizer(self.model, cfg.optim, plugin_groups, self.device)
+        plugin_groups = self.pm.param_groups(self.raw_model, cfg)
+        self.optimizer = build_optimizer(self.raw_model, cfg.optim, plugin_groups, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         self.pm.hook.expertrain_after_optimizer(model=self.model, optimizer=self.optimizer, config=cfg)
         if self.resume_from is not None:
