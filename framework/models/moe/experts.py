@@ -61,9 +61,21 @@ def experts_grouped_mm(
     if dtype is not None:
         w_gu, w_d = w_gu.to(dtype), w_d.to(dtype)
     x_ND = x_ND.to(w_gu.dtype)
-    h_N2I = F.grouped_mm(x_ND, w_gu.transpose(-2, -1), offs=offsets_E)
-    y_ND = F.grouped_mm(_swiglu(h_N2I), w_d.transpose(-2, -1), offs=offsets_E)
+    if x_ND.device.type == "cpu":
+        # torch 2.13 has no fake-tensor rule for _grouped_mm on CPU: torch.compile runs this part eagerly there.
+        return _grouped_swiglu_eager(x_ND, w_gu, w_d, offsets_E)
+    return _grouped_swiglu(x_ND, w_gu, w_d, offsets_E)
+
+
+def _grouped_swiglu(
+    x_ND: torch.Tensor, w_gu_E2IH: torch.Tensor, w_d_EHI: torch.Tensor, offsets_E: torch.Tensor
+) -> torch.Tensor:
+    h_N2I = F.grouped_mm(x_ND, w_gu_E2IH.transpose(-2, -1), offs=offsets_E)
+    y_ND = F.grouped_mm(_swiglu(h_N2I), w_d_EHI.transpose(-2, -1), offs=offsets_E)
     return _ContiguousGrad.apply(y_ND)
+
+
+_grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)
 
 
 def experts_loop(
