@@ -32,21 +32,18 @@ def error_line(message: str) -> str:
     return f"{prefix}expertrain: error: {message}"
 
 
-_NOISY_LOGGERS = ("megatron", "megatron.core", "torch.distributed.checkpoint", "torch.distributed.elastic")
+# megatron-core is quieted where it is imported (framework/data/_megatron.py).
+_NOISY_LOGGERS = ("torch.distributed.checkpoint", "torch.distributed.elastic")
 
 
 def quiet_dependencies() -> None:
-    """Keep notices that do not apply to this run (Transformer Engine on CPU, DCP single-process notes) off the console."""
+    """Keep notices that do not apply to this run (DCP single-process notes, deprecations of dependencies) off the
+    console. megatron-core's Transformer Engine / Apex notices are silenced where it is imported."""
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     for pattern in (
-        ".*Transformer Engine.*",
-        ".*apex.*",
         ".*torch.distributed is disabled.*",
         ".*TypedStorage is deprecated.*",
         ".*pkg_resources is deprecated.*",
-        ".*Apex is not installed.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")

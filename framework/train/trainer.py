@@ -346,6 +346,12 @@ class Trainer:
 
     # --- evaluation and sampling ----------------------------------------------------------------------------------
 
+    def _discard_routing_state(self) -> None:
+        """Forget the aux losses and expert counts of forwards that are not training (they must not move the bias)."""
+        self.raw_model.aux_losses()
+        for layer in self.raw_model.moe_layers():
+            layer.consume_expert_counts()
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean validation loss over ``train.eval_batches`` micro-batches per rank (the same batches every time)."""
@@ -367,9 +373,7 @@ class Trainer:
                 logits = self.model(input_ids.to(self.device))
             total[0] += float(lm_loss_sum(logits, labels.to(self.device)))
             total[1] += count_loss_tokens(labels)
-        self.raw_model.aux_losses()
-        for layer in self.raw_model.moe_layers():
-            layer.consume_expert_counts()
+        self._discard_routing_state()
         C.all_reduce_sum(total)
         self.model.train()
         return float(total[0] / total[1].clamp_min(1))
@@ -393,9 +397,7 @@ class Trainer:
             ids = torch.cat([ids, nxt], dim=1)
             if int(nxt) == self.tokenizer.eod:
                 break
-        for layer in self.raw_model.moe_layers():
-            layer.consume_expert_counts()
-        self.raw_model.aux_losses()
+        self._discard_routing_state()
         self.model.train()
         return self.tokenizer.decode(ids[0].tolist())
 
