@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints/torch-cpu.txt examples/third_part
 	@# Keep a torch that is already installed; otherwise take torch==2.13.0 (the CPU wheel on our machines).
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q -c constraints/torch-cpu.txt torch==2.13.0
 	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
-	@$(PIP) install -q -c $(VENV)/torch-pin.txt -e ".[dev,hf,peft]"
+	@$(PIP) install -q -c $(VENV)/torch-pin.txt -e ".[dev,hf,peft,deepspeed]"
 	@$(PIP) install -q -c $(VENV)/torch-pin.txt --no-deps -e examples/third_party_plugin
 	@touch $@
 
@@ -31,6 +31,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/scaling.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -126,7 +126,9 @@ def build(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict[str, t
         block = MixtralSparseMoeBlock(cfg)
         with torch.no_grad():
             block.gate.weight.copy_(reference.router.gate.weight)
-            block.experts.gate_up_proj.copy_(reference.experts.gate_up_proj)
+            block.experts.gate_up_proj.copy_(
+                reference.experts.gate_up_proj.view_as(block.experts.gate_up_proj)
+            )
             block.experts.down_proj.copy_(reference.experts.down_proj)
         modules[f"hf[{impl}]"] = block
     dense = FeedForward(shape.hidden, shape.top_k * shape.inter)  # same active FLOPs per token as k experts

@@ -17,6 +17,7 @@ from framework.config.sections import (
     CORE_SECTIONS,
     CheckpointConfig,
     DataConfig,
+    DeepSpeedConfig,
     LoggingConfig,
     ModelConfig,
     MoEConfig,
@@ -54,6 +55,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -179,6 +181,7 @@ def resolve(
 
 def check_job(job: JobConfig) -> None:
     """Cross-section rules that do not depend on the world size."""
+    check_engine(job)
     if job.data.seq_len > job.model.max_seq_len:
         raise ConfigError(
             "data.seq_len", job.data.seq_len, f"expected at most model.max_seq_len={job.model.max_seq_len}"
@@ -188,6 +191,51 @@ def check_job(job: JobConfig) -> None:
             "train.global_batch_size",
             job.train.global_batch_size,
             f"expected a multiple of train.micro_batch_size={job.train.micro_batch_size}",
+        )
+
+
+def check_engine(job: JobConfig) -> None:
+    """What the chosen engine cannot run: one line naming the key (docs/parallelism.md, docs/deepspeed.md)."""
+    par = job.parallel
+    if (
+        job.train.engine == "native"
+        and par.data == "ddp"
+        and (par.tp > 1 or par.ep > 1 or par.dp_replicate > 1)
+    ):
+        raise ConfigError(
+            "parallel.data",
+            par.data,
+            "ddp supports pure data parallelism only; use parallel.data=fsdp with tp, ep or dp_replicate",
+        )
+    if job.train.engine != "deepspeed":
+        return
+    par, stage = job.parallel, job.deepspeed.zero_stage
+    if par.tp > 1:
+        raise ConfigError(
+            "parallel.tp",
+            par.tp,
+            "expected 1 with train.engine=deepspeed (DeepSpeed runs data and expert parallelism here); "
+            "use train.engine=native for tensor parallelism",
+        )
+    if par.dp_replicate > 1:
+        raise ConfigError(
+            "parallel.dp_replicate",
+            par.dp_replicate,
+            "expected 1 with train.engine=deepspeed (HSDP is a native FSDP2 layout)",
+        )
+    if par.ep > 1 and stage == 3:
+        raise ConfigError(
+            "deepspeed.zero_stage",
+            stage,
+            f"expected 0, 1 or 2 with parallel.ep={par.ep}: ZeRO-3 cannot partition expert-parallel weights "
+            "(DeepSpeed refuses it too); use deepspeed.zero_stage=2, or parallel.ep=1 with ZeRO-3",
+        )
+    if stage == 3 and job.train.compile:
+        raise ConfigError(
+            "train.compile",
+            True,
+            "expected false with deepspeed.zero_stage=3 (its parameter-gathering module hooks are not "
+            "supported under torch.compile here); use deepspeed.zero_stage 1 or 2 to compile",
         )
 
 

@@ -112,12 +112,40 @@ class MoEConfig:
 
 @dataclass
 class ParallelConfig:
-    """How ranks are used. Data parallelism spans every rank in this release."""
+    """How ranks are used: ``world = dp_replicate x dp_shard x tp``; expert parallelism borrows ``ep`` ranks from
+    ``dp_shard`` and expert weights are FSDP-sharded over the data-parallel ranks left. The layout is checked against
+    the world size and the model before the process group starts (see docs/parallelism.md)."""
 
-    data: Literal["ddp", "fsdp"] = option("fsdp", doc="Data-parallel wrapper: FSDP2 (fully_shard) or DDP.")
+    data: Literal["ddp", "fsdp"] = option(
+        "fsdp", doc="Data-parallel wrapper: FSDP2 (fully_shard, any layout) or DDP (tp = ep = 1 only)."
+    )
+    tp: int = option(1, doc="Tensor-parallel ranks (attention heads, MLP, vocabulary).", min=1)
+    ep: int = option(1, doc="Expert-parallel ranks (each holds num_experts / ep experts).", min=1)
+    etp: int = option(
+        0,
+        doc="Expert tensor parallelism: 0 = same as tp (each expert's hidden dim split over tp); "
+        "1 = whole experts on every tensor-parallel rank, each computing its own sequence slice.",
+        min=0,
+    )
+    dp_replicate: int = option(
+        1, doc="HSDP: replicate groups of the data-parallel ranks (1 = plain FSDP over all of them).", min=1
+    )
+    sequence_parallel: bool = option(
+        True, doc="With tp > 1, split norms and the MoE input along the sequence (Megatron-style)."
+    )
     timeout_s: int = option(
         600, doc="Collective timeout in seconds: a rank that hangs fails the job after this.", min=1
     )
+
+    @property
+    def resolved_etp(self) -> int:
+        return self.tp if self.etp == 0 else self.etp
+
+    def validate(self, prefix: str) -> None:
+        if self.etp not in (0, 1, self.tp):
+            raise ConfigError(
+                f"{prefix}.etp", self.etp, f"expected 0 (same as tp), 1 or parallel.tp={self.tp}"
+            )
 
 
 @dataclass
@@ -185,6 +213,37 @@ class TrainConfig:
     eval_batches: int = option(8, doc="Micro-batches per evaluation.", min=1)
     sample_tokens: int = option(48, doc="Tokens of generated text shown at the end (0 = none).", min=0)
     device: Literal["auto", "cpu", "cuda"] = option("auto", doc="Where to train; auto = cuda when available.")
+    engine: Literal["native", "deepspeed"] = option(
+        "native",
+        doc="Who reduces gradients and steps the optimizer: native = DDP/FSDP2 (parallel.*), deepspeed = DeepSpeed "
+        "ZeRO (the deepspeed section; docs/deepspeed.md).",
+    )
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO, used when ``train.engine`` is ``deepspeed`` (docs/deepspeed.md); ``parallel.data`` is then unused."""
+
+    zero_stage: int = option(
+        2,
+        doc="ZeRO stage: 0 = plain data parallel, 1 = shard optimizer state, 2 = also gradients, 3 = also "
+        "parameters (not with parallel.ep > 1).",
+        min=0,
+        max=3,
+    )
+    overlap_comm: bool = option(
+        False, doc="Overlap gradient reduction with the backward pass (uses CUDA streams; no gain on CPU)."
+    )
+    reduce_bucket_size: int = option(
+        500_000_000,
+        doc="Elements per gradient-reduction bucket (stages 1-3); smaller uses less memory, more messages.",
+        min=1,
+    )
+    allgather_bucket_size: int = option(
+        500_000_000,
+        doc="Elements per all-gather bucket that redistributes updated parameters after the step (stages 1-2).",
+        min=1,
+    )
 
 
 @dataclass
@@ -224,6 +283,7 @@ CORE_SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "deepspeed": DeepSpeedConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
     "run": RunConfig,

@@ -1,7 +1,10 @@
 """Grouped-query attention (Ainslie et al. 2023) through ``torch.nn.functional.scaled_dot_product_attention``.
 
 Registered as attention component ``"gqa"``. Query head ``h`` reads key/value head ``h // (n_heads / n_kv_heads)``,
-the transformers ``repeat_kv`` convention. Parameter names follow transformers' Llama (``q_proj`` … ``o_proj``).
+the transformers ``repeat_kv`` convention. Under tensor parallelism each rank holds a contiguous block of
+``n_heads / tp`` query and ``n_kv_heads / tp`` key/value heads; query head ``h`` still finds its key/value head in
+the same block, so the forward takes its head counts from the (local) projection outputs and is otherwise unchanged.
+Parameter names follow transformers' Llama (``q_proj`` … ``o_proj``).
 """
 
 from __future__ import annotations
@@ -38,15 +41,17 @@ class GroupedQueryAttention(nn.Module):
     ) -> torch.Tensor:
         """``x [B, S, D] -> [B, S, D]``; ``cos/sin`` are the model's RoPE tables, ``position_ids`` optional."""
         B, S, _ = x_BSD.shape
-        q_BHSR = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BKSR = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v_BKSR = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # ``-1`` heads: under tensor parallelism the projections hold only this rank's heads (n_heads / tp query
+        # and n_kv_heads / tp key/value heads), so the head counts come from the projection outputs.
+        q_BHSR = self.q_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        k_BKSR = self.k_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v_BKSR = self.v_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
         q_BHSR = apply_rope(q_BHSR, cos_SR, sin_SR, position_ids_BS)
         k_BKSR = apply_rope(k_BKSR, cos_SR, sin_SR, position_ids_BS)
         o_BHSR = F.scaled_dot_product_attention(
-            q_BHSR, k_BKSR, v_BKSR, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q_BHSR, k_BKSR, v_BKSR, is_causal=True, enable_gqa=q_BHSR.shape[1] != k_BKSR.shape[1]
         )
-        return self.o_proj(o_BHSR.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        return self.o_proj(o_BHSR.transpose(1, 2).reshape(B, S, -1))
 
     def init_weights(self, init_std: float, out_std: float, generator: torch.Generator) -> None:
         """q/k/v ``N(0, init_std)``; the output projection ``N(0, out_std)``."""

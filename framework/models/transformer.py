@@ -5,7 +5,8 @@ from the first non-dense layer, so ``every=2`` gives MoE, dense, MoE, …); ``nu
 Attention and MoE blocks come from the :class:`~framework.hooks.registry.ComponentRegistry` so plugins can swap them.
 
 Parameter names follow transformers' Llama where a counterpart exists (``q_proj`` … ``down_proj``; experts use the
-transformers-5 fused ``gate_up_proj`` / ``down_proj`` layout), so checkpoint conversion is a rename plus copy.
+transformers-5 fused ``gate_up_proj`` / ``down_proj`` layout, with gate and up on their own axis), so checkpoint
+conversion is a rename, a reshape and a copy.
 """
 
 from __future__ import annotations

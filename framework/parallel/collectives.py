@@ -6,6 +6,7 @@ through here so the rest of the code does not care. Every function is a no-op (i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -66,16 +67,39 @@ class RankFailure(RuntimeError):
     """Another rank failed in a phase every rank runs; carries that rank's message."""
 
 
+# gloo: "Timed out waiting 10000ms for recv operation", "Connection closed by peer", "Connection reset by peer";
+# NCCL: "Watchdog caught collective operation timeout".
+_COLLECTIVE_FAILURE = re.compile(
+    r"timed out waiting|operation timeout|connection (closed|reset) by peer|broken pipe", re.IGNORECASE
+)
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a collective that timed out or lost a peer."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        backend_error = isinstance(current, dist.DistError) or type(current) is RuntimeError
+        if backend_error and _COLLECTIVE_FAILURE.search(str(current)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def run_agreed(phase: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` on every rank; if it raises on any rank, raise on every rank (no rank is left waiting).
 
-    The rank that failed re-raises its own exception; the others raise :class:`RankFailure` quoting it.
+    The rank that failed re-raises its own exception; the others raise :class:`RankFailure` quoting it. A collective
+    that failed inside ``fn`` is re-raised at once: sharing it would wait for the same unresponsive rank again.
     """
     error: BaseException | None = None
     result: Any = None
     try:
         result = fn()
     except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
+        if is_collective_failure(exc):
+            raise
         error = exc
     if is_distributed():
         messages = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")

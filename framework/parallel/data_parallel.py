@@ -8,24 +8,54 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from framework.parallel.mesh import ParallelLayout, ParallelMeshes
+
 
 def wrap_data_parallel(
-    model: nn.Module, mode: Literal["ddp", "fsdp"], device: torch.device, world_size: int
+    model: nn.Module, mode: Literal["ddp", "fsdp"], device: torch.device, meshes: ParallelMeshes
 ) -> nn.Module:
-    """Return the model wrapped for ``world_size`` data-parallel ranks (unchanged when there is one rank)."""
-    if world_size == 1:
-        return model
+    """Return the model wrapped for its data-parallel ranks (unchanged when there is only one).
+
+    FSDP2: every block, then the root, sharded over ``meshes.dp`` (2-D for HSDP); under expert parallelism each MoE
+    layer's experts first, over ``meshes.efsdp``. FSDP averages expert gradients over that mesh only, which is ``ep``
+    times smaller than the data-parallel size: :func:`rescale_expert_gradients` finishes the average.
+    DDP: only for pure data parallelism (the config refuses it with tp or ep).
+    """
+    layout = meshes.layout
     if mode == "ddp":
+        if layout.dp == 1:
+            return model
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+    if meshes.efsdp is not None:
+        for layer in model.moe_layers():  # type: ignore[attr-defined]
+            experts = getattr(layer, "experts", None)
+            if experts is not None:
+                fully_shard(experts, mesh=meshes.efsdp)
+    if meshes.dp is None:
+        return model
     for block in getattr(model, "layers", []):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=meshes.dp)
+    fully_shard(model, mesh=meshes.dp)
     return model
+
+
+@torch.no_grad()
+def rescale_expert_gradients(model: nn.Module, layout: ParallelLayout) -> None:
+    """Divide the expert gradients by ``ep`` after the step's backward, so that, like every other gradient, they are
+    averaged over all data-parallel ranks (FSDP divided them by the expert-data-parallel size ``dp / ep`` only).
+
+    (FSDP2's ``set_gradient_divide_factor`` would do this inside the reduction, but on gloo it needs a pre-multiplied
+    sum gloo lacks, and its sum-only fallback divides twice on a one-rank mesh.)"""
+    if layout.ep == 1:
+        return
+    for layer in model.moe_layers():  # type: ignore[attr-defined]
+        experts = getattr(layer, "experts", None)
+        for p in experts.parameters() if experts is not None else ():
+            if p.grad is not None:
+                p.grad.div_(layout.ep)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ from framework.hooks import PluginManager
 from framework.models import default_registry
 from framework.observe import console
 from framework.parallel import collectives as C
+from framework.parallel import watchdog
+from framework.parallel.mesh import ParallelLayout
 from framework.parallel.setup import env_world_size, init_distributed, shutdown
 from framework.train.cli_args import train_parser
 
@@ -50,7 +52,8 @@ def load_job(config_path: str, overrides: Sequence[str]) -> tuple[JobConfig, Plu
     pm.load(names)
     config = resolve(raw, pm.config_sections, source=config_path)
     world = env_world_size()
-    check_world(config, world)
+    layout = ParallelLayout.from_config(config.parallel, world, config.model, config.moe, config.data.seq_len)
+    check_world(config, layout.dp)
     pm.hook.expertrain_validate_config(config=config, world_size=world)
     return config, pm
 
@@ -60,6 +63,7 @@ def train(config_path: str, overrides: Sequence[str]) -> dict:
 
     config, pm = load_job(config_path, overrides)
     info = init_distributed(config.train.device, config.parallel.timeout_s)
+    watchdog.install(config.parallel.timeout_s, pm)  # names a rank that hangs
     torch.manual_seed(config.train.seed + info.rank)
     trainer = Trainer(config, pm, info)
     trainer.build()
@@ -72,14 +76,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         train(args.config, args.overrides)
         return 0
-    except user_error_types() as exc:
-        print(console.error_line(str(exc)), file=sys.stderr, flush=True)
-        return 1
     except KeyboardInterrupt:
         print(console.error_line("interrupted"), file=sys.stderr, flush=True)
         return 130
-    except Exception:
-        traceback.print_exc()
+    except Exception as exc:
+        # A collective that timed out or lost a peer: one line naming the rank that stopped responding.
+        hang = watchdog.explain(exc)
+        if hang is not None:
+            print(console.error_line(hang), file=sys.stderr, flush=True)
+        elif isinstance(exc, user_error_types()):
+            print(console.error_line(str(exc)), file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
         return 1
     finally:
         shutdown()

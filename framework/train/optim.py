@@ -23,6 +23,28 @@ def default_param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: fl
     return groups
 
 
+def split_expert_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give expert-parallel weights marked for DeepSpeed (``param.allreduce = False`` and ``param.group_name``, see
+    :func:`framework.engines.deepspeed_engine.mark_expert_params`) groups of their own, marked the way DeepSpeed's
+    ZeRO optimizer finds them (``moe: True``, ``name``); same hyperparameters. A no-op when nothing is marked."""
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        experts: dict[str, list[nn.Parameter]] = {}
+        dense = []
+        for p in group["params"]:
+            if getattr(p, "allreduce", True) is False:
+                experts.setdefault(p.group_name, []).append(p)
+            else:
+                dense.append(p)
+        if not experts:
+            out.append(group)
+            continue
+        out.append({**group, "params": dense})
+        for name, params in experts.items():
+            out.append({**group, "params": params, "moe": True, "name": name})
+    return out
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, plugin_groups: list[dict[str, Any]], device: torch.device
 ) -> torch.optim.Optimizer:
@@ -30,7 +52,7 @@ def build_optimizer(
     claimed = {id(p) for g in plugin_groups for p in g["params"]}
     rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in claimed]
     groups = [dict(g) for g in plugin_groups] + default_param_groups(rest, cfg.weight_decay)
-    groups = [g for g in groups if g["params"]]
+    groups = [g for g in split_expert_groups(groups) if g["params"]]
     if not groups:
         raise ValueError(
             "no trainable parameters: every parameter is frozen (check the plugins' trainable sets)"
@@ -60,3 +82,17 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
+
+
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any]) -> None:
+    """Restore the schedule's position. A checkpoint of the other engine may group the parameters differently
+    (DeepSpeed gives expert-parallel weights groups of their own): the per-group lists then follow this optimizer's
+    groups, whose lrs the optimizer state has just restored (call after loading it)."""
+    groups = scheduler.optimizer.param_groups
+    if len(state.get("base_lrs", groups)) != len(groups):
+        state = {
+            **state,
+            "base_lrs": [g.get("initial_lr", g["lr"]) for g in groups],
+            "_last_lr": [g["lr"] for g in groups],
+        }
+    scheduler.load_state_dict(state)

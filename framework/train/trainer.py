@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from framework.checkpoint import CheckpointStore
 from framework.config import ConfigError, JobConfig, check_world
 from framework.config.job import save_resolved
 from framework.data import MicroBatchStream, build_pretrain_datasets, load_tokenizer, unigram_entropy
+from framework.engines import Engine, NativeEngine
 from framework.hooks import PluginManager
 from framework.models import Transformer
 from framework.observe import console
@@ -29,10 +30,14 @@ from framework.observe.mfu import mfu, peak_tflops
 from framework.observe.plots import plot_expert_load, plot_loss
 from framework.observe.progress import ProgressBar
 from framework.parallel import collectives as C
-from framework.parallel.data_parallel import gradient_sync, wrap_data_parallel
+from framework.parallel.data_parallel import rescale_expert_gradients, wrap_data_parallel
+from framework.parallel.expert_parallel import apply_expert_parallel, parallelize_moe
+from framework.parallel.grad_clip import clip_grad_norm_
+from framework.parallel.grads import reduce_pending_gradients
+from framework.parallel.mesh import ParallelLayout, build_meshes
 from framework.parallel.setup import DistInfo
 from framework.train.loss import count_loss_tokens, lm_loss_sum
-from framework.train.optim import build_optimizer, build_scheduler
+from framework.train.optim import build_optimizer, build_scheduler, load_scheduler_state
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,13 +87,20 @@ class Trainer:
         self.device = dist_info.device
         self.run_dir = config.run_dir
         self.store = CheckpointStore(self.run_dir / "checkpoints", keep_last=config.checkpoint.keep_last)
-        self.accumulation = check_world(config, dist_info.world_size)
+        self.layout = ParallelLayout.from_config(
+            config.parallel, dist_info.world_size, config.model, config.moe, config.data.seq_len
+        )
+        self.accumulation = check_world(config, self.layout.dp)
         self.state = RunState()
 
     # --- build ----------------------------------------------------------------------------------------------------
 
     def build(self) -> None:
         cfg = self.config
+        self.meshes = build_meshes(self.layout, self.device)
+        self.dp_rank, self.dp_size = self.meshes.dp_rank_and_size()
+        if self.layout.is_parallel:
+            console.info(f"parallel layout: {self.layout.describe()} on {self.layout.world} ranks")
         C.run_on_rank0("creating the run folder", self._create_run_dir)
         self.resume_from = self._find_resume_point()
         self._build_data()
@@ -96,21 +108,37 @@ class Trainer:
         self.pm.hook.expertrain_after_parallelize(
             model=self.raw_model, config=cfg, resumed=self.resume_from is not None
         )
+        if cfg.train.engine == "deepspeed" and self.meshes.ep is not None:
+            from framework.engines.deepspeed_engine import expert_parallel_params, mark_expert_params
+
+            mark_expert_params(expert_parallel_params(self.raw_model), self.layout.ep)
         plugin_groups = self.pm.param_groups(self.raw_model, cfg)
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, plugin_groups, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         self.pm.hook.expertrain_after_optimizer(model=self.model, optimizer=self.optimizer, config=cfg)
+        self.engine = self._build_engine()
+        self.model = self.engine.model
         if self.resume_from is not None:
             C.run_agreed("loading the checkpoint", lambda: self._load_checkpoint(self.resume_from))
         self.train_stream = MicroBatchStream(
             self.train_ds,
             global_batch_size=cfg.train.global_batch_size,
             micro_batch_size=cfg.train.micro_batch_size,
-            dp_rank=self.dist.rank,
-            dp_size=self.dist.world_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
             start_sample=self.state.samples_consumed,
             as_pairs=True,
         )
+
+    def _build_engine(self) -> Engine:
+        """Gradient reduction, clipping and the optimizer step: DDP/FSDP2 here, or DeepSpeed ZeRO (framework/engines)."""
+        if self.config.train.engine == "deepspeed":
+            from framework.engines.deepspeed_engine import DeepSpeedEngine
+
+            return DeepSpeedEngine(
+                self.raw_model, self.optimizer, self.config, self.accumulation, self.device, self.meshes.ep
+            )
+        return NativeEngine(self.model, self.optimizer, self._clip_gradients)
 
     def _create_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +193,7 @@ class Trainer:
                 f"expected at least the tokenizer's vocabulary size {self.tokenizer.vocab_size}",
             )
         train_samples = cfg.train.steps * cfg.train.global_batch_size
-        val_samples = cfg.train.eval_batches * cfg.train.micro_batch_size * self.dist.world_size
+        val_samples = cfg.train.eval_batches * cfg.train.micro_batch_size * self.dp_size
         self.train_ds, self.val_ds = C.run_agreed(
             "building the datasets",
             lambda: build_pretrain_datasets(
@@ -186,13 +214,26 @@ class Trainer:
             p.requires_grad_(name in trainable)
         if cfg.train.activation_checkpointing:
             model.enable_activation_checkpointing()
-        if cfg.train.compile:
-            for i, block in enumerate(model.layers):
-                model.layers[i] = torch.compile(block)
-        self.model = wrap_data_parallel(model, cfg.parallel.data, self.device, self.dist.world_size)
+        # Counted on the whole model, before sharding.
         counts = model.param_counts()
         self.param_counts = counts
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        if self.meshes.tp is not None:
+            from framework.parallel.tensor_parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(model, self.meshes.tp, self.layout.sequence_parallel)
+        if cfg.train.engine == "native":
+            parallelize_moe(model, self.meshes)
+        elif self.meshes.ep is not None:  # DeepSpeed reduces plain expert slices itself (tp is 1 there)
+            apply_expert_parallel(model, self.meshes.ep, as_dtensor=False)
+        if cfg.train.compile:
+            for i, block in enumerate(model.layers):
+                model.layers[i] = torch.compile(block)
+        self.model = (
+            wrap_data_parallel(model, cfg.parallel.data, self.device, self.meshes)
+            if cfg.train.engine == "native"
+            else model  # DeepSpeed wraps it in build(), with the optimizer
+        )
         self.peak_tflops = peak_tflops(self.device, cfg.train.dtype)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         console.info(
@@ -202,8 +243,10 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
 
-    def _state(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+    def _state(self, targets: bool = False) -> dict[str, Any]:
+        """What a checkpoint holds (``targets``: tensors of the right shapes to load into). Both engines give the
+        model and optimizer state in one parameter-name keyed format, so a run resumes under either engine."""
+        model_sd, optim_sd = self.engine.state_targets() if targets else self.engine.state_dicts()
         plugin_state = self.pm.plugin_state_dicts(self.raw_model, self.config)
         return {
             "model": model_sd,
@@ -217,6 +260,7 @@ class Trainer:
             "samples_consumed": self.state.samples_consumed,
             "tokens_seen": self.state.tokens_seen,
             "world_size": self.dist.world_size,
+            "engine": self.engine.name,
             "config": self.config.to_dict(),
         }
         rng = {"cpu": torch.get_rng_state()}
@@ -225,12 +269,10 @@ class Trainer:
         return self.store.save(self.state.step, self._state(), meta, rng)
 
     def _load_checkpoint(self, path: Path) -> None:
-        target = self._state()
+        target = self._state(targets=True)
         state, meta, rng = self.store.load(path, target)
-        set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.engine.load_state_dicts(state["model"], state["optim"])
+        load_scheduler_state(self.scheduler, state["scheduler"])
         self.pm.load_plugin_state_dicts(state.get("plugins", {}), self.raw_model, self.config)
         self.state.step = int(meta["step"])
         self.state.samples_consumed = int(meta["samples_consumed"])
@@ -261,16 +303,18 @@ class Trainer:
         )
         micro_batches = self.train_stream.next_step()
         local_tokens = sum(count_loss_tokens(labels) for _, labels in micro_batches)
-        global_tokens = int(C.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.int64)).item())
-        # DDP and FSDP average gradients over ranks: scale so the result is the sum over the global batch / tokens.
-        lm_scale = self.dist.world_size / max(global_tokens, 1)
+        # Ranks of one tensor-parallel group share their micro-batches: count those tokens once.
+        all_tokens = int(C.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.int64)).item())
+        global_tokens = all_tokens // self.layout.tp
+        # DDP and FSDP average gradients over data-parallel ranks: scale so the result is the global token mean.
+        lm_scale = self.dp_size / max(global_tokens, 1)
         loss_sum = torch.zeros((), dtype=torch.float64)
         aux_totals: dict[str, float] = {}
         self.model.train()
         for i, (input_ids, labels) in enumerate(micro_batches):
             input_ids, labels = input_ids.to(self.device), labels.to(self.device)
             last = i == len(micro_batches) - 1
-            with gradient_sync(self.model, last):
+            with self.engine.micro_batch(last):
                 with self._autocast():
                     logits = self.model(input_ids)
                     lm_sum = lm_loss_sum(logits, labels)
@@ -279,23 +323,27 @@ class Trainer:
                     lm_sum * lm_scale
                     + sum(extra.values(), torch.zeros((), device=self.device)) / self.accumulation
                 )
-                objective.backward()
+                self.engine.backward(objective)
             loss_sum += lm_sum.detach().double().cpu()
             for k, v in extra.items():
                 aux_totals[k] = aux_totals.get(k, 0.0) + float(v.detach()) / self.accumulation
+        if self.config.train.engine == "native":
+            if self.meshes.tp is not None:
+                reduce_pending_gradients(self.model.parameters())
+            rescale_expert_gradients(self.raw_model, self.layout)
         self.pm.hook.expertrain_after_backward(step=step, model=self.raw_model, config=cfg)
-        grad_norm = self._clip_gradients()
-        self.optimizer.step()
+        grad_norm = self.engine.step()  # clip, optimizer step, zero the gradients
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self._update_routing(step)
         self.pm.hook.expertrain_after_optimizer_step(
             step=step, model=self.raw_model, optimizer=self.optimizer, config=cfg
         )
         totals = torch.tensor([float(loss_sum), *aux_totals.values()], dtype=torch.float64)
         C.all_reduce_sum(totals)
-        loss = float(totals[0]) / max(global_tokens, 1)
-        aux = {k: float(v) / self.dist.world_size for k, v in zip(aux_totals, totals[1:].tolist())}
+        loss = float(totals[0]) / self.layout.tp / max(global_tokens, 1)
+        # Summed over every rank: data-parallel ranks hold different micro-batches (averaged), tensor-parallel
+        # ranks shares of the same micro-batch's aux losses (summed).
+        aux = {k: float(v) / self.dp_size for k, v in zip(aux_totals, totals[1:].tolist())}
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             raise TrainingDiverged(
                 f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping without saving. "
@@ -315,12 +363,10 @@ class Trainer:
         return losses
 
     def _clip_gradients(self) -> float:
+        """Clip by the true global norm over every rank's gradients (any mix of meshes); returns that norm."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
+        return float(clip_grad_norm_(params, max_norm))
 
     def _update_routing(self, step: int) -> None:
         """Exact int64 expert counts of this step, summed over every rank that saw tokens; aux-free bias update."""
@@ -334,6 +380,7 @@ class Trainer:
             for layer, c in zip(layers, counts):
                 layer.update_expert_bias(c.to(self.device))
         self.last_counts = counts
+        self.last_a2a_rows = sum(_take_remote_rows(layer) for layer in layers if hasattr(layer, "dispatcher"))
 
     def routing_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -342,6 +389,13 @@ class Trainer:
             for e, v in enumerate(c.tolist()):
                 out[f"moe/layer{i}/tokens_e{e}"] = v
             out[f"moe/layer{i}/max_over_mean"] = float(c.max() / c.mean().clamp_min(1e-9))
+        if self.layout.ep > 1:
+            # (token, expert) rows this rank sent to other expert-parallel ranks in the last step's forwards, and
+            # the bytes of one direction (dispatch); combine sends as many back, backward repeats both.
+            rows = getattr(self, "last_a2a_rows", 0)
+            elem = 2 if self.config.train.dtype == "bf16" else 4
+            out["moe/a2a_remote_rows"] = float(rows)
+            out["moe/a2a_dispatch_MB"] = rows * self.config.model.dim * elem / 1e6
         return out
 
     # --- evaluation and sampling ----------------------------------------------------------------------------------
@@ -361,10 +415,10 @@ class Trainer:
         self.model.eval()
         stream = MicroBatchStream(
             self.val_ds,
-            global_batch_size=cfg.train.micro_batch_size * self.dist.world_size,
+            global_batch_size=cfg.train.micro_batch_size * self.dp_size,
             micro_batch_size=cfg.train.micro_batch_size,
-            dp_rank=self.dist.rank,
-            dp_size=self.dist.world_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
             as_pairs=True,
         )
         total = torch.zeros(2, dtype=torch.float64)
@@ -389,9 +443,17 @@ class Trainer:
         ids = torch.tensor([self.tokenizer.encode(prompt)], dtype=torch.long, device=self.device)
         for _ in range(tokens):
             window = ids[:, -self.config.data.seq_len :]
+            last = window.shape[1] - 1
+            # Tensor parallelism splits the sequence evenly: pad on the right (causal attention leaves the real
+            # positions unchanged) to a multiple of tp.
+            pad = -window.shape[1] % self.layout.tp
+            if pad:
+                window = torch.cat([window, window.new_full((1, pad), self.tokenizer.pad)], dim=1)
             with self._autocast():
                 logits = self.model(window)
-            top = torch.topk(logits[0, -1].float().cpu() / temperature, top_k)
+            if isinstance(logits, DTensor):  # vocabulary-parallel under tensor parallelism
+                logits = logits.full_tensor()
+            top = torch.topk(logits[0, last].float().cpu() / temperature, top_k)
             choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
             nxt = top.indices[choice].view(1, 1).to(self.device)
             ids = torch.cat([ids, nxt], dim=1)
@@ -501,6 +563,15 @@ class Trainer:
         )
         console.info(format_summary(summary))
         return summary
+
+
+def _take_remote_rows(layer: torch.nn.Module) -> int:
+    """Rows an expert-parallel dispatcher sent to other ranks since the last call (0 for local dispatch)."""
+    dispatcher = layer.dispatcher
+    rows = int(getattr(dispatcher, "rows_sent_remote", 0))
+    if hasattr(dispatcher, "reset_traffic"):
+        dispatcher.reset_traffic()
+    return rows
 
 
 def format_summary(s: dict[str, Any]) -> str:

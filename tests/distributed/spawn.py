@@ -8,6 +8,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -18,6 +19,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Array:
+    """A tensor in transit: torch's queue pickling shares storage by file descriptor, which breaks once the
+    worker exits, so results travel as numpy arrays and become tensors again in the parent."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.dtype = t.dtype
+        self.array = (
+            t.detach().cpu().float().numpy() if t.dtype == torch.bfloat16 else t.detach().cpu().numpy()
+        )
+
+    def restore(self) -> torch.Tensor:
+        return torch.from_numpy(self.array).to(self.dtype)
+
+
+def _portable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return _Array(obj)
+    if isinstance(obj, dict):
+        return {k: _portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_portable(v) for v in obj)
+    return obj
+
+
+def _restore(obj: Any) -> Any:
+    if isinstance(obj, _Array):
+        return obj.restore()
+    if isinstance(obj, dict):
+        return {k: _restore(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_restore(v) for v in obj)
+    return obj
+
+
 def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -26,10 +61,11 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
+    torch.set_num_threads(1)  # as torchrun does (OMP_NUM_THREADS=1): ranks share the machine's cores
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         result = fn(rank, world, *args)
-        queue.put((rank, "ok", result))
+        queue.put((rank, "ok", _portable(result)))
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -51,7 +87,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
         for _ in range(world):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = _restore(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
     finally:

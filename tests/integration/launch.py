@@ -125,3 +125,45 @@ def prepare_dataset(
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return prefix, Path(str(prefix) + ".tokenizer")
+
+
+# --- launchers/ (tests/integration/test_launchers.py) ---------------------------------------------------------
+
+LAUNCHERS = REPO / "launchers"
+
+
+def set_args(overrides: Sequence[str]) -> list[str]:
+    """``--set o`` for every override."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def launcher_env(extra_path: Sequence[Path] = (), **extra: str) -> dict[str, str]:
+    """The environment of a launcher script: this interpreter (``PYTHON``), ``extra_path`` in front of PYTHONPATH."""
+    env = {**_env(), "PYTHON": sys.executable, **extra}
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join([*map(str, extra_path), env["PYTHONPATH"]])
+    return env
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of process ``pid`` (Linux ``/proc``; a torchrun agent's children are its workers)."""
+    out: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out += [int(p) for p in children.read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
+    return out
+
+
+def wait_until(
+    condition: Callable[[], bool], procs: Sequence[subprocess.Popen], timeout: float, poll: float = 0.01
+) -> None:
+    """Return as soon as ``condition()`` holds; AssertionError if one of ``procs`` ends first, TimeoutError."""
+    deadline = time.time() + timeout
+    while not condition():
+        ended = [p.args for p in procs if p.poll() is not None]
+        assert not ended, f"ended before the condition held: {ended}"
+        if time.time() > deadline:
+            raise TimeoutError("condition never held")
+        time.sleep(poll)

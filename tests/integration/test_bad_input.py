@@ -55,6 +55,17 @@ def test_world_size_the_config_cannot_use(tmp_path: Path) -> None:
     assert_fails_on_every_rank(proc, "multiple of data-parallel ranks (3)", nproc=3)
 
 
+def test_parallel_layout_the_world_cannot_hold(tmp_path: Path) -> None:
+    """tp=2 × ep=2 needs 4 ranks: on 2 every rank says which key to change, before any work starts."""
+    proc = run_training(
+        tmp_path / "run", ["parallel.data=fsdp", "parallel.tp=2", "parallel.ep=2"], nproc=2, timeout=120
+    )
+    assert_fails_on_every_rank(
+        proc, "config key 'parallel.ep': got 2; expected a divisor of the data-parallel"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_plugin_not_installed(tmp_path: Path) -> None:
     proc = run_training(tmp_path / "run", ["plugins=[no_such_plugin]"], nproc=0)
     assert proc.returncode == 1

@@ -73,7 +73,10 @@ def test_export_native_matches_the_checkpoint(tmp_path: Path) -> None:
     from framework.models import Transformer
 
     run_dir = tmp_path / "run"
-    assert run_training(run_dir, ["train.steps=3"], nproc=2).returncode == 0
+    # Trained with tensor and expert parallelism on 4 ranks: the export holds whole, unsharded weights.
+    layout = ["parallel.data=fsdp", "parallel.tp=2", "parallel.ep=2"]
+    proc = run_training(run_dir, ["train.steps=3", *layout], nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "export"
     proc = subprocess.run(
         [sys.executable, "-m", "framework.cli", "export", "native", "--checkpoint", str(run_dir), "--output", str(out)],

@@ -6,11 +6,26 @@ the bias update on large batches).
 
 Normalisation: each term is normalised by the tokens of the micro-batch it was computed on, exactly like the mean
 language-model loss of that micro-batch, so a trainer that averages micro-batch losses averages these the same way.
+
+Sequence parallelism (``group``): when the micro-batch's tokens are split along the sequence over the ranks of
+``group`` (equal slices), every term is computed from the whole micro-batch's statistics — counts are all-reduced —
+and each rank returns its *share*: the terms are linear in the per-token probabilities once the counts are fixed, so
+the shares sum over ``group`` to the unsplit value, and each rank's gradient is its own tokens' part of it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+
+
+def _sum_over(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``t`` summed over ``group`` (no gradient; a copy), or ``t`` itself without a group."""
+    if group is None:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, group=group)
+    return t
 
 
 def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -18,33 +33,46 @@ def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(topk_ids_TK.reshape(-1), minlength=num_experts).to(torch.int64)
 
 
-def load_balance_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balance_loss(
+    probs_TE: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    num_experts: int,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
     """Switch/GShard balance loss ``E/(k·T) · Σ_i c_i · P_i``.
 
     ``c_i`` = (token, expert) pairs routed to ``i`` (no gradient), ``P_i`` = mean router probability of ``i`` over the
-    ``T`` tokens. Equals 1 for perfectly uniform routing.
+    ``T`` tokens. Equals 1 for perfectly uniform routing. With ``group``: this rank's share (module docstring).
     """
     T, K = topk_ids_TK.shape
-    counts_E = expert_counts(topk_ids_TK, num_experts).to(probs_TE.dtype)
-    mean_probs_E = probs_TE.mean(dim=0)
-    return num_experts / (K * T) * (counts_E * mean_probs_E).sum()
+    T_total = T * (dist.get_world_size(group) if group is not None else 1)
+    counts_E = _sum_over(expert_counts(topk_ids_TK, num_experts), group).to(probs_TE.dtype)
+    mean_probs_E = probs_TE.sum(dim=0) / T_total
+    return num_experts / (K * T_total) * (counts_E * mean_probs_E).sum()
 
 
 def sequence_load_balance_loss(
-    probs_BSE: torch.Tensor, topk_ids_BSK: torch.Tensor, num_experts: int
+    probs_BSE: torch.Tensor,
+    topk_ids_BSK: torch.Tensor,
+    num_experts: int,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """DeepSeek-V3 sequence-wise balance loss: :func:`load_balance_loss` per sequence, averaged over the batch."""
+    """DeepSeek-V3 sequence-wise balance loss: :func:`load_balance_loss` per sequence, averaged over the batch.
+
+    With ``group`` every rank holds a slice of each sequence; counts per sequence are summed over it."""
     B, S, K = topk_ids_BSK.shape
+    S_total = S * (dist.get_world_size(group) if group is not None else 1)
     one_hot_BSE = torch.zeros(B, S, num_experts, dtype=probs_BSE.dtype, device=probs_BSE.device)
     one_hot_BSE.scatter_add_(2, topk_ids_BSK, torch.ones_like(topk_ids_BSK, dtype=probs_BSE.dtype))
-    counts_BE = one_hot_BSE.sum(dim=1)
-    mean_probs_BE = probs_BSE.mean(dim=1)
-    return (num_experts / (K * S) * (counts_BE * mean_probs_BE).sum(dim=-1)).mean()
+    counts_BE = _sum_over(one_hot_BSE.sum(dim=1), group)
+    mean_probs_BE = probs_BSE.sum(dim=1) / S_total
+    return (num_experts / (K * S_total) * (counts_BE * mean_probs_BE).sum(dim=-1)).mean()
 
 
-def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss ``mean_t logsumexp(logits_t)²`` (in fp32)."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).pow(2).mean()
+def router_z_loss(logits_TE: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss ``mean_t logsumexp(logits_t)²`` (in fp32); with ``group``, this rank's share."""
+    T_total = logits_TE.shape[0] * (dist.get_world_size(group) if group is not None else 1)
+    return torch.logsumexp(logits_TE.float(), dim=-1).pow(2).sum() / T_total
 
 
 @torch.no_grad()

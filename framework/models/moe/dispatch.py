@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 
 @dataclass
@@ -46,6 +48,11 @@ class TokenDispatcher(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]: ...
 
     def combine(self, y_ND: torch.Tensor, ctx: DispatchContext) -> torch.Tensor: ...
+
+
+def _in_backward() -> bool:
+    """True while autograd recomputes a forward (activation checkpointing): traffic is counted once."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -108,3 +115,93 @@ class LocalDispatcher:
         out_TD = weighted_ND.new_zeros(ctx.num_tokens, y_ND.shape[-1])
         out_TD.index_add_(0, ctx.token_idx_N, weighted_ND)
         return out_TD.to(ctx.out_dtype)
+
+
+@dataclass
+class AllToAllContext:
+    """What :meth:`AllToAllDispatcher.combine` needs: the local context plus the exchange's shape."""
+
+    local: DispatchContext
+    input_splits: list[int]
+    """Rows this rank sent to each expert-parallel rank."""
+    output_splits: list[int]
+    """Rows this rank received from each expert-parallel rank."""
+    to_expert_major_M: torch.Tensor
+    """Permutation from received order (source rank, then local expert) to local-expert-major order."""
+
+    @property
+    def dropped_N(self) -> torch.Tensor:
+        return self.local.dropped_N
+
+    @property
+    def routed_N(self) -> int:
+        return self.local.routed_N
+
+
+class AllToAllDispatcher:
+    """Expert-parallel dispatch over ``group`` (``ep`` ranks, each computing ``E / ep`` consecutive experts).
+
+    1. Locally: route, apply the capacity limit (drops happen here, before anything is sent), and group rows by
+       global expert — which also groups them by destination rank.
+    2. Exchange per-expert row counts (one small ``all_to_all_single``), then the rows themselves with uneven splits
+       (autograd-aware): dropless mode moves exactly the routed rows, no padding.
+    3. Regroup received rows by local expert for the grouped GEMM; ``combine`` reverses 3 and 2, then weights and
+       sums each token's rows like :class:`LocalDispatcher`.
+
+    ``rows_sent`` / ``rows_sent_remote`` count (token, expert) rows sent by this rank (remote: to other ranks) since
+    the last :meth:`reset_traffic`; multiply by ``hidden × element size`` for bytes (each way).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        group: dist.ProcessGroup,
+        capacity_factor: float = 0.0,
+        drop_policy: Literal["probs", "position"] = "probs",
+    ) -> None:
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+        if num_experts % self.ep_size:
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep_size}"
+            )
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.ep_size
+        self.group = group
+        self.local = LocalDispatcher(num_experts, capacity_factor, drop_policy)
+        self.reset_traffic()
+
+    def reset_traffic(self) -> None:
+        self.rows_sent = 0
+        self.rows_sent_remote = 0
+
+    def dispatch(
+        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, AllToAllContext]:
+        x_ND, tokens_per_expert_E, local_ctx = self.local.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
+        R, L = self.ep_size, self.num_local_experts
+        with torch.no_grad():
+            send_counts_E = tokens_per_expert_E.to(torch.int64)
+            recv_counts_E = torch.empty_like(send_counts_E)
+            dist.all_to_all_single(recv_counts_E, send_counts_E, group=self.group)
+            send_RL = send_counts_E.view(R, L)
+            recv_RL = recv_counts_E.view(R, L)
+            input_splits = send_RL.sum(1).tolist()
+            output_splits = recv_RL.sum(1).tolist()
+            local_expert_of_row_M = torch.repeat_interleave(
+                torch.arange(L, device=x_ND.device).repeat(R), recv_RL.reshape(-1).to(x_ND.device)
+            )
+            to_expert_major_M = torch.sort(local_expert_of_row_M, stable=True).indices
+            tokens_per_local_expert_L = recv_RL.sum(0)
+        if torch.is_grad_enabled() and not _in_backward():  # training forwards, once each
+            self.rows_sent += sum(input_splits)
+            self.rows_sent_remote += sum(input_splits) - input_splits[self.ep_rank]
+        x_MD = all_to_all_single_autograd(x_ND, output_splits, input_splits, self.group)
+        x_MD = x_MD.index_select(0, to_expert_major_M)
+        ctx = AllToAllContext(local_ctx, input_splits, output_splits, to_expert_major_M)
+        return x_MD, tokens_per_local_expert_L, ctx
+
+    def combine(self, y_MD: torch.Tensor, ctx: AllToAllContext) -> torch.Tensor:
+        y_received_MD = torch.empty_like(y_MD).index_copy(0, ctx.to_expert_major_M, y_MD)
+        y_ND = all_to_all_single_autograd(y_received_MD, ctx.input_splits, ctx.output_splits, self.group)
+        return self.local.combine(y_ND, ctx.local)

@@ -2,7 +2,10 @@
 
 Weights use the transformers-5 in-memory layout, so importing a Hugging Face MoE checkpoint is a copy:
 
-- ``gate_up_proj [E, 2I, H]``: rows ``[:I]`` are the gate projection, rows ``[I:]`` the up projection;
+- ``gate_up_proj [E, 2, I, H]``: ``[:, 0]`` is the gate projection, ``[:, 1]`` the up projection — in memory exactly
+  transformers' ``[E, 2I, H]`` (gate rows first), which the kernels see through a free ``flatten(1, 2)`` view. The
+  separate axis lets tensor parallelism split the hidden dimension ``I`` of gate and up together as one ordinary
+  shard (``Shard(2)``), which distributed checkpoints can store and reshard;
 - ``down_proj [E, H, I]``.
 
 Input rows arrive grouped by expert (expert 0's rows first, …) with ``tokens_per_expert_E`` (int64) giving the group
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.models.init import normal_
+from framework.models.sharding import local_weight
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``fn(x_ND, gate_up_proj_E2IH, down_proj_EHI, tokens_per_expert_E) -> y_ND``."""
@@ -75,7 +79,19 @@ def _grouped_swiglu(
     return _ContiguousGrad.apply(y_ND)
 
 
-_grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)
+def _grouped_swiglu_eager(
+    x_ND: torch.Tensor, w_gu_E2IH: torch.Tensor, w_d_EHI: torch.Tensor, offsets_E: torch.Tensor
+) -> torch.Tensor:
+    if not torch.compiler.is_compiling():
+        return _grouped_swiglu(x_ND, w_gu_E2IH, w_d_EHI, offsets_E)
+    # Only under torch.compile: wrapping at import time would import torch._dynamo in every process (~1-2 s).
+    global _grouped_swiglu_not_compiled
+    if _grouped_swiglu_not_compiled is None:
+        _grouped_swiglu_not_compiled = torch.compiler.disable(_grouped_swiglu)
+    return _grouped_swiglu_not_compiled(x_ND, w_gu_E2IH, w_d_EHI, offsets_E)
+
+
+_grouped_swiglu_not_compiled = None
 
 
 def experts_loop(
@@ -98,7 +114,9 @@ def experts_loop(
             continue
         outputs.append(_swiglu(x_nD @ w_gate_up[e].T) @ w_down[e].T)
     if not outputs:
-        return x_ND.new_zeros(x_ND.shape)
+        # No rows here (e.g. an expert-parallel rank nobody routed to): still build a graph through the weights,
+        # so this rank's backward reaches the all-to-all collectives the other ranks wait in.
+        return _swiglu(x_ND @ w_gate_up[0].T) @ w_down[0].T
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
@@ -140,7 +158,12 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 class GroupedExperts(nn.Module):
-    """``E`` SwiGLU experts: ``y = down_e(silu(gate_e(x)) * up_e(x))`` for the rows routed to expert ``e``."""
+    """``E`` SwiGLU experts: ``y = down_e(silu(gate_e(x)) * up_e(x))`` for the rows routed to expert ``e``.
+
+    Under expert / tensor parallelism (:mod:`framework.parallel.expert_parallel`) the weights hold this rank's part
+    only: DTensors sharded on dim 0 over the expert-parallel mesh and, with expert tensor parallelism, on the hidden
+    dimension over the tensor-parallel mesh (or plain local slices, for engines that want those).
+    """
 
     def __init__(self, num_experts: int, dim: int, hidden: int, impl: str = "auto") -> None:
         super().__init__()
@@ -149,13 +172,19 @@ class GroupedExperts(nn.Module):
         self.dim = dim
         self.hidden = hidden
         self.impl = impl
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """``x_ND`` grouped by expert, ``tokens_per_expert_E`` int64 summing to ``N`` -> ``y_ND``."""
         fn = EXPERT_IMPLS[resolve_impl(self.impl, x_ND.device)]
-        return fn(x_ND, self.gate_up_proj, self.down_proj, tokens_per_expert_E)
+        w_gate_up_E2IH = local_weight(self.gate_up_proj).flatten(1, 2)
+        return fn(x_ND, w_gate_up_E2IH, local_weight(self.down_proj), tokens_per_expert_E)
+
+    @property
+    def num_local_experts(self) -> int:
+        """Experts held by this rank (``num_experts / ep`` under expert parallelism)."""
+        return local_weight(self.gate_up_proj).shape[0]
 
     def init_weights(self, init_std: float, out_std: float, generator: torch.Generator) -> None:
         """Gate/up ``N(0, init_std)``; down ``N(0, out_std)``."""

@@ -18,7 +18,14 @@ import math
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import (
+    all_gather_tensor,
+    all_gather_tensor_autograd,
+    reduce_scatter_tensor_autograd,
+)
+from torch.distributed.tensor import DTensor, Shard
 
 from framework.config.sections import MoEConfig
 from framework.models.moe.balancing import (
@@ -97,6 +104,8 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(
             moe_cfg.num_experts, dim, moe_cfg.expert_hidden, impl=moe_cfg.experts_impl
         )
+        self.expert_tensor_parallel = False
+        """Set by the parallel plan when the experts' hidden dimension is split over the tensor-parallel ranks."""
         self._aux_losses: dict[str, torch.Tensor] = {}
         # Plain attributes, not buffers: DDP's buffer broadcast must not overwrite a rank's own counts.
         self._counts_E: torch.Tensor | None = None
@@ -104,23 +113,56 @@ class MoELayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        if isinstance(x_BSD, DTensor):
+            return self._forward_tensor_parallel(x_BSD)
+        return self._forward_tokens(x_BSD, None)
+
+    def _forward_tensor_parallel(self, x_BSD: DTensor) -> DTensor:
+        """Under tensor parallelism: route this rank's sequence slice only (no token is routed twice).
+
+        The input arrives ``Shard(1)`` (sequence parallel) or ``Replicate``; either way the layer works on the local
+        sequence slice and returns the placement it received.
+        """
+        mesh, placements = x_BSD.device_mesh, x_BSD.placements
+        shape, stride = x_BSD.shape, x_BSD.stride()
+        if shape[1] % mesh.size():
+            raise ValueError(
+                f"sequence length {shape[1]} is not a multiple of the tensor-parallel size {mesh.size()}: "
+                "pad the batch on the right (causal attention leaves the real positions unchanged)"
+            )
+        x_local = x_BSD.redistribute(mesh, [Shard(1)]).to_local()
+        y_local = self._forward_tokens(x_local, mesh.get_group())
+        y_BSD = DTensor.from_local(y_local, mesh, [Shard(1)], run_check=False, shape=shape, stride=stride)
+        return y_BSD if tuple(placements) == (Shard(1),) else y_BSD.redistribute(mesh, placements)
+
+    def _forward_tokens(self, x_BSD: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+        """``tp_group``: the ranks holding the other sequence slices of this micro-batch (aux losses see them all;
+        with experts split over the hidden dimension, the routed tokens are gathered over it)."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routed: RouterOutput = self.router(x_TD)
         record = self.training and not _in_backward()
         if self.training:
             # Computed in the recompute too (same ops => same saved tensors), stored only once.
-            aux = self._aux_terms(routed, B, S)
+            aux = self._aux_terms(routed, B, S, tp_group)
             if record:
                 self._aux_losses = aux
-
-        x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(
-            x_TD, routed.topk_ids_TK, routed.topk_weights_TK
-        )
         if record:
-            self._record(routed, ctx.dropped_N, ctx.routed_N)
+            self._record(routed)
+
+        ids_TK, weights_TK = routed.topk_ids_TK, routed.topk_weights_TK
+        gather = tp_group is not None and self.expert_tensor_parallel
+        if gather:  # every tensor-parallel rank computes its hidden slice of all the group's tokens
+            x_TD = all_gather_tensor_autograd(x_TD, gather_dim=0, group=tp_group)
+            weights_TK = all_gather_tensor_autograd(weights_TK, gather_dim=0, group=tp_group)
+            ids_TK = all_gather_tensor(ids_TK, gather_dim=0, group=tp_group)
+        x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK)
+        if record:
+            self._record_drops(ctx.dropped_N, ctx.routed_N, tp_group if gather else None)
         y_ND = self.experts(x_ND, tokens_per_expert_E)
         y_TD = self.dispatcher.combine(y_ND, ctx)
+        if gather:  # partial sums over the hidden slices -> this rank's tokens, summed
+            y_TD = reduce_scatter_tensor_autograd(y_TD, "sum", scatter_dim=0, group=tp_group)
         return y_TD.view(B, S, D)
 
     def _balance_probs(self, scores_TE: torch.Tensor) -> torch.Tensor:
@@ -128,37 +170,51 @@ class MoELayer(nn.Module):
             return scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
         return scores_TE
 
-    def _aux_terms(self, routed: RouterOutput, B: int, S: int) -> dict[str, torch.Tensor]:
+    def _aux_terms(
+        self, routed: RouterOutput, B: int, S: int, group: dist.ProcessGroup | None
+    ) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         if self.aux_loss_coef > 0:
             probs_TE = self._balance_probs(routed.scores_TE)
             terms["load_balance"] = self.aux_loss_coef * load_balance_loss(
-                probs_TE, routed.topk_ids_TK, self.num_experts
+                probs_TE, routed.topk_ids_TK, self.num_experts, group
             )
         if self.seq_aux_loss_coef > 0:
             probs_BSE = self._balance_probs(routed.scores_TE).view(B, S, self.num_experts)
             terms["seq_load_balance"] = self.seq_aux_loss_coef * sequence_load_balance_loss(
-                probs_BSE, routed.topk_ids_TK.view(B, S, self.top_k), self.num_experts
+                probs_BSE, routed.topk_ids_TK.view(B, S, self.top_k), self.num_experts, group
             )
         if self.z_loss_coef > 0:
-            terms["router_z"] = self.z_loss_coef * router_z_loss(routed.logits_TE)
+            terms["router_z"] = self.z_loss_coef * router_z_loss(routed.logits_TE, group)
         return terms
 
     @torch.no_grad()
-    def _record(self, routed: RouterOutput, dropped: torch.Tensor, routed_pairs: int) -> None:
+    def _record(self, routed: RouterOutput) -> None:
         counts_E = expert_counts(routed.topk_ids_TK, self.num_experts)
         if self._counts_E is None or self._counts_E.device != counts_E.device:
             self._counts_E = torch.zeros_like(counts_E)
         self._counts_E += counts_E
         probs_TE = self._balance_probs(routed.scores_TE.detach())
         entropy_T = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(dim=-1)
-        new = {
-            "counts": counts_E,
-            "dropped": torch.as_tensor(dropped, dtype=torch.int64, device=counts_E.device),
-            "routed": torch.tensor(routed_pairs, dtype=torch.int64, device=counts_E.device),
-            "entropy_sum": entropy_T.double().sum(),
-            "tokens": torch.tensor(entropy_T.numel(), dtype=torch.int64, device=counts_E.device),
-        }
+        self._accumulate(
+            counts=counts_E,
+            entropy_sum=entropy_T.double().sum(),
+            tokens=torch.tensor(entropy_T.numel(), dtype=torch.int64, device=counts_E.device),
+        )
+
+    @torch.no_grad()
+    def _record_drops(
+        self, dropped: torch.Tensor, routed_pairs: int, gathered_over: dist.ProcessGroup | None
+    ) -> None:
+        """Capacity drops; when tokens were gathered over tensor-parallel ranks each rank saw them all: count once."""
+        share = dist.get_world_size(gathered_over) if gathered_over is not None else 1
+        device = self._counts_E.device if self._counts_E is not None else None
+        self._accumulate(
+            dropped=torch.as_tensor(dropped, dtype=torch.float64, device=device) / share,
+            routed=torch.tensor(routed_pairs / share, dtype=torch.float64, device=device),
+        )
+
+    def _accumulate(self, **new: torch.Tensor) -> None:
         for key, value in new.items():
             self._stats[key] = self._stats[key] + value if key in self._stats else value.clone()
 
@@ -201,14 +257,14 @@ class MoELayer(nn.Module):
             return {}
         counts = self._stats["counts"].tolist()
         mean = sum(counts) / len(counts)
-        routed = int(self._stats["routed"])
+        routed = float(self._stats.get("routed", 0))
         tokens = int(self._stats["tokens"])
         stats: dict[str, float | list[int]] = {
             "tokens_per_expert": counts,
             "load_max": float(max(counts)),
             "load_mean": float(mean),
             "load_max_over_mean": float(max(counts) / mean) if mean else math.nan,
-            "dropped_fraction": int(self._stats["dropped"]) / routed if routed else 0.0,
+            "dropped_fraction": float(self._stats["dropped"]) / routed if routed else 0.0,
             "router_entropy": float(self._stats["entropy_sum"]) / tokens if tokens else math.nan,
         }
         if reset:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.models.init import normal_
+from framework.models.sharding import local_weight
 
 
 @dataclass
@@ -83,7 +84,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+            logits_TE = F.linear(x_TD.float(), local_weight(self.gate.weight).float())
         if self.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:

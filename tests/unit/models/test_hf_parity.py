@@ -44,7 +44,7 @@ def test_moe_layer_matches_mixtral_block(hf_impl: str, our_impl: str) -> None:
     )
     with torch.no_grad():
         ours.router.gate.weight.copy_(hf.gate.weight)
-        ours.experts.gate_up_proj.copy_(hf.experts.gate_up_proj)
+        ours.experts.gate_up_proj.copy_(hf.experts.gate_up_proj.view_as(ours.experts.gate_up_proj))
         ours.experts.down_proj.copy_(hf.experts.down_proj)
     x = torch.randn(3, 7, 32)
     x_ours, x_hf = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -56,7 +56,7 @@ def test_moe_layer_matches_mixtral_block(hf_impl: str, our_impl: str) -> None:
     y_hf.backward(grad)
     torch.testing.assert_close(x_ours.grad, x_hf.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        ours.experts.gate_up_proj.grad, hf.experts.gate_up_proj.grad, rtol=1e-5, atol=1e-5
+        ours.experts.gate_up_proj.grad.flatten(1, 2), hf.experts.gate_up_proj.grad, rtol=1e-5, atol=1e-5
     )
     torch.testing.assert_close(ours.router.gate.weight.grad, hf.gate.weight.grad, rtol=1e-5, atol=1e-5)
 

@@ -28,11 +28,11 @@ def test_all_impls_match_reference_forward_and_grads(counts: list[int]) -> None:
     x = torch.randn(sum(counts), D)
     tokens = torch.tensor(counts, dtype=torch.int64)
     grad_out = torch.randn(sum(counts), D)
-    ref = _reference(x, experts.gate_up_proj.detach(), experts.down_proj.detach(), counts)
+    ref = _reference(x, experts.gate_up_proj.detach().flatten(1, 2), experts.down_proj.detach(), counts)
     results = {}
     for name, fn in EXPERT_IMPLS.items():
         xi = x.clone().requires_grad_()
-        w_gu = experts.gate_up_proj.detach().clone().requires_grad_()
+        w_gu = experts.gate_up_proj.detach().flatten(1, 2).clone().requires_grad_()
         w_d = experts.down_proj.detach().clone().requires_grad_()
         y = fn(xi, w_gu, w_d, tokens)
         y.backward(grad_out)

@@ -1,0 +1,87 @@
+"""Training engines: what reduces gradients, clips them, steps the optimizer and moves training state in and out
+of checkpoints. The trainer builds the model, the torch AdamW and the schedule the same way for every engine and
+drives one step through this seam::
+
+    for i, (inputs, labels) in enumerate(micro_batches):
+        with engine.micro_batch(last=i == len(micro_batches) - 1):
+            objective = ...                 # forward through engine.model
+            engine.backward(objective)
+    grad_norm = engine.step()               # clip to optim.grad_clip, optimizer step, zero the gradients
+    scheduler.step()                        # the job's own schedule, on the same torch AdamW param groups
+
+- :class:`NativeEngine` (``train.engine: native``): the model wrapped by DDP or FSDP2 (``framework.parallel``).
+- :class:`~framework.engines.deepspeed_engine.DeepSpeedEngine` (``train.engine: deepspeed``): DeepSpeed ZeRO 0-3
+  around the unwrapped model and the same optimizer; see ``docs/deepspeed.md``.
+
+Both read and write checkpoints as the same tree (``state_dicts``: parameter-name keyed model and optimizer state,
+the format of ``torch.distributed.checkpoint.state_dict.get_state_dict``), so a run resumes under either engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from framework.parallel.data_parallel import gradient_sync
+
+StateDicts = tuple[dict[str, Any], dict[str, Any]]
+"""``(model_state, optimizer_state)`` keyed by parameter name."""
+
+
+class Engine(Protocol):
+    name: str
+    model: nn.Module
+    """What forward (training, evaluation and sampling) runs through."""
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float: ...
+
+    def state_dicts(self) -> StateDicts: ...
+
+    def state_targets(self) -> StateDicts: ...
+
+    def load_state_dicts(self, model_state: dict[str, Any], optim_state: dict[str, Any]) -> None: ...
+
+
+class NativeEngine:
+    """DDP or FSDP2 (``model`` arrives wrapped) with torch AdamW; ``clip()`` clips to the global norm and returns it."""
+
+    name = "native"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, clip: Callable[[], float]) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self._clip = clip
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        """Reduce gradients only on the last micro-batch of a step (DDP ``no_sync``, FSDP2 gradient sync)."""
+        return gradient_sync(self.model, last)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        norm = self._clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def state_dicts(self) -> StateDicts:
+        return get_state_dict(self.model, self.optimizer)
+
+    def state_targets(self) -> StateDicts:
+        return get_state_dict(self.model, self.optimizer)
+
+    def load_state_dicts(self, model_state: dict[str, Any], optim_state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+__all__ = ["Engine", "NativeEngine", "StateDicts"]
