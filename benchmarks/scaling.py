@@ -4,9 +4,10 @@ For 1, 2 and 4 ranks (data, expert and tensor parallel and their products) it la
 torchrun with the same model and global batch, and reports
 
 - tokens/s (median over the steps after ``--warmup``) and the ratio to one rank;
-- the expert-parallel all-to-all volume per step and rank: (token, expert) rows sent to other ranks, the MB of one
-  direction, and the ratio to ``T·k·(ep−1)/ep`` — the rows that must leave a rank when routing is uniform (dropless
-  dispatch sends exactly the rows whose expert lives elsewhere, so any excess over 1 is load imbalance, not padding);
+- the expert-parallel all-to-all volume per step and rank, summed over the MoE layers: (token, expert) rows sent to
+  other ranks and the MB of one direction. Dropless dispatch sends exactly the routed pairs whose expert lives on
+  another rank — the minimum any dispatcher must move, no padding — and the ratio to ``layers·T·k·(ep−1)/ep``
+  (what uniform routing would send) shows how the router's choices fall between local and remote experts;
 - on CUDA, bf16 tokens/s and MFU too; on CPU that part is skipped with a message (bf16 matmul is emulated there).
 
     python benchmarks/scaling.py                 # every layout, 8 steps each (~5 min on 2 CPU cores)
@@ -51,6 +52,7 @@ def run_layout(nproc: int, overrides: tuple[str, ...], steps: int, dtype: str, r
         f"train.steps={steps}",
         f"train.dtype={dtype}",
         "data.val_fraction=0",
+        "train.micro_batch_size=4",  # the same micro-batches in every layout (4 ranks need 16 / 4)
         "train.sample_tokens=0",
         "checkpoint.every=0",
         "checkpoint.save_final=false",
@@ -66,16 +68,21 @@ def run_layout(nproc: int, overrides: tuple[str, ...], steps: int, dtype: str, r
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         cmd += ["-m", "framework.train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONFAULTHANDLER": "1"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(overrides) or '1 rank'} failed:\n{proc.stderr[-3000:]}")
+        ours = [line for line in proc.stderr.splitlines() if "expertrain: error" in line or "Fatal" in line]
+        raise RuntimeError(
+            f"{' '.join(overrides) or '1 rank'} failed:\n" + "\n".join(ours or [proc.stderr[-3000:]])
+        )
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def summarise(records: list[dict], warmup: int, ep: int, tokens_per_rank_step: int, top_k: int) -> dict:
+def summarise(
+    records: list[dict], warmup: int, ep: int, tokens_per_rank_step: int, top_k: int, moe_layers: int
+) -> dict:
     steady = [r for r in records if r["step"] > warmup] or records
     out = {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
@@ -83,7 +90,7 @@ def summarise(records: list[dict], warmup: int, ep: int, tokens_per_rank_step: i
     }
     if ep > 1:
         rows = statistics.median(r.get("moe/a2a_remote_rows", 0.0) for r in steady)
-        uniform = tokens_per_rank_step * top_k * (ep - 1) / ep
+        uniform = moe_layers * tokens_per_rank_step * top_k * (ep - 1) / ep  # the metric sums the MoE layers
         out["a2a_rows"] = rows
         out["a2a_MB"] = statistics.median(r.get("moe/a2a_dispatch_MB", 0.0) for r in steady)
         out["a2a_vs_uniform"] = rows / uniform if uniform else None
@@ -106,6 +113,11 @@ def main() -> int:
     quick = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
     gbs, seq = quick["train"]["global_batch_size"], quick["data"]["seq_len"]
     top_k, n_layers = quick["moe"]["top_k"], quick["model"]["n_layers"]
+    from framework.config.sections import MoEConfig
+    from framework.models.transformer import is_moe_layer
+
+    moe_cfg = MoEConfig(**quick["moe"])
+    moe_layers = sum(is_moe_layer(i, moe_cfg) for i in range(n_layers))
     cuda = torch.cuda.is_available()
     dtypes = ["fp32", "bf16"] if cuda else ["fp32"]
     if not cuda:
@@ -127,7 +139,7 @@ def main() -> int:
                 run_dir = Path(tmp) / f"{len(results)}"
                 records = run_layout(nproc, overrides, args.steps, dtype, run_dir)
                 row = {"layout": name, "ranks": nproc, "dtype": dtype}
-                row.update(summarise(records, args.warmup, ep, tokens_per_rank_step, top_k))
+                row.update(summarise(records, args.warmup, ep, tokens_per_rank_step, top_k, moe_layers))
                 results.append(row)
                 print(json.dumps(row), flush=True)
     base = {r["dtype"]: r["tokens_per_s"] for r in results if r["ranks"] == 1}
@@ -137,14 +149,14 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scaling.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     header = (
-        f"Quickstart model ({n_layers} layers, top-{top_k}), global batch {gbs} × {seq} tokens, "
+        f"Quickstart model ({n_layers} layers, top-{top_k}), global batch {gbs} × {seq} tokens in micro-batches of 4, "
         f"{args.steps} steps (median after {args.warmup}), {cores} CPU cores"
         + (f", {torch.cuda.get_device_name()}" if cuda else "")
     )
     lines = [
         header,
         "",
-        "| layout | ranks | dtype | tokens/s | vs 1 rank | a2a rows/rank/step | a2a MB (one way) | vs uniform minimum |",
+        "| layout | ranks | dtype | tokens/s | vs 1 rank | a2a rows/rank/step | a2a MB (one way) | vs uniform routing |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 T = TypeVar("T")
 
@@ -44,6 +45,47 @@ def all_reduce_max(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
+
+
+def group_size(group: Any) -> int:
+    """Ranks in ``group`` (1 for ``None`` without a process group)."""
+    if group is None and not is_distributed():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group: Any) -> int:
+    if group is None and not is_distributed():
+        return 0
+    return dist.get_rank(group)
+
+
+def all_to_all_equal(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """Exchange equal chunks of ``t`` (dim 0 split into ``group_size`` parts) with every rank; no gradient."""
+    out = torch.empty_like(t)
+    dist.all_to_all_single(out, t, group=group)
+    return out
+
+
+def all_to_all_autograd(
+    t: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Any
+) -> torch.Tensor:
+    """Uneven all-to-all along dim 0 (sizes may be 0) whose backward is the reverse exchange."""
+    return funcol.all_to_all_single_autograd(t, output_splits, input_splits, group)
+
+
+def all_gather_autograd(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """Concatenate every rank's ``t`` (equal shapes) along dim 0; backward reduce-scatters the gradient."""
+    return funcol.all_gather_tensor_autograd(t, gather_dim=0, group=group)
+
+
+def all_gather_no_grad(t: torch.Tensor, group: Any) -> torch.Tensor:
+    return funcol.all_gather_tensor(t, gather_dim=0, group=group)
+
+
+def reduce_scatter_autograd(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum over ranks, each keeping its dim-0 block; backward all-gathers the gradient."""
+    return funcol.reduce_scatter_tensor_autograd(t, "sum", scatter_dim=0, group=group)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

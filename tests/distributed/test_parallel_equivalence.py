@@ -73,8 +73,12 @@ def _train_once(rank: int, world: int, run_dir: str, overrides: tuple[str, ...])
     trainer = Trainer(config, pm, DistInfo(rank, world, rank, torch.device("cpu")))
     trainer.build()
     trainer.run()
-    losses = [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
-    return {"losses": losses, "grads": capture.grads if rank == 0 else {}}
+    records = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+    return {
+        "losses": [r["loss"] for r in records],
+        "grad_norms": [r["grad_norm"] for r in records],
+        "grads": capture.grads if rank == 0 else {},
+    }
 
 
 def _train_layouts(
@@ -155,6 +159,8 @@ def test_layout_matches_single_rank(
     torch.testing.assert_close(
         torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-3, atol=0
     )
+    # The global gradient norm (what clipping uses) over every rank's shards, whatever their meshes.
+    assert result["grad_norms"][0] == pytest.approx(reference["grad_norms"][0], rel=1e-5)
     assert set(result["grads"]) == set(reference["grads"])
     for name, ref in reference["grads"].items():
         torch.testing.assert_close(

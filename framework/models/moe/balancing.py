@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from framework.parallel import collectives as C
+
 
 def _sum_over(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """``t`` summed over ``group`` (no gradient; a copy), or ``t`` itself without a group."""
     if group is None:
         return t
-    t = t.detach().clone()
-    dist.all_reduce(t, group=group)
-    return t
+    return C.all_reduce_sum(t.detach().clone(), group)
 
 
 def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -45,7 +45,7 @@ def load_balance_loss(
     ``T`` tokens. Equals 1 for perfectly uniform routing. With ``group``: this rank's share (module docstring).
     """
     T, K = topk_ids_TK.shape
-    T_total = T * (dist.get_world_size(group) if group is not None else 1)
+    T_total = T * (C.group_size(group) if group is not None else 1)
     counts_E = _sum_over(expert_counts(topk_ids_TK, num_experts), group).to(probs_TE.dtype)
     mean_probs_E = probs_TE.sum(dim=0) / T_total
     return num_experts / (K * T_total) * (counts_E * mean_probs_E).sum()
@@ -61,7 +61,7 @@ def sequence_load_balance_loss(
 
     With ``group`` every rank holds a slice of each sequence; counts per sequence are summed over it."""
     B, S, K = topk_ids_BSK.shape
-    S_total = S * (dist.get_world_size(group) if group is not None else 1)
+    S_total = S * (C.group_size(group) if group is not None else 1)
     one_hot_BSE = torch.zeros(B, S, num_experts, dtype=probs_BSE.dtype, device=probs_BSE.device)
     one_hot_BSE.scatter_add_(2, topk_ids_BSK, torch.ones_like(topk_ids_BSK, dtype=probs_BSE.dtype))
     counts_BE = _sum_over(one_hot_BSE.sum(dim=1), group)
@@ -71,7 +71,7 @@ def sequence_load_balance_loss(
 
 def router_z_loss(logits_TE: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """ST-MoE router z-loss ``mean_t logsumexp(logits_t)²`` (in fp32); with ``group``, this rank's share."""
-    T_total = logits_TE.shape[0] * (dist.get_world_size(group) if group is not None else 1)
+    T_total = logits_TE.shape[0] * (C.group_size(group) if group is not None else 1)
     return torch.logsumexp(logits_TE.float(), dim=-1).pow(2).sum() / T_total
 
 

@@ -18,7 +18,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+from framework.parallel import collectives as C
 
 
 @dataclass
@@ -159,8 +160,8 @@ class AllToAllDispatcher:
         capacity_factor: float = 0.0,
         drop_policy: Literal["probs", "position"] = "probs",
     ) -> None:
-        self.ep_size = dist.get_world_size(group)
-        self.ep_rank = dist.get_rank(group)
+        self.ep_size = C.group_size(group)
+        self.ep_rank = C.group_rank(group)
         if num_experts % self.ep_size:
             raise ValueError(
                 f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep_size}"
@@ -182,8 +183,7 @@ class AllToAllDispatcher:
         R, L = self.ep_size, self.num_local_experts
         with torch.no_grad():
             send_counts_E = tokens_per_expert_E.to(torch.int64)
-            recv_counts_E = torch.empty_like(send_counts_E)
-            dist.all_to_all_single(recv_counts_E, send_counts_E, group=self.group)
+            recv_counts_E = C.all_to_all_equal(send_counts_E, self.group)
             send_RL = send_counts_E.view(R, L)
             recv_RL = recv_counts_E.view(R, L)
             input_splits = send_RL.sum(1).tolist()
@@ -196,12 +196,12 @@ class AllToAllDispatcher:
         if torch.is_grad_enabled() and not _in_backward():  # training forwards, once each
             self.rows_sent += sum(input_splits)
             self.rows_sent_remote += sum(input_splits) - input_splits[self.ep_rank]
-        x_MD = all_to_all_single_autograd(x_ND, output_splits, input_splits, self.group)
+        x_MD = C.all_to_all_autograd(x_ND, output_splits, input_splits, self.group)
         x_MD = x_MD.index_select(0, to_expert_major_M)
         ctx = AllToAllContext(local_ctx, input_splits, output_splits, to_expert_major_M)
         return x_MD, tokens_per_local_expert_L, ctx
 
     def combine(self, y_MD: torch.Tensor, ctx: AllToAllContext) -> torch.Tensor:
         y_received_MD = torch.empty_like(y_MD).index_copy(0, ctx.to_expert_major_M, y_MD)
-        y_ND = all_to_all_single_autograd(y_received_MD, ctx.input_splits, ctx.output_splits, self.group)
+        y_ND = C.all_to_all_autograd(y_received_MD, ctx.input_splits, ctx.output_splits, self.group)
         return self.local.combine(y_ND, ctx.local)

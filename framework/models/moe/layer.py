@@ -20,11 +20,6 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import (
-    all_gather_tensor,
-    all_gather_tensor_autograd,
-    reduce_scatter_tensor_autograd,
-)
 from torch.distributed.tensor import DTensor, Shard
 
 from framework.config.sections import MoEConfig
@@ -38,6 +33,7 @@ from framework.models.moe.balancing import (
 from framework.models.moe.dispatch import LocalDispatcher, TokenDispatcher
 from framework.models.moe.experts import GroupedExperts
 from framework.models.moe.router import RouterOutput, TopKRouter
+from framework.parallel import collectives as C
 
 
 @runtime_checkable
@@ -153,16 +149,16 @@ class MoELayer(nn.Module):
         ids_TK, weights_TK = routed.topk_ids_TK, routed.topk_weights_TK
         gather = tp_group is not None and self.expert_tensor_parallel
         if gather:  # every tensor-parallel rank computes its hidden slice of all the group's tokens
-            x_TD = all_gather_tensor_autograd(x_TD, gather_dim=0, group=tp_group)
-            weights_TK = all_gather_tensor_autograd(weights_TK, gather_dim=0, group=tp_group)
-            ids_TK = all_gather_tensor(ids_TK, gather_dim=0, group=tp_group)
+            x_TD = C.all_gather_autograd(x_TD, tp_group)
+            weights_TK = C.all_gather_autograd(weights_TK, tp_group)
+            ids_TK = C.all_gather_no_grad(ids_TK, tp_group)
         x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK)
         if record:
             self._record_drops(ctx.dropped_N, ctx.routed_N, tp_group if gather else None)
         y_ND = self.experts(x_ND, tokens_per_expert_E)
         y_TD = self.dispatcher.combine(y_ND, ctx)
         if gather:  # partial sums over the hidden slices -> this rank's tokens, summed
-            y_TD = reduce_scatter_tensor_autograd(y_TD, "sum", scatter_dim=0, group=tp_group)
+            y_TD = C.reduce_scatter_autograd(y_TD, tp_group)
         return y_TD.view(B, S, D)
 
     def _balance_probs(self, scores_TE: torch.Tensor) -> torch.Tensor:
@@ -207,7 +203,7 @@ class MoELayer(nn.Module):
         self, dropped: torch.Tensor, routed_pairs: int, gathered_over: dist.ProcessGroup | None
     ) -> None:
         """Capacity drops; when tokens were gathered over tensor-parallel ranks each rank saw them all: count once."""
-        share = dist.get_world_size(gathered_over) if gathered_over is not None else 1
+        share = C.group_size(gathered_over) if gathered_over is not None else 1
         device = self._counts_E.device if self._counts_E is not None else None
         self._accumulate(
             dropped=torch.as_tensor(dropped, dtype=torch.float64, device=device) / share,
