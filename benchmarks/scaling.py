@@ -182,6 +182,7 @@ def _plot(results: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     fp32 = [r for r in results if r["dtype"] == "fp32"]
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -190,9 +191,7 @@ def _plot(results: list[dict], path: Path, title: str) -> None:
     ax.set_xticks(range(len(fp32)), [r["layout"] for r in fp32], rotation=30, ha="right")
     ax.set_ylabel("tokens/s (fp32)")
     ax.set_title(title, fontsize=8)
-    for ranks, color in colors.items():
-        ax.bar([], [], color=color, label=f"{ranks} rank{'s' if ranks > 1 else ''}")
-    ax.legend()
+    ax.legend(handles=[Patch(color=c, label=f"{n} rank{'s' if n > 1 else ''}") for n, c in colors.items()])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
