@@ -76,16 +76,60 @@ def all_to_all_autograd(
 
 def all_gather_autograd(t: torch.Tensor, group: Any) -> torch.Tensor:
     """Concatenate every rank's ``t`` (equal shapes) along dim 0; backward reduce-scatters the gradient."""
-    return funcol.all_gather_tensor_autograd(t, gather_dim=0, group=group)
+    if t.is_cuda:
+        return funcol.all_gather_tensor_autograd(t, gather_dim=0, group=group)
+    return _GatherDim0.apply(t, group)
 
 
 def all_gather_no_grad(t: torch.Tensor, group: Any) -> torch.Tensor:
-    return funcol.all_gather_tensor(t, gather_dim=0, group=group)
+    with torch.no_grad():
+        return _gather_dim0(t.detach(), group)
 
 
 def reduce_scatter_autograd(t: torch.Tensor, group: Any) -> torch.Tensor:
     """Sum over ranks, each keeping its dim-0 block; backward all-gathers the gradient."""
-    return funcol.reduce_scatter_tensor_autograd(t, "sum", scatter_dim=0, group=group)
+    if t.is_cuda:
+        return funcol.reduce_scatter_tensor_autograd(t, "sum", scatter_dim=0, group=group)
+    return _ReduceScatterDim0.apply(t, group)
+
+
+# On CPU (gloo) the functional reduce-scatter crashed intermittently in torch 2.13 (SIGSEGV inside
+# reduce_scatter_tensor_autograd, about one run in four of the equivalence tests); these use the blocking collectives
+# gloo implements well: all_gather of equal chunks, and all_reduce followed by taking this rank's block.
+
+
+def _gather_dim0(t: torch.Tensor, group: Any) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+def _reduce_scatter_dim0(t: torch.Tensor, group: Any) -> torch.Tensor:
+    total = t.contiguous().clone()
+    dist.all_reduce(total, group=group)
+    return total.chunk(dist.get_world_size(group), dim=0)[dist.get_rank(group)].contiguous()
+
+
+class _GatherDim0(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return _gather_dim0(t, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return _reduce_scatter_dim0(grad, ctx.group), None
+
+
+class _ReduceScatterDim0(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return _reduce_scatter_dim0(t, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return _gather_dim0(grad, ctx.group), None
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
