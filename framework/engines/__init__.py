@@ -6,6 +6,7 @@ drives one step through this seam::
         with engine.micro_batch(last=i == len(micro_batches) - 1):
             objective = ...                 # forward through engine.model
             engine.backward(objective)
+    engine.finish_gradients()               # gradients complete (plugins' after_backward sees them)
     grad_norm = engine.step()               # clip to optim.grad_clip, optimizer step, zero the gradients
     scheduler.step()                        # the job's own schedule, on the same torch AdamW param groups
 
@@ -42,6 +43,10 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
+    def finish_gradients(self) -> None:
+        """After the step's last backward: leave every gradient complete (averaged over data-parallel ranks)."""
+        ...
+
     def step(self) -> float: ...
 
     def state_dicts(self) -> StateDicts: ...
@@ -52,14 +57,22 @@ class Engine(Protocol):
 
 
 class NativeEngine:
-    """DDP or FSDP2 (``model`` arrives wrapped) with torch AdamW; ``clip()`` clips to the global norm and returns it."""
+    """DDP or FSDP2 (``model`` arrives wrapped) with torch AdamW; ``clip()`` clips to the global norm and returns it;
+    ``finish()`` completes what the wrapper leaves undone (tensor-parallel partial sums, the expert average)."""
 
     name = "native"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, clip: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        clip: Callable[[], float],
+        finish: Callable[[], None] = lambda: None,
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self._clip = clip
+        self._finish = finish
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         """Reduce gradients only on the last micro-batch of a step (DDP ``no_sync``, FSDP2 gradient sync)."""
@@ -67,6 +80,9 @@ class NativeEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def finish_gradients(self) -> None:
+        self._finish()
 
     def step(self) -> float:
         norm = self._clip()

@@ -257,6 +257,9 @@ class DeepSpeedEngine:
         # The objective is already divided by the accumulation steps (see the module docstring).
         self.engine.backward(loss, scale_wrt_gas=False)
 
+    def finish_gradients(self) -> None:
+        """DeepSpeed reduces and averages gradients itself, expert gradients included."""
+
     def step(self) -> float:
         """Clip, step, zero the gradients; returns the global gradient norm before clipping."""
         if self.stage == 0:

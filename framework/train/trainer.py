@@ -138,7 +138,7 @@ class Trainer:
             return DeepSpeedEngine(
                 self.raw_model, self.optimizer, self.config, self.accumulation, self.device, self.meshes.ep
             )
-        return NativeEngine(self.model, self.optimizer, self._clip_gradients)
+        return NativeEngine(self.model, self.optimizer, self._clip_gradients, self._finish_gradients)
 
     def _create_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -327,10 +327,7 @@ class Trainer:
             loss_sum += lm_sum.detach().double().cpu()
             for k, v in extra.items():
                 aux_totals[k] = aux_totals.get(k, 0.0) + float(v.detach()) / self.accumulation
-        if self.config.train.engine == "native":
-            if self.meshes.tp is not None:
-                reduce_pending_gradients(self.model.parameters())
-            rescale_expert_gradients(self.raw_model, self.layout)
+        self.engine.finish_gradients()
         self.pm.hook.expertrain_after_backward(step=step, model=self.raw_model, config=cfg)
         grad_norm = self.engine.step()  # clip, optimizer step, zero the gradients
         self.scheduler.step()
@@ -361,6 +358,12 @@ class Trainer:
                 )
             losses[name] = value
         return losses
+
+    def _finish_gradients(self) -> None:
+        """Tensor-parallel partial sums without FSDP to finish them, and the expert average FSDP leaves at 1/efsdp."""
+        if self.meshes.tp is not None:
+            reduce_pending_gradients(self.model.parameters())
+        rescale_expert_gradients(self.raw_model, self.layout)
 
     def _clip_gradients(self) -> float:
         """Clip by the true global norm over every rank's gradients (any mix of meshes); returns that norm."""

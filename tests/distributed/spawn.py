@@ -33,24 +33,21 @@ class _Array:
         return torch.from_numpy(self.array).to(self.dtype)
 
 
-def _portable(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return _Array(obj)
+def _map_tree(fn: Callable[[Any], Any], obj: Any) -> Any:
+    """``fn`` applied to every leaf of nested dicts, lists and tuples."""
     if isinstance(obj, dict):
-        return {k: _portable(v) for k, v in obj.items()}
+        return {k: _map_tree(fn, v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_portable(v) for v in obj)
-    return obj
+        return type(obj)(_map_tree(fn, v) for v in obj)
+    return fn(obj)
+
+
+def _portable(obj: Any) -> Any:
+    return _map_tree(lambda v: _Array(v) if isinstance(v, torch.Tensor) else v, obj)
 
 
 def _restore(obj: Any) -> Any:
-    if isinstance(obj, _Array):
-        return obj.restore()
-    if isinstance(obj, dict):
-        return {k: _restore(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_restore(v) for v in obj)
-    return obj
+    return _map_tree(lambda v: v.restore() if isinstance(v, _Array) else v, obj)
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
