@@ -27,11 +27,12 @@ train: $(VENV)/.installed
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m framework.train --config $(CONFIG) $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/moe_variants.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -31,6 +31,12 @@ class ModelConfig:
         0.02, doc="Std of the normal weight init (output projections scaled by 1/sqrt(2L)).", min=0.0
     )
     attention: str = option("gqa", doc="Attention component name in the registry (plugins may add variants).")
+    init_from: str = option(
+        "",
+        doc="Start from the model weights of an expertrain checkpoint (a step_XXXXXXXX folder or a run folder: its "
+        "latest checkpoint); the model and moe sections must match it. Optimizer, step and data start fresh. "
+        "Ignored when the run resumes from its own checkpoint. Empty = random init.",
+    )
 
     def validate(self, prefix: str) -> None:
         if self.n_heads % self.n_kv_heads:

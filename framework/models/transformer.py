@@ -56,7 +56,9 @@ def is_moe_layer(layer_id: int, moe_cfg: MoEConfig) -> bool:
 
 
 class TransformerBlock(nn.Module):
-    """``h = x + attention(norm(x)); out = h + ffn(norm(h))`` with ``ffn`` a dense SwiGLU or an MoE block."""
+    """``h = x + attention(norm(x)); out = h + ffn(norm(h))`` with ``ffn`` a dense SwiGLU or an MoE block.
+
+    An MoE block with ``owns_residual = True`` returns the whole output itself: ``out = ffn(norm(h))``."""
 
     def __init__(
         self, layer_id: int, model_cfg: ModelConfig, moe_cfg: MoEConfig, registry: ComponentRegistry
@@ -80,6 +82,8 @@ class TransformerBlock(nn.Module):
         position_ids_BS: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SR, sin_SR, position_ids_BS)
+        if getattr(self.ffn, "owns_residual", False):  # the block variant builds its own residual path
+            return self.ffn(self.ffn_norm(h_BSD))
         return h_BSD + self.ffn(self.ffn_norm(h_BSD))
 
 
@@ -175,7 +179,8 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ accounting
     def param_counts(self) -> dict[str, int]:
         """``total`` (tied weights once), ``embedding`` (the token table), ``active_per_token`` (total minus the
-        ``E - k`` routed experts a token does not use, per MoE layer)."""
+        ``E - k`` routed experts a token does not use, per MoE layer; ``k`` = the layer's ``active_experts_per_token``,
+        i.e. expert applications per token, so a block that routes twice counts its FLOPs twice)."""
         total = sum(p.numel() for p in self.parameters())
         inactive = 0
         for layer in self.moe_layers():
@@ -183,7 +188,8 @@ class Transformer(nn.Module):
             if experts is None:
                 continue
             per_expert = sum(p.numel() for p in experts.parameters()) // experts.num_experts
-            inactive += per_expert * (experts.num_experts - layer.top_k)
+            used = min(getattr(layer, "active_experts_per_token", layer.top_k), experts.num_experts)
+            inactive += per_expert * (experts.num_experts - used)
         return {
             "total": total,
             "embedding": self.tok_embeddings.weight.numel(),

@@ -11,7 +11,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_LOAD_KEY = re.compile(r"^moe/layer(\d+)/tokens_e(\d+)$")
+_LOAD_KEY = re.compile(r"^(?P<panel>[\w./-]+)/tokens_e(?P<expert>\d+)$")
+"""Routing-health metrics: ``<panel>/tokens_e<j>``, e.g. ``moe/layer3/tokens_e0``, ``moe/layer3/iter1/tokens_e0``
+(one panel per routing site) or a plugin's ``mola/layer0.q_proj/tokens_e2``."""
+MAX_LOAD_PANELS = 32
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path, baseline: float | None = None) -> Path:
@@ -36,28 +39,41 @@ def plot_loss(records: list[dict[str, Any]], path: Path, baseline: float | None 
     return path
 
 
-def plot_expert_load(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Share of routed tokens per expert over time, one panel per MoE layer."""
-    layers: dict[int, dict[int, list[tuple[int, float]]]] = {}
+def _natural_key(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def expert_load_panels(records: list[dict[str, Any]]) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """``{site: {expert: [(step, tokens), ...]}}`` from the ``<site>/tokens_e<j>`` metrics, sites in layer order,
+    at most :data:`MAX_LOAD_PANELS` of them."""
+    panels: dict[str, dict[int, list[tuple[int, float]]]] = {}
     for r in records:
         for k, v in r.items():
             m = _LOAD_KEY.match(k)
             if m:
-                layers.setdefault(int(m.group(1)), {}).setdefault(int(m.group(2)), []).append((r["step"], v))
+                panels.setdefault(m["panel"], {}).setdefault(int(m["expert"]), []).append((r["step"], v))
+    names = sorted(panels, key=_natural_key)[:MAX_LOAD_PANELS]
+    return {name: panels[name] for name in names}
+
+
+def plot_expert_load(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Share of routed tokens per expert over time, one panel per routing site (an MoE layer, one iteration of a
+    Chain-of-Experts layer, one MoLA projection)."""
+    layers = expert_load_panels(records)
     if not layers:
         return None
     n = len(layers)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.5 * cols, 2.8 * rows), squeeze=False, sharey=True)
-    for ax, layer in zip(axes.flat, sorted(layers)):
+    for ax, layer in zip(axes.flat, layers):
         experts = layers[layer]
         steps = [s for s, _ in experts[min(experts)]]
         totals = [sum(experts[e][i][1] for e in experts) or 1.0 for i in range(len(steps))]
         for e in sorted(experts):
             ax.plot(steps, [v / t for (_, v), t in zip(experts[e], totals)], lw=1, label=f"e{e}")
         ax.axhline(1 / len(experts), ls="--", color="gray", lw=0.8)
-        ax.set_title(f"layer {layer}")
+        ax.set_title(layer.removeprefix("moe/").replace("/", " "), fontsize=9)
         ax.set_xlabel("step")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")

@@ -134,13 +134,16 @@ def _replicate_over_tp_(module: nn.Module, tp_mesh: DeviceMesh) -> None:
 def parallelize_moe(model: nn.Module, meshes: ParallelMeshes) -> int:
     """Place every built-in MoE layer of ``model`` on the layout's ``ep`` and ``tp`` ranks; returns how many.
 
-    - router: replicated over ``tp`` (each rank routes its sequence slice);
+    - router(s) and any other part of the layer except the routed experts (e.g. a plugin's shared experts):
+      replicated over ``tp`` (each rank works on its sequence slice; read the weights with
+      :func:`~framework.models.sharding.local_weight`);
     - experts: ``E / ep`` per rank, each either split over ``tp`` on its hidden dimension (``etp == tp``) or whole
       (``etp == 1``); see :func:`_shard_expert_weights_`;
     - dispatcher: :class:`AllToAllDispatcher` over ``ep`` when ``ep > 1``.
 
-    Call after the model is initialised and after the dense tensor-parallel plan, before FSDP. Plugin MoE blocks with
-    other parts (e.g. shared experts) place those in ``expertrain_after_parallelize`` or ship their own plan.
+    Call after the model is initialised and after the dense tensor-parallel plan, before FSDP. Plugin MoE blocks
+    qualify when they subclass :class:`~framework.models.moe.layer.MoELayer` (keeping its ``experts`` and
+    ``dispatcher``).
     """
     layout = meshes.layout
     if layout.ep == 1 and layout.tp == 1:
@@ -148,8 +151,10 @@ def parallelize_moe(model: nn.Module, meshes: ParallelMeshes) -> int:
     expert_tp = layout.tp > 1 and layout.etp > 1
     layers = _builtin_moe_layers(model)
     for layer in layers:
-        if meshes.tp is not None:
-            _replicate_over_tp_(layer.router, meshes.tp)
+        if meshes.tp is not None:  # routers, shared experts, gates: every part but the routed experts
+            for child in layer.children():
+                if child is not layer.experts:
+                    _replicate_over_tp_(child, meshes.tp)
         _shard_expert_weights_(layer.experts, meshes, expert_tp)
         layer.expert_tensor_parallel = expert_tp
         if meshes.ep is not None:

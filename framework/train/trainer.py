@@ -49,6 +49,9 @@ class CheckpointMismatch(ValueError):
 
 
 # Config keys whose change alters the order in which samples are drawn.
+_NOT_SHAPE_KEYS = {("model", "init_from")}
+"""``model``/``moe`` keys that do not change the model's shape (a resumed run loads its own weights anyway)."""
+
 _ORDER_KEYS = (
     ("train", "seed"),
     ("train", "global_batch_size"),
@@ -161,7 +164,7 @@ class Trainer:
             f"{section}.{k}: checkpoint {v!r}, config {now[section].get(k)!r}"
             for section in ("model", "moe")
             for k, v in saved.get(section, {}).items()
-            if now[section].get(k) != v
+            if now[section].get(k) != v and (section, k) not in _NOT_SHAPE_KEYS
         ]
         if diffs:
             raise CheckpointMismatch(
@@ -207,6 +210,13 @@ class Trainer:
             model = Transformer(cfg.model, cfg.moe, self.pm.registry)
         model.to_empty(device=self.device)
         model.init_weights(cfg.train.seed)
+        if cfg.model.init_from and self.resume_from is None:
+            from framework.checkpoint.warm_start import load_model_weights
+
+            source = C.run_agreed(
+                "loading model.init_from", lambda: load_model_weights(cfg.model.init_from, model)
+            )
+            console.info(f"model weights from {source}")
         self.raw_model = model
         self.pm.hook.expertrain_transform_model(model=model, config=cfg)
         trainable = self.pm.trainable_names(model, cfg)
@@ -377,21 +387,30 @@ class Trainer:
         if not layers:
             self.last_counts = []
             return
-        counts = torch.stack([layer.consume_expert_counts().to("cpu", torch.int64) for layer in layers])
-        C.all_reduce_sum(counts)
-        if self.config.moe.bias_update_rate > 0:
-            for layer, c in zip(layers, counts):
-                layer.update_expert_bias(c.to(self.device))
+        # One all-reduce for every layer and routing site (shapes may differ: [E] or [sites, E]).
+        per_layer = [layer.consume_expert_counts().to("cpu", torch.int64) for layer in layers]
+        flat = torch.cat([c.reshape(-1) for c in per_layer])
+        C.all_reduce_sum(flat)
+        counts = [c.view_as(orig) for c, orig in zip(flat.split([c.numel() for c in per_layer]), per_layer)]
+        for layer, c in zip(layers, counts):
+            layer.update_expert_bias(c.to(self.device))  # a no-op without aux-loss-free balancing
         self.last_counts = counts
         self.last_a2a_rows = sum(_take_remote_rows(layer) for layer in layers if hasattr(layer, "dispatcher"))
 
     def routing_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for i, c in enumerate(getattr(self, "last_counts", [])):
+        layers = self.raw_model.moe_layers() if getattr(self, "last_counts", None) else []
+        for i, (layer, c) in enumerate(zip(layers, self.last_counts)):
             c = c.double()
-            for e, v in enumerate(c.tolist()):
-                out[f"moe/layer{i}/tokens_e{e}"] = v
-            out[f"moe/layer{i}/max_over_mean"] = float(c.max() / c.mean().clamp_min(1e-9))
+            if c.dim() == 1:
+                sites = [(f"moe/layer{i}", c)]
+            else:  # several routing sites (e.g. Chain-of-Experts iterations): one panel each
+                names = layer.routing_site_names()
+                sites = [(f"moe/layer{i}/{names[r]}", c[r]) for r in range(c.shape[0])]
+            for prefix, c_E in sites:
+                for e, v in enumerate(c_E.tolist()):
+                    out[f"{prefix}/tokens_e{e}"] = v
+                out[f"{prefix}/max_over_mean"] = float(c_E.max() / c_E.mean().clamp_min(1e-9))
         if self.layout.ep > 1:
             # (token, expert) rows this rank sent to other expert-parallel ranks in the last step's forwards, and
             # the bytes of one direction (dispatch); combine sends as many back, backward repeats both.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -90,18 +91,50 @@ def start_training(run_dir: Path, overrides: Sequence[str] = (), nproc: int = 2)
 def kill_when(
     proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 240, poll: float = 0.01
 ) -> bool:
-    """SIGKILL the whole process group as soon as ``condition()`` holds; False if the process ended first."""
+    """SIGKILL the launcher and every process below it as soon as ``condition()`` holds (a node dying); False if
+    the process ended first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if condition():
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
             return True
         if proc.poll() is not None:
             return False
         time.sleep(poll)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc)
     raise TimeoutError("condition never held")
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found += [child, *_descendants(child)]
+    return found
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and all its descendants. torchrun starts each worker in its own session, so killing the
+    launcher's process group alone leaves the workers running (they may then finish the job behind the test)."""
+    victims = [proc.pid, *_descendants(proc.pid)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    for pid in victims[1:]:  # orphans are reparented; wait until they are really gone
+        while Path(f"/proc/{pid}").exists() and "State:\tZ" not in _status(pid):
+            time.sleep(0.01)
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "State:\tZ"
 
 
 def prepare_dataset(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.integration.launch import kill_when, prepare_dataset, run_training, start_training
@@ -81,9 +82,10 @@ def test_resume_after_kill_is_bit_identical(tmp_path: Path) -> None:
     killed = kill_when(proc, lambda: latest.is_file() and latest.read_text() == "step_00000010")
     assert killed, "the run finished before it could be killed"
     assert max(losses(run_dir)) < 20
+    assert latest.read_text() == "step_00000010", "the killed job went on writing checkpoints"
 
     resumed = run_training(run_dir, common, nproc=2)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
     ref, got = losses(tmp_path / "ref"), losses(run_dir)
     assert sorted(got) == list(range(1, 21))
@@ -121,3 +123,29 @@ def test_no_validation_split_still_logs_the_last_step(tmp_path: Path) -> None:
     assert [r["step"] for r in records] == [3] and "val_loss" not in records[0]
     assert json.loads((run_dir / "summary.json").read_text())["val_loss"] is None
     assert (run_dir / "loss.png").is_file()
+
+
+def test_init_from_starts_from_another_runs_weights_in_any_layout(tmp_path: Path) -> None:
+    from framework.checkpoint.export import load_model
+
+    base = tmp_path / "base"
+    assert run_training(base, ["train.steps=2"], nproc=0).returncode == 0
+    # lr 0: the fine-tuning run's final weights are the weights it started from.
+    tuned = tmp_path / "tuned"
+    proc = run_training(
+        tuned,
+        [f"model.init_from={base}", "train.steps=1", "optim.lr=0", "parallel.data=fsdp", "parallel.ep=2"],
+        nproc=2,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model weights from" in proc.stdout
+    want, got = load_model(base)[0].state_dict(), load_model(tuned)[0].state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+    wrong = run_training(tmp_path / "wrong", [f"model.init_from={base}", "moe.expert_hidden=48"], nproc=0)
+    assert wrong.returncode != 0
+    assert "model.init_from" in wrong.stderr and "experts.gate_up_proj' has shape" in wrong.stderr
+    missing = run_training(tmp_path / "missing", [f"model.init_from={tmp_path / 'nowhere'}"], nproc=0)
+    assert missing.returncode != 0 and "no complete checkpoint" in missing.stderr

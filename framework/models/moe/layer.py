@@ -102,16 +102,45 @@ class MoELayer(nn.Module):
         )
         self.expert_tensor_parallel = False
         """Set by the parallel plan when the experts' hidden dimension is split over the tensor-parallel ranks."""
+        self.owns_residual = False
+        """When true the transformer block returns ``ffn(norm(h))`` as is instead of ``h + ffn(norm(h))`` (a block
+        variant that builds its own residual path, e.g. Chain-of-Experts' inner residual)."""
         self._aux_losses: dict[str, torch.Tensor] = {}
+        self._aux_this_forward: dict[str, torch.Tensor] = {}
         # Plain attributes, not buffers: DDP's buffer broadcast must not overwrite a rank's own counts.
-        self._counts_E: torch.Tensor | None = None
+        self._counts_RE: torch.Tensor | None = None
         self._stats: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ routing sites
+    def site_routers(self) -> list[nn.Module]:
+        """The routers of this block, one per *routing site* (a place where tokens are routed to ``self.experts``).
+
+        The plain layer has one; variants that route several times (Chain-of-Experts: one router per iteration)
+        override this and :meth:`routing_site_names`. Counts, aux-loss-free biases and routing metrics are kept
+        per site."""
+        return [self.router]
+
+    def routing_site_names(self) -> list[str]:
+        """Names of the routing sites for metrics (``moe/layer<i>/<site>/tokens_e<j>``); unused with one site."""
+        return [f"site{i}" for i in range(len(self.site_routers()))]
+
+    @property
+    def active_experts_per_token(self) -> int:
+        """Expert applications per token (the FLOPs count): ``top_k`` per routing site."""
+        return self.top_k * len(self.site_routers())
 
     # ------------------------------------------------------------------ forward
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        self._aux_this_forward = {}
         if isinstance(x_BSD, DTensor):
-            return self._forward_tensor_parallel(x_BSD)
-        return self._forward_tokens(x_BSD, None)
+            y_BSD = self._forward_tensor_parallel(x_BSD)
+        else:
+            y_BSD = self._forward_tokens(x_BSD, None)
+        if self.training and not _in_backward():
+            # Computed in an activation-checkpointing recompute too (same ops => same saved tensors), kept only once.
+            self._aux_losses = self._aux_this_forward
+        self._aux_this_forward = {}
+        return y_BSD
 
     def _forward_tensor_parallel(self, x_BSD: DTensor) -> DTensor:
         """Under tensor parallelism: route this rank's sequence slice only (no token is routed twice).
@@ -132,19 +161,35 @@ class MoELayer(nn.Module):
         return y_BSD if tuple(placements) == (Shard(1),) else y_BSD.redistribute(mesh, placements)
 
     def _forward_tokens(self, x_BSD: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
-        """``tp_group``: the ranks holding the other sequence slices of this micro-batch (aux losses see them all;
+        """Route this rank's tokens once and return the experts' weighted sum; variants override this and call
+        :meth:`_route_and_compute` (once per routing site) and add their own parts (shared experts, iterations).
+
+        ``tp_group``: the ranks holding the other sequence slices of this micro-batch (aux losses see them all;
         with experts split over the hidden dimension, the routed tokens are gathered over it)."""
         B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(B * S, D)
-        routed: RouterOutput = self.router(x_TD)
+        y_TD = self._route_and_compute(x_BSD.reshape(B * S, D), self.router, 0, B, S, tp_group)
+        return y_TD.view(B, S, D)
+
+    def _route_and_compute(
+        self,
+        x_TD: torch.Tensor,
+        router: nn.Module,
+        site: int,
+        B: int,
+        S: int,
+        tp_group: dist.ProcessGroup | None,
+    ) -> torch.Tensor:
+        """One routing pass of ``T = B·S`` tokens through ``router`` to ``self.experts``: aux losses (added to this
+        forward's terms by name), counts of routing site ``site``, dispatch, grouped experts, combine. Returns
+        ``y_TD``, the gate-weighted sum of each token's experts."""
+        routed: RouterOutput = router(x_TD)
         record = self.training and not _in_backward()
         if self.training:
-            # Computed in the recompute too (same ops => same saved tensors), stored only once.
-            aux = self._aux_terms(routed, B, S, tp_group)
-            if record:
-                self._aux_losses = aux
+            for name, value in self._aux_terms(routed, B, S, tp_group).items():
+                prev = self._aux_this_forward.get(name)
+                self._aux_this_forward[name] = value if prev is None else prev + value
         if record:
-            self._record(routed)
+            self._record(routed, site)
 
         ids_TK, weights_TK = routed.topk_ids_TK, routed.topk_weights_TK
         gather = tp_group is not None and self.expert_tensor_parallel
@@ -159,7 +204,7 @@ class MoELayer(nn.Module):
         y_TD = self.dispatcher.combine(y_ND, ctx)
         if gather:  # partial sums over the hidden slices -> this rank's tokens, summed
             y_TD = C.reduce_scatter_autograd(y_TD, tp_group)
-        return y_TD.view(B, S, D)
+        return y_TD
 
     def _balance_probs(self, scores_TE: torch.Tensor) -> torch.Tensor:
         if self.score_func == "sigmoid":  # DeepSeek-V3: normalise sigmoid scores per token
@@ -185,11 +230,12 @@ class MoELayer(nn.Module):
         return terms
 
     @torch.no_grad()
-    def _record(self, routed: RouterOutput) -> None:
+    def _record(self, routed: RouterOutput, site: int = 0) -> None:
         counts_E = expert_counts(routed.topk_ids_TK, self.num_experts)
-        if self._counts_E is None or self._counts_E.device != counts_E.device:
-            self._counts_E = torch.zeros_like(counts_E)
-        self._counts_E += counts_E
+        sites = len(self.site_routers())
+        if self._counts_RE is None or self._counts_RE.device != counts_E.device:
+            self._counts_RE = torch.zeros(sites, self.num_experts, dtype=torch.int64, device=counts_E.device)
+        self._counts_RE[site] += counts_E
         probs_TE = self._balance_probs(routed.scores_TE.detach())
         entropy_T = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(dim=-1)
         self._accumulate(
@@ -204,7 +250,7 @@ class MoELayer(nn.Module):
     ) -> None:
         """Capacity drops; when tokens were gathered over tensor-parallel ranks each rank saw them all: count once."""
         share = C.group_size(gathered_over) if gathered_over is not None else 1
-        device = self._counts_E.device if self._counts_E is not None else None
+        device = self._counts_RE.device if self._counts_RE is not None else None
         self._accumulate(
             dropped=torch.as_tensor(dropped, dtype=torch.float64, device=device) / share,
             routed=torch.tensor(routed_pairs / share, dtype=torch.float64, device=device),
@@ -224,23 +270,31 @@ class MoELayer(nn.Module):
         return aux
 
     def consume_expert_counts(self) -> torch.Tensor:
-        """Exact int64 ``[E]`` tokens routed to each expert since the last call (all micro-batches); then zeroes."""
-        if self._counts_E is None:
+        """Exact int64 tokens routed to each expert since the last call (all micro-batches); then zeroes.
+
+        Shape ``[E]`` for a block with one routing site, ``[R, E]`` for ``R`` sites (see :meth:`site_routers`)."""
+        sites = len(self.site_routers())
+        if self._counts_RE is None:
             device = self.experts.gate_up_proj.device
-            return torch.zeros(self.num_experts, dtype=torch.int64, device=device)
-        counts, self._counts_E = self._counts_E, None
-        return counts
+            counts = torch.zeros(sites, self.num_experts, dtype=torch.int64, device=device)
+        else:
+            counts, self._counts_RE = self._counts_RE, None
+        return counts[0] if sites == 1 else counts
 
     @torch.no_grad()
     def update_expert_bias(self, counts: torch.Tensor) -> None:
-        """Aux-loss-free step ``b += γ·sign(mean(c) − c)`` with ``counts`` = globally all-reduced int64 counts.
+        """Aux-loss-free step ``b += γ·sign(mean(c) − c)`` per routing site, with ``counts`` (shaped as
+        :meth:`consume_expert_counts` returns them) all-reduced over every rank that routed tokens.
 
-        Call after the optimizer step. A no-op when ``bias_update_rate == 0`` (the router then has no bias).
+        Call after the optimizer step. A no-op when ``bias_update_rate == 0`` (the routers then have no bias).
         """
-        bias = getattr(self.router, "expert_bias", None)
-        if self.bias_update_rate <= 0 or bias is None:
+        if self.bias_update_rate <= 0:
             return
-        update_bias_(bias, counts, self.bias_update_rate)
+        counts_RE = counts.view(-1, self.num_experts)
+        for router, counts_E in zip(self.site_routers(), counts_RE):
+            bias = getattr(router, "expert_bias", None)
+            if bias is not None:
+                update_bias_(bias, counts_E, self.bias_update_rate)
 
     def routing_stats(self, reset: bool = True) -> dict[str, float | list[int]]:
         """Routing health since the last reset (training forwards only).
@@ -251,7 +305,7 @@ class MoELayer(nn.Module):
         """
         if not self._stats:
             return {}
-        counts = self._stats["counts"].tolist()
+        counts = self._stats["counts"].tolist()  # summed over routing sites
         mean = sum(counts) / len(counts)
         routed = float(self._stats.get("routed", 0))
         tokens = int(self._stats["tokens"])
@@ -270,11 +324,12 @@ class MoELayer(nn.Module):
     # ------------------------------------------------------------------ init
     def init_weights(self, init_std: float, out_std: float, generator: torch.Generator) -> None:
         """Router ``N(0, init_std)`` (bias 0), experts' gate/up ``N(0, init_std)``, down ``N(0, out_std)``."""
-        init = getattr(self.router, "init_weights", None)
-        if init is not None:
-            init(init_std, out_std, generator)
+        for router in self.site_routers():
+            init = getattr(router, "init_weights", None)
+            if init is not None:
+                init(init_std, out_std, generator)
         self.experts.init_weights(init_std, out_std, generator)
-        self._aux_losses, self._counts_E, self._stats = {}, None, {}
+        self._aux_losses, self._counts_RE, self._stats = {}, None, {}
 
 
 def build_moe_layer(dim: int, moe_cfg: MoEConfig, registry: object | None = None) -> MoELayer:

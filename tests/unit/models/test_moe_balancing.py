@@ -8,6 +8,7 @@ import pytest
 import torch
 from models_testutil import moe_cfg
 
+from framework.config.sections import MoEConfig
 from framework.models.moe.balancing import (
     expert_counts,
     load_balance_loss,
@@ -15,7 +16,7 @@ from framework.models.moe.balancing import (
     sequence_load_balance_loss,
     update_bias_,
 )
-from framework.models.moe.layer import MoELayer
+from framework.models.moe.layer import MoELayer, build_topk_router
 
 
 def test_load_balance_loss_matches_hand_formula() -> None:
@@ -145,3 +146,54 @@ def test_routing_stats_report_dropped_fraction() -> None:
     # C = ceil(16*2/4*0.5) = 4 per expert -> at most 16 of 32 pairs kept.
     assert stats["dropped_fraction"] >= 0.5 and sum(stats["tokens_per_expert"]) == 32
     assert layer.routing_stats() == {}
+
+
+class _TwoSiteLayer(MoELayer):
+    """A block that routes its tokens twice through the same experts, each time with its own router."""
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__(dim, cfg)
+        self.second_router = build_topk_router(dim, cfg)
+
+    def site_routers(self) -> list[torch.nn.Module]:
+        return [self.router, self.second_router]
+
+    def routing_site_names(self) -> list[str]:
+        return ["first", "second"]
+
+    def _forward_tokens(self, x_BSD: torch.Tensor, tp_group: object) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        y_TD = self._route_and_compute(x_TD, self.router, 0, B, S, None)
+        y_TD = y_TD + self._route_and_compute(x_TD + y_TD, self.second_router, 1, B, S, None)
+        return y_TD.view(B, S, D)
+
+
+def test_routing_sites_keep_their_own_counts_aux_and_bias() -> None:
+    cfg = moe_cfg(bias_update_rate=0.01, score_func="sigmoid", aux_loss_coef=0.5)
+    layer = _TwoSiteLayer(16, cfg)
+    layer.init_weights(0.3, 0.3, torch.Generator().manual_seed(0))
+    assert layer.active_experts_per_token == 2 * cfg.top_k
+    x = torch.randn(2, 5, 16)
+    y = layer(x)
+    aux = layer.pop_aux_losses()
+    x_TD = x.view(-1, 16)
+    first = layer.router(x_TD)
+    y1 = layer._route_and_compute(x_TD, layer.router, 0, 2, 5, None)
+    second = layer.second_router(x_TD + y1)
+    expected_aux = sum(
+        0.5 * load_balance_loss(r.scores_TE / r.scores_TE.sum(-1, keepdim=True), r.topk_ids_TK, 4)
+        for r in (first, second)
+    )
+    torch.testing.assert_close(aux["load_balance"], expected_aux)  # one term per site, summed
+    assert y.shape == x.shape
+    layer.consume_expert_counts()  # drop the extra counts of the check above
+    layer(x)
+    counts = layer.consume_expert_counts()
+    assert counts.shape == (2, 4) and counts.dtype == torch.int64
+    assert torch.equal(counts[0], expert_counts(first.topk_ids_TK, 4))
+    assert torch.equal(counts[1], expert_counts(second.topk_ids_TK, 4))
+    layer.update_expert_bias(counts)
+    for router, c in zip(layer.site_routers(), counts):
+        expected = torch.sign(c.double().mean() - c.double()).float() * 0.01
+        torch.testing.assert_close(router.expert_bias, expected)

@@ -10,7 +10,7 @@ import torch
 
 from framework.observe.metrics import MetricsWriter, read_metrics
 from framework.observe.mfu import PEAK_ENV, mfu, peak_tflops
-from framework.observe.plots import plot_expert_load, plot_loss
+from framework.observe.plots import expert_load_panels, plot_expert_load, plot_loss
 
 
 def test_metrics_lines_past_the_resumed_step_are_dropped(tmp_path: Path) -> None:
@@ -46,3 +46,20 @@ def test_mfu_needs_a_known_peak(monkeypatch: pytest.MonkeyPatch) -> None:
     peak = peak_tflops(torch.device("cpu"), "fp32")
     assert peak == 2.0
     assert mfu(1e6, 1e3, peak) == pytest.approx(1e9 / 2e12)
+
+
+def test_expert_load_has_a_panel_per_routing_site(tmp_path: Path) -> None:
+    """Any ``<site>/tokens_e<j>`` key is a panel: Chain-of-Experts iterations, a plugin's projections."""
+    sites = ["moe/layer10/iter0", "mola/layer0.q_proj", "moe/layer2/iter1", "moe/layer2/iter0"]
+    records = [
+        {
+            "step": s,
+            "loss": 1.0,
+            **{f"{site}/tokens_e{e}": float(5 + e * s) for site in sites for e in range(3)},
+        }
+        for s in (1, 2)
+    ]
+    panels = expert_load_panels(records)
+    assert list(panels) == ["moe/layer2/iter0", "moe/layer2/iter1", "moe/layer10/iter0", "mola/layer0.q_proj"]
+    assert panels["moe/layer2/iter1"][2] == [(1, 7.0), (2, 9.0)]
+    assert plot_expert_load(records, tmp_path / "expert_load.png").stat().st_size > 5000
