@@ -26,16 +26,16 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    if args.format != "native":
-        print(
-            f"expertrain: error: export format '{args.format}' is not available in this release; "
-            "use 'native' (hf and peft exports arrive with the interop and PEFT plugins)",
-            file=sys.stderr,
-        )
-        return 2
-    from framework.checkpoint.export import export_native
+    from framework.checkpoint.export import ExportFormatUnavailable, export_native, export_plugin_format
 
-    files = export_native(args.checkpoint, args.output)
+    if args.format == "native":
+        files = export_native(args.checkpoint, args.output)
+    else:
+        try:
+            files = export_plugin_format(args.checkpoint, args.output, args.format)
+        except ExportFormatUnavailable as exc:
+            print(f"expertrain: error: {exc}", file=sys.stderr)
+            return 2
     print(f"wrote {len(files)} files to {args.output}: {', '.join(files)}")
     return 0
 
@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_prepare)
 
     p = sub.add_parser("export", help="export a checkpoint")
-    p.add_argument("format", choices=["native", "hf", "peft"])
+    p.add_argument(
+        "format", help="'native', or a format that a plugin of the checkpoint's job provides (e.g. 'mola')"
+    )
     p.add_argument(
         "--checkpoint", required=True, help="checkpoint folder or run folder (its latest checkpoint)"
     )

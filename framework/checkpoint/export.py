@@ -1,4 +1,4 @@
-"""Rebuild a model from a checkpoint in one process, and ``expertrain export native``."""
+"""Rebuild a model from a checkpoint in one process; ``expertrain export native`` and the formats plugins provide."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, JobConfig, Plug
     pm = PluginManager(default_registry())
     pm.load(list(raw.get("plugins", [])))
     config = resolve(raw, pm.config_sections, source=str(path))
+    # Plugins keep what their blocks need when they validate the job (as in training, with the saved world size).
+    pm.hook.expertrain_validate_config(config=config, world_size=int(meta.get("world_size", 1)))
     model = Transformer(config.model, config.moe, pm.registry)
     pm.hook.expertrain_transform_model(model=model, config=config)
     target = {"model": model.state_dict(), "plugins": pm.plugin_state_dicts(model, config)}
@@ -70,5 +72,41 @@ def export_native(checkpoint: str | Path, output: str | Path) -> list[str]:
         written.extend(result or [])
     (out / "export.json").write_text(
         json.dumps({"checkpoint": path.name, "files": written}, indent=1), encoding="utf-8"
+    )
+    return written
+
+
+class ExportFormatUnavailable(ValueError):
+    """No plugin of the checkpoint's job provides the requested export format."""
+
+
+def export_plugin_format(checkpoint: str | Path, output: str | Path, export_format: str) -> list[str]:
+    """``expertrain export <format>`` for a format a plugin provides through ``expertrain_export``.
+
+    The model is rebuilt with the checkpoint's plugins (:func:`load_model`); the core writes nothing of its own for
+    such a format. Raises :class:`ExportFormatUnavailable` (before anything is written) when no plugin answers.
+    """
+    model, config, pm, path = load_model(checkpoint)
+    out = Path(output)
+    existed = out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    answers = pm.call_per_plugin(
+        "expertrain_export", model=model, config=config, output_dir=out, export_format=export_format
+    )
+    if not answers:
+        if not existed:
+            out.rmdir()
+        plugins = ", ".join(config.plugins) if config.plugins else "none"
+        raise ExportFormatUnavailable(
+            f"export format '{export_format}' is not available for {path}: no plugin of its job provides it "
+            f"(plugins: {plugins}); 'native' is always available"
+        )
+    written = [name for files in answers.values() for name in files]
+    (out / "export.json").write_text(
+        json.dumps(
+            {"checkpoint": path.name, "format": export_format, "plugins": list(answers), "files": written},
+            indent=1,
+        ),
+        encoding="utf-8",
     )
     return written

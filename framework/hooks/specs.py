@@ -228,7 +228,9 @@ def expertrain_export(
 ) -> list[str] | None:
     """Write the plugin's artefacts for ``expertrain export <format>`` (e.g. a peft adapter).
 
-    When: during an export, on rank 0 only, after the core wrote its own files for the format.
+    When: during an export, in one process, with the model rebuilt from the checkpoint and the job's plugins. For
+    ``native`` after the core wrote its own files; for any other format the core writes only ``export.json``, and a
+    format that no plugin answers is an error ("no plugin of its job provides it").
     May change: nothing in the model.
     Returns: the file names the plugin wrote in ``output_dir``, or ``None`` if the format is not the plugin's.
     """

@@ -44,7 +44,8 @@ def init_distributed(device_choice: str, timeout_s: int) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # On GPUs, CPU tensors (exact int64 routing counts, agreed error messages) still need a backend: gloo.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(seconds=timeout_s),

@@ -143,9 +143,3 @@ def test_init_from_starts_from_another_runs_weights_in_any_layout(tmp_path: Path
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
-
-    wrong = run_training(tmp_path / "wrong", [f"model.init_from={base}", "moe.expert_hidden=48"], nproc=0)
-    assert wrong.returncode != 0
-    assert "model.init_from" in wrong.stderr and "experts.gate_up_proj' has shape" in wrong.stderr
-    missing = run_training(tmp_path / "missing", [f"model.init_from={tmp_path / 'nowhere'}"], nproc=0)
-    assert missing.returncode != 0 and "no complete checkpoint" in missing.stderr

@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning plugins and the low-rank adapter code they share."""

@@ -1,0 +1,253 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021): the one implementation the PEFT and MoE-adapter plugins share.
+
+A LoRA adapter adds ``ΔW = s·B·A`` to a frozen weight ``W [out, in]``: ``A [r, in]``, ``B [out, r]``, scale
+``s = α/r`` (rsLoRA: ``α/√r``), so ``y = W x + s·B·A·dropout(x)``. ``B`` starts at zero, so an adapter changes
+nothing until it is trained. Two shapes of adapter live here:
+
+- :class:`LinearLoRA`: one adapter on an ``nn.Linear`` (``lora_A [r, in]``, ``lora_B [out, r]``);
+- :class:`ExpertsLoRA`: one adapter per routed expert of our fused expert weights (``lora_A [E, r, in]``,
+  ``lora_B [E, out, r]``). ``gate_up_proj [E, 2, I, H]`` is adapted as the ``[E, 2I, H]`` matrix it is in memory
+  (gate rows first), ``down_proj [E, H, I]`` as is.
+
+Both modules compute only the *delta*; the owner adds it to the base projection's output (or merges it into the
+base weight with :func:`merge_` / :func:`unmerge_`). Tensors are drawn on the CPU in fp32 from an explicit
+generator (like :mod:`framework.models.init`), so every rank and every device gets the same initial adapter.
+
+peft interop (the on-disk contract of ``adapter_model.safetensors``): keys are
+``base_model.model.<module path>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight`` ``[out, r]``
+(:func:`peft_key`). For 3-D expert weights peft's ``target_parameters`` layout flattens the experts into the rank:
+``lora_A [E·r, in]`` with expert-major rows (rows ``e·r … e·r+r-1`` are expert ``e``) and ``lora_B [out, r·E]`` with
+*rank-major* columns (column ``j·E + e`` is rank ``j`` of expert ``e``), which is how peft's ``ParamWrapper``
+reshapes them (``A.reshape(E, r, in)``, ``B.reshape(out, r, E)``). :func:`experts_to_peft` /
+:func:`experts_from_peft` convert.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+LoRAInit = Literal["kaiming", "gaussian"]
+"""``kaiming``: ``A`` Kaiming-uniform with ``a=√5`` (the ``nn.Linear`` default, bound ``1/√in``); ``gaussian``:
+``A ~ N(0, (1/r)²)`` (peft's ``init_lora_weights="gaussian"``, std ``1/r``). ``B = 0`` either way."""
+
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """The adapter scale ``s``: ``α/r``, or ``α/√r`` for rank-stabilised LoRA (Kalajdzievski 2023)."""
+    if r < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {r}")
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+@torch.no_grad()
+def linear_init_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill ``weight [..., out, in]`` in place like ``nn.Linear``'s default init of every ``[out, in]`` matrix:
+    Kaiming-uniform with ``a=√5``, i.e. ``U(-1/√in, 1/√in)``, drawn in fp32 on the CPU from ``generator``."""
+    # Computed here because torch's fan-in of a 3-D tensor would count the expert axis as receptive field.
+    bound = 1.0 / math.sqrt(weight.shape[-1])
+    values = torch.empty(weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+    return weight.copy_(values)
+
+
+@torch.no_grad()
+def init_lora_(
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    init: LoRAInit = "kaiming",
+    generator: torch.Generator | None = None,
+) -> None:
+    """Initialise ``A [..., r, in]`` in place (every ``[r, in]`` slice like its own ``nn.Linear(in, r)``) and zero
+    ``B [..., out, r]``, so ``ΔW = 0``. Values are drawn in fp32 on the CPU from ``generator`` and copied over."""
+    if init == "kaiming":
+        linear_init_(lora_A, generator)
+    elif init == "gaussian":
+        r = lora_A.shape[-2]
+        lora_A.copy_(
+            torch.empty(lora_A.shape, dtype=torch.float32).normal_(0.0, 1.0 / r, generator=generator)
+        )
+    else:
+        raise ValueError(f"unknown LoRA init {init!r}; expected 'kaiming' or 'gaussian'")
+    lora_B.zero_()
+
+
+def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``ΔW = s·B·A``: ``A [r, in]``, ``B [out, r]`` -> ``[out, in]``; batched ``[E, r, in]``, ``[E, out, r]`` ->
+    ``[E, out, in]``."""
+    return scaling * (lora_B @ lora_A)
+
+
+@torch.no_grad()
+def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    """``W += s·B·A`` in place. ``weight`` may be any shape with ``ΔW``'s elements in the same memory order, e.g.
+    the fused ``gate_up_proj [E, 2, I, H]`` for a delta of ``[E, 2I, H]``."""
+    delta = delta_weight(lora_A.float(), lora_B.float(), scaling)
+    weight.add_(delta.reshape(weight.shape).to(weight.dtype))
+
+
+@torch.no_grad()
+def unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    """Undo :func:`merge_`: ``W -= s·B·A`` (exact up to fp round-off of the base weight's dtype)."""
+    delta = delta_weight(lora_A.float(), lora_B.float(), scaling)
+    weight.sub_(delta.reshape(weight.shape).to(weight.dtype))
+
+
+class _LoRADelta(nn.Module):
+    """What every LoRA delta shares: ``lora_A``, ``lora_B``, ``scaling``, init, ``ΔW`` and merge/unmerge."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    scaling: float
+
+    def reset_parameters(self, init: LoRAInit = "kaiming", generator: torch.Generator | None = None) -> None:
+        """``A`` per ``init`` (every expert's, when stacked), ``B = 0``."""
+        init_lora_(self.lora_A, self.lora_B, init, generator)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s·B·A``: ``[out, in]``, or ``[E, out, in]`` for stacked experts."""
+        return delta_weight(self.lora_A, self.lora_B, self.scaling)
+
+    def merge_into(self, weight: torch.Tensor) -> None:
+        """``weight += s·B·A`` (for experts ``[E, out, in]`` or a view-compatible fused shape such as
+        ``[E, 2, I, H]``)."""
+        merge_(weight, self.lora_A, self.lora_B, self.scaling)
+
+    def unmerge_from(self, weight: torch.Tensor) -> None:
+        """``weight -= s·B·A``."""
+        unmerge_(weight, self.lora_A, self.lora_B, self.scaling)
+
+
+class LinearLoRA(_LoRADelta):
+    """The LoRA delta of one linear layer: ``forward(x [..., in]) -> s·B·A·dropout(x) [..., out]``.
+
+    Parameters ``lora_A [r, in]`` and ``lora_B [out, r]`` (peft's names and shapes). Add the result to the base
+    layer's output, or :meth:`merge_into` the base weight for inference.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.scaling = lora_scaling(r, alpha, rslora)
+        self.lora_A = nn.Parameter(torch.zeros(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * (self.dropout(x) @ self.lora_A.T @ self.lora_B.T)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+
+
+class ExpertsLoRA(_LoRADelta):
+    """One LoRA delta per routed expert of a fused expert weight ``[E, out, in]``.
+
+    ``forward(x_ND, tokens_per_expert_E)`` takes rows grouped by expert (expert 0's rows first, the layout
+    :class:`~framework.models.moe.experts.GroupedExperts` computes on) and returns ``s·B_e·A_e·dropout(x)`` for every
+    row ``[N, out]``. Parameters ``lora_A [E, r, in]``, ``lora_B [E, out, r]``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features, self.r = (
+            num_experts,
+            in_features,
+            out_features,
+            r,
+        )
+        self.scaling = lora_scaling(r, alpha, rslora)
+        self.lora_A = nn.Parameter(torch.zeros(num_experts, r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, r, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        # One small matmul pair per expert over its contiguous rows (r is small: the adapter is a fraction of the
+        # expert's own work). The split sizes need the counts on the host.
+        x_ND = self.dropout(x_ND)
+        chunks = torch.split(x_ND, tokens_per_expert_E.tolist())
+        out = [x @ self.lora_A[e].T @ self.lora_B[e].T for e, x in enumerate(chunks)]
+        return self.scaling * torch.cat(out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, r={self.r}, "
+            f"scaling={self.scaling:g}"
+        )
+
+
+# --- peft on-disk format ------------------------------------------------------------------------------------------
+
+
+def peft_key(module_path: str, tensor: str) -> str:
+    """``base_model.model.<module path>.<tensor>.weight``, e.g. ``peft_key("layers.0.attention.q_proj", "lora_A")``.
+
+    No adapter name appears in the key (peft adds ``.default`` only in memory)."""
+    return f"{PEFT_PREFIX}{module_path}.{tensor}.weight"
+
+
+def experts_to_peft(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our per-expert ``A [E, r, in]``, ``B [E, out, r]`` -> peft's ``A [E·r, in]`` (expert-major rows) and
+    ``B [out, r·E]`` (rank-major columns: column ``j·E + e``)."""
+    E, r, d_in = lora_A.shape
+    peft_A = lora_A.reshape(E * r, d_in)
+    peft_B = lora_B.permute(1, 2, 0).reshape(lora_B.shape[1], r * E)  # [out, r, E] -> [out, r·E]
+    return peft_A.contiguous(), peft_B.contiguous()
+
+
+def experts_from_peft(
+    peft_A: torch.Tensor, peft_B: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`experts_to_peft`: ``A [E·r, in]``, ``B [out, r·E]`` -> ``A [E, r, in]``, ``B [E, out, r]``."""
+    if peft_A.shape[0] % num_experts or peft_B.shape[1] != peft_A.shape[0]:
+        raise ValueError(
+            f"peft expert adapter shapes {tuple(peft_A.shape)} / {tuple(peft_B.shape)} do not fit "
+            f"{num_experts} experts"
+        )
+    r = peft_A.shape[0] // num_experts
+    lora_A = peft_A.reshape(num_experts, r, peft_A.shape[1])
+    lora_B = peft_B.reshape(peft_B.shape[0], r, num_experts).permute(2, 0, 1)
+    return lora_A.contiguous(), lora_B.contiguous()
+
+
+def write_adapter(
+    output_dir: str | Path, tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any]
+) -> list[str]:
+    """Write ``adapter_model.safetensors`` (contiguous CPU copies of ``tensors``) and ``adapter_config.json`` into
+    ``output_dir``; returns the two file names."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_file(cpu, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(
+        json.dumps(dict(adapter_config), indent=2) + "\n", encoding="utf-8"
+    )
+    return ["adapter_model.safetensors", "adapter_config.json"]
