@@ -7,7 +7,8 @@ Every variant is the real trainer on the same data, seed, schedule and number of
 - ``moe top-2/8``: 8 experts of hidden ``I``, top-2 (the baseline);
 - ``deepseek_moe``: the same 8 experts cut in 2 (16 of hidden ``I/2``), 2 of them isolated as shared experts,
   top-2 of the 14 routed ones — 4 × ``I/2`` = 2 × ``I`` active, as DeepSeekMoE compares;
-- ``chain_of_experts``: 2 iterations × top-1 of the same 8 experts (2 expert applications per token), inner residual;
+- ``chain_of_experts``: 2 iterations × top-1 of the same 8 experts (2 expert applications per token), inner residual,
+  gates not renormalised (as the reference: with one expert a renormalised gate is always 1);
 - ``mola`` (a fine-tuning method, so a second stage): from the baseline's final weights, ``--finetune-steps`` more
   steps of (a) full fine-tuning, (b) MoLA uniform and (c) MoLA inverted triangle (base frozen, adapters trained),
   compared by validation loss and trainable parameters.
@@ -63,7 +64,22 @@ PRETRAIN: list[tuple[str, tuple[str, ...]]] = [
     ),
     (
         "chain_of_experts (2 × top-1/8)",
-        ("plugins=[chain_of_experts]", "moe.block=chain_of_experts", "chain_of_experts.iterations=2"),
+        (
+            "plugins=[chain_of_experts]",
+            "moe.block=chain_of_experts",
+            "chain_of_experts.iterations=2",
+            "moe.route_norm=false",  # top-1 per iteration: a renormalised gate would be 1, leaving routers no LM gradient
+        ),
+    ),
+    (
+        "chain_of_experts, outer residual (ablation)",
+        (
+            "plugins=[chain_of_experts]",
+            "moe.block=chain_of_experts",
+            "chain_of_experts.iterations=2",
+            "chain_of_experts.residual=outer",
+            "moe.route_norm=false",
+        ),
     ),
 ]
 
@@ -133,12 +149,21 @@ def main() -> int:
     parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=2, help="ranks per run (torchrun)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="run only the variants whose name contains this text and merge them into the existing results "
+        "(the fine-tuning stage needs the baseline: it is rerun when a fine-tuning variant is selected)",
+    )
     args = parser.parse_args()
 
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
+            needs_base = any(args.only in name for name, _ in FINETUNE)
             for name, overrides in PRETRAIN:
+                if args.only not in name and not (needs_base and name == PRETRAIN[0][0]):
+                    continue
                 run_dir = Path(tmp) / f"pre-{seed}-{len(results)}"
                 row = {"stage": "pretrain", "variant": name, "seed": seed, "steps": args.steps}
                 row.update(train(run_dir, overrides, args.steps, seed, args.nproc))
@@ -147,6 +172,8 @@ def main() -> int:
                 if name == PRETRAIN[0][0]:
                     base_dir = run_dir
             for name, overrides in FINETUNE:
+                if args.only not in name:
+                    continue
                 run_dir = Path(tmp) / f"ft-{seed}-{len(results)}"
                 row = {"stage": "finetune", "variant": name, "seed": seed, "steps": args.finetune_steps}
                 ft = (f"model.init_from={base_dir}", "optim.warmup_steps=5", "optim.lr=2e-3", *overrides)
@@ -155,7 +182,23 @@ def main() -> int:
                 print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "moe_variants.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    saved = RESULTS / "moe_variants.json"
+    if args.only and saved.is_file():  # keep the other variants' rows, in the script's order
+        fresh = {(r["stage"], r["variant"], r["seed"]): r for r in results}
+        old = {
+            (r["stage"], r["variant"], r["seed"]): r for r in json.loads(saved.read_text(encoding="utf-8"))
+        }
+        merged = {**old, **fresh}
+        order = [n for n, _ in PRETRAIN] + [n for n, _ in FINETUNE]
+        results = sorted(
+            merged.values(),
+            key=lambda r: (
+                r["stage"] != "pretrain",
+                r["seed"],
+                order.index(r["variant"]) if r["variant"] in order else 99,
+            ),
+        )
+    saved.write_text(json.dumps(results, indent=1), encoding="utf-8")
     table = render(results, args)
     (RESULTS / "moe_variants.md").write_text(table + "\n", encoding="utf-8")
     print(table)
