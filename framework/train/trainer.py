@@ -27,7 +27,6 @@ from framework.models import Transformer
 from framework.observe import console
 from framework.observe.metrics import MetricsWriter, read_metrics
 from framework.observe.mfu import mfu, peak_tflops
-from framework.observe.plots import plot_expert_load, plot_loss
 from framework.observe.progress import ProgressBar
 from framework.parallel import collectives as C
 from framework.parallel.data_parallel import rescale_expert_gradients, wrap_data_parallel
@@ -572,6 +571,9 @@ class Trainer:
         if C.rank() == 0:
             records = read_metrics(self.run_dir / "metrics.jsonl")
             if cfg.logging.plots:
+                # Imported here: matplotlib costs ~0.6 s at start-up, and only rank 0 plots.
+                from framework.observe.plots import plot_expert_load, plot_loss
+
                 plot_loss(records, self.run_dir / "loss.png", baseline)
                 plot_expert_load(records, self.run_dir / "expert_load.png")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

@@ -9,14 +9,14 @@ reordered sums), step-1 gradients to 1e-5 relative / 1e-7 absolute.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.distributed.spawn import run_ranks
-from tests.distributed.test_parallel_equivalence import _train_layouts
+from tests.distributed.layouts import register
 
 STEPS = 3  # steps 2-3 route with the aux-loss-free biases that steps 1-2 moved
 COE = (
@@ -30,29 +30,32 @@ COE = (
 )
 FSDP = "parallel.data=fsdp"
 LAYOUTS = {
-    "ep2": (*COE, FSDP, "parallel.ep=2"),
-    "tp2": (*COE, FSDP, "parallel.tp=2"),
+    "coe-ep2": (*COE, FSDP, "parallel.ep=2"),
+    "coe-tp2": (*COE, FSDP, "parallel.tp=2"),
 }
+register(1, {"coe-one": COE})
+register(2, LAYOUTS)
 
-pytestmark = pytest.mark.timeout(300)
-
-
-def _results(root: Path, world: int, layouts: dict[str, tuple[str, ...]]) -> dict[str, dict[str, Any]]:
-    out = run_ranks(_train_layouts, world, str(root), layouts, timeout=240)[0]
-    for name, result in out.items():
-        assert isinstance(result, dict), f"{name} failed:\n{result}"
-    return out
+pytestmark = pytest.mark.timeout(900)  # may be the test that trains every shared layout (layouts.py)
 
 
-def test_expert_and_tensor_parallel_match_one_rank(tmp_path: Path) -> None:
-    reference = _results(tmp_path / "one", 1, {"single": COE})["single"]
+def _results(results: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+    for name in names:
+        assert isinstance(results[name], dict), f"{name} failed:\n{results[name]}"
+    return {name: results[name] for name in names}
+
+
+def test_expert_and_tensor_parallel_match_one_rank(
+    trained_layouts: Callable[[int], tuple[dict[str, Any], Path]],
+) -> None:
+    reference = _results(trained_layouts(1)[0], ["coe-one"])["coe-one"]
     # Router, bias and shared-expert parameters of both iterations exist and get gradients.
     assert {"layers.0.ffn.routers.1.gate.weight", "layers.0.ffn.shared_experts.down_proj.weight"} <= set(
         reference["grads"]
     )
     assert len(reference["losses"]) == STEPS
 
-    for name, result in _results(tmp_path / "two", 2, LAYOUTS).items():
+    for name, result in _results(trained_layouts(2)[0], list(LAYOUTS)).items():
         torch.testing.assert_close(
             torch.tensor(result["losses"]),
             torch.tensor(reference["losses"]),

@@ -13,16 +13,17 @@ Tolerances are those of ``tests/distributed/test_parallel_equivalence.py`` (fp32
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from framework.observe.metrics import read_metrics
-from tests.distributed.spawn import run_ranks
-from tests.distributed.test_parallel_equivalence import STEPS, _train_layouts
+from tests.distributed.layouts import STEPS, register
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)  # may be the test that trains every shared layout (layouts.py)
 
 JOB = (
     "plugins=[deepseek_moe]",
@@ -40,7 +41,9 @@ JOB = (
     "moe.first_k_dense=1",
 )
 FSDP = "parallel.data=fsdp"
-LAYOUTS = {"ep2": (*JOB, FSDP, "parallel.ep=2"), "tp2": (*JOB, FSDP, "parallel.tp=2")}
+LAYOUTS = {"deepseek-ep2": (*JOB, FSDP, "parallel.ep=2"), "deepseek-tp2": (*JOB, FSDP, "parallel.tp=2")}
+register(1, {"deepseek-one": JOB})
+register(2, LAYOUTS)
 TERMS = ("load_balance", "seq_load_balance", "router_z", "device_balance")
 
 
@@ -48,11 +51,14 @@ def _aux(run_dir: Path, name: str) -> list[float]:
     return [r[f"loss/{name}"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
-def test_parallel_layouts_match_one_rank(tmp_path: Path) -> None:
-    ref = run_ranks(_train_layouts, 1, str(tmp_path), {"one": JOB}, timeout=240)[0]["one"]
+def test_parallel_layouts_match_one_rank(
+    trained_layouts: Callable[[int], tuple[dict[str, Any], Path]],
+) -> None:
+    ones, one_root = trained_layouts(1)
+    ref = ones["deepseek-one"]
     assert isinstance(ref, dict), f"one rank failed:\n{ref}"
     assert any(".shared_experts." in n for n in ref["grads"]), "the shared experts are trained"
-    parallel = run_ranks(_train_layouts, 2, str(tmp_path), LAYOUTS, timeout=240)[0]
+    parallel, root = trained_layouts(2)
     for name in LAYOUTS:
         got = parallel[name]
         assert isinstance(got, dict), f"{name} failed:\n{got}"
@@ -68,13 +74,13 @@ def test_parallel_layouts_match_one_rank(tmp_path: Path) -> None:
             )
         # Every balance term (the device-level one included) is part of the objective and the same on every layout.
         for term in TERMS:
-            ref_aux, got_aux = _aux(tmp_path / "one", term), _aux(tmp_path / name, term)
+            ref_aux, got_aux = _aux(one_root / "deepseek-one", term), _aux(root / name, term)
             assert len(ref_aux) == STEPS and all(v > 0 for v in ref_aux), term
             torch.testing.assert_close(torch.tensor(got_aux), torch.tensor(ref_aux), rtol=1e-3, atol=0)
 
     # Exact counts over the 6 routed experts of the one MoE layer (the first of the 2 layers is dense): every token
     # of the global batch (4 sequences x 32) is routed top-2, counted by the rank that holds it.
-    last = [r for r in read_metrics(tmp_path / "ep2" / "metrics.jsonl") if "loss" in r][-1]
+    last = [r for r in read_metrics(root / "deepseek-ep2" / "metrics.jsonl") if "loss" in r][-1]
     routing = {k: v for k, v in last.items() if k.startswith("moe/layer")}
     assert {k.split("/")[1] for k in routing} == {"layer0"}
     assert sum(routing[f"moe/layer0/tokens_e{e}"] for e in range(6)) == 4 * 32 * 2

@@ -19,8 +19,9 @@ import torch
 
 from framework.hooks.markers import hookimpl
 from framework.observe.metrics import read_metrics
+from tests.distributed.layouts import COMMON, GradCapture
 from tests.distributed.spawn import run_ranks
-from tests.distributed.test_parallel_equivalence import COMMON, CrashAt, GradCapture
+from tests.distributed.test_parallel_equivalence import CrashAt
 from tests.integration.launch import QUICKSTART, TINY
 
 MOLA = (

@@ -20,95 +20,28 @@ from typing import Any
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 
 from framework.hooks.markers import hookimpl
-from framework.observe.metrics import read_metrics
+from tests.distributed.layouts import COMMON, STEPS, register, train_layouts
 from tests.distributed.spawn import run_ranks
 from tests.integration.launch import QUICKSTART, TINY
 
-STEPS = 5
-COMMON = (
-    f"train.steps={STEPS}",
-    "train.global_batch_size=4",
-    "train.micro_batch_size=1",
-    "train.sample_tokens=0",
-    "checkpoint.save_final=false",
-    "logging.plots=false",
-    "logging.progress=false",
-    "moe.aux_loss_coef=0.01",
-    "moe.z_loss_coef=0.001",
-    "data.val_fraction=0",  # no evaluation: the runs compare training only
-)
-# The first test of each world size trains all its layouts (one spawn): allow for a slow shared machine.
-pytestmark = pytest.mark.timeout(600)
-
-
-class GradCapture:
-    """Keeps step 1's full gradients (gathered on every rank: a collective, so every rank calls it)."""
-
-    def __init__(self) -> None:
-        self.grads: dict[str, torch.Tensor] = {}
-
-    @hookimpl
-    def expertrain_after_backward(self, step: int, model: torch.nn.Module, config: Any) -> None:
-        if step != 1:
-            return
-        for name, p in model.named_parameters():
-            if p.grad is None:
-                continue
-            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-            self.grads[name] = g.detach().clone()
-
-
-def _train_once(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) -> dict[str, Any]:
-    from framework.parallel.setup import DistInfo
-    from framework.train.launch import load_job
-    from framework.train.trainer import Trainer
-
-    config, pm = load_job(str(QUICKSTART), [*TINY, *COMMON, f"run.dir={run_dir}", *overrides])
-    capture = GradCapture()
-    pm.register_object("grad-capture", capture)
-    torch.manual_seed(config.train.seed + rank)
-    trainer = Trainer(config, pm, DistInfo(rank, world, rank, torch.device("cpu")))
-    trainer.build()
-    trainer.run()
-    records = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
-    return {
-        "losses": [r["loss"] for r in records],
-        "grad_norms": [r["grad_norm"] for r in records],
-        "grads": capture.grads if rank == 0 else {},
-    }
-
-
-def _train_layouts(
-    rank: int, world: int, root: str, layouts: dict[str, tuple[str, ...]]
-) -> dict[str, dict[str, Any] | str]:
-    """Train every layout in turn on the same ranks (one spawn: imports and data preparation are paid once).
-    A layout that fails reports its traceback instead of stopping the others."""
-    import traceback
-
-    import torch.distributed as dist
-
-    out: dict[str, dict[str, Any] | str] = {}
-    for name, overrides in layouts.items():
-        try:
-            out[name] = _train_once(rank, world, str(Path(root) / name), overrides)
-        except Exception:  # noqa: BLE001 - reported per layout
-            out[name] = traceback.format_exc()
-            dist.barrier()  # the layouts after this one start together; a failed collective has timed out by now
-    return out
+# The first test of each world size trains every registered layout (one spawn, shared with the plugin tests through
+# tests/distributed/layouts.py): allow for a slow shared machine.
+pytestmark = pytest.mark.timeout(900)
 
 
 def _run(tmp_path: Path, name: str, world: int, overrides: tuple[str, ...]) -> dict[str, Any]:
-    result = run_ranks(_train_layouts, world, str(tmp_path), {name: overrides}, timeout=240)[0][name]
+    result = run_ranks(train_layouts, world, str(tmp_path), {name: overrides}, timeout=240)[0][name]
     assert isinstance(result, dict), result
     return result
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _run(tmp_path_factory.mktemp("ref"), "single", 1, ())
+@pytest.fixture
+def reference(trained_layouts: Callable[[int], tuple[dict[str, Any], Path]]) -> dict[str, Any]:
+    result = trained_layouts(1)[0]["single"]
+    assert isinstance(result, dict), f"the one-rank reference failed:\n{result}"
+    return result
 
 
 FSDP = "parallel.data=fsdp"
@@ -129,20 +62,9 @@ LAYOUTS: dict[int, dict[str, tuple[str, ...]]] = {
         "tp2-ep2-etp1": (FSDP, "parallel.tp=2", "parallel.ep=2", "parallel.etp=1"),
     },
 }
-
-
-@pytest.fixture(scope="module")
-def layout_results(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], dict[str, Any]]:
-    """Results of every layout of one world size, trained in one spawn the first time they are asked for."""
-    cache: dict[int, dict[str, Any]] = {}
-
-    def get(world: int) -> dict[str, Any]:
-        if world not in cache:
-            root = tmp_path_factory.mktemp(f"world{world}")
-            cache[world] = run_ranks(_train_layouts, world, str(root), LAYOUTS[world], timeout=600)[0]
-        return cache[world]
-
-    return get
+register(1, {"single": ()})
+for _world, _group in LAYOUTS.items():
+    register(_world, _group)
 
 
 @pytest.mark.parametrize(
@@ -151,9 +73,12 @@ def layout_results(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], 
     ids=[name for group in LAYOUTS.values() for name in group],
 )
 def test_layout_matches_single_rank(
-    world: int, layout: str, layout_results: Callable[[int], dict[str, Any]], reference: dict[str, Any]
+    world: int,
+    layout: str,
+    trained_layouts: Callable[[int], tuple[dict[str, Any], Path]],
+    reference: dict[str, Any],
 ) -> None:
-    result = layout_results(world)[layout]
+    result = trained_layouts(world)[0][layout]
     assert isinstance(result, dict), f"{layout} failed:\n{result}"
     assert len(result["losses"]) == STEPS
     torch.testing.assert_close(

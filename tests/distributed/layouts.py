@@ -1,0 +1,102 @@
+"""Training jobs shared by the distributed tests: the real trainer on spawned gloo ranks, every layout of a world
+size in one spawn.
+
+Test modules :func:`register` their layouts at import (pytest imports every module before running any test); the
+session fixture ``trained_layouts`` (``conftest.py``) trains all layouts of a world size the first time a test asks
+for one, so imports, data preparation and process start-up are paid once per world size, not once per test. Each
+layout runs in ``<root>/<name>`` and returns its per-step losses, gradient norms and step-1 gradients (rank 0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from framework.hooks.markers import hookimpl
+from framework.observe.metrics import read_metrics
+from tests.integration.launch import QUICKSTART, TINY
+
+STEPS = 5
+COMMON = (
+    f"train.steps={STEPS}",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=1",
+    "train.sample_tokens=0",
+    "checkpoint.save_final=false",
+    "logging.plots=false",
+    "logging.progress=false",
+    "moe.aux_loss_coef=0.01",
+    "moe.z_loss_coef=0.001",
+    "data.val_fraction=0",  # no evaluation: the runs compare training only
+)
+
+REGISTRY: dict[int, dict[str, tuple[str, ...]]] = {}
+"""``{world size: {layout name: overrides}}`` of every registered layout."""
+
+
+def register(world: int, layouts: dict[str, tuple[str, ...]]) -> None:
+    """Add layouts trained on ``world`` ranks; a name registered twice with other overrides is an error."""
+    group = REGISTRY.setdefault(world, {})
+    for name, overrides in layouts.items():
+        if group.get(name, overrides) != overrides:
+            raise ValueError(f"layout {name!r} (world {world}) is registered twice with different overrides")
+        group[name] = tuple(overrides)
+
+
+class GradCapture:
+    """Keeps step 1's full gradients (gathered on every rank: a collective, so every rank calls it)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    @hookimpl
+    def expertrain_after_backward(self, step: int, model: torch.nn.Module, config: Any) -> None:
+        if step != 1:
+            return
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            self.grads[name] = g.detach().clone()
+
+
+def train_once(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) -> dict[str, Any]:
+    from framework.parallel.setup import DistInfo
+    from framework.train.launch import load_job
+    from framework.train.trainer import Trainer
+
+    config, pm = load_job(str(QUICKSTART), [*TINY, *COMMON, f"run.dir={run_dir}", *overrides])
+    capture = GradCapture()
+    pm.register_object("grad-capture", capture)
+    torch.manual_seed(config.train.seed + rank)
+    trainer = Trainer(config, pm, DistInfo(rank, world, rank, torch.device("cpu")))
+    trainer.build()
+    trainer.run()
+    records = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+    return {
+        "losses": [r["loss"] for r in records],
+        "grad_norms": [r["grad_norm"] for r in records],
+        "grads": capture.grads if rank == 0 else {},
+    }
+
+
+def train_layouts(
+    rank: int, world: int, root: str, layouts: dict[str, tuple[str, ...]]
+) -> dict[str, dict[str, Any] | str]:
+    """Train every layout in turn on the same ranks (one spawn: imports and data preparation are paid once).
+    A layout that fails reports its traceback instead of stopping the others."""
+    import traceback
+
+    import torch.distributed as dist
+
+    out: dict[str, dict[str, Any] | str] = {}
+    for name, overrides in layouts.items():
+        try:
+            out[name] = train_once(rank, world, str(Path(root) / name), overrides)
+        except Exception:  # noqa: BLE001 - reported per layout
+            out[name] = traceback.format_exc()
+            dist.barrier()  # the layouts after this one start together; a failed collective has timed out by now
+    return out
