@@ -47,10 +47,10 @@ class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the model being trained."""
 
 
-# Config keys whose change alters the order in which samples are drawn.
 _NOT_SHAPE_KEYS = {("model", "init_from")}
 """``model``/``moe`` keys that do not change the model's shape (a resumed run loads its own weights anyway)."""
 
+# Config keys whose change alters the order in which samples are drawn.
 _ORDER_KEYS = (
     ("train", "seed"),
     ("train", "global_batch_size"),
@@ -279,6 +279,8 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         target = self._state(targets=True)
+        meta = self.store.read_meta(path)
+        self._check_tensor_shapes(path, target["model"], meta.get("config", {}))
         state, meta, rng = self.store.load(path, target)
         self.engine.load_state_dicts(state["model"], state["optim"])
         load_scheduler_state(self.scheduler, state["scheduler"])
@@ -296,6 +298,47 @@ class Trainer:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         console.info(f"resumed from {path} at step {self.state.step}")
+
+    def _check_tensor_shapes(self, path: Path, model_sd: dict[str, Any], saved: dict[str, Any]) -> None:
+        """Every model tensor of this job must exist in the checkpoint with the same (global) shape. Plugin options
+        can change shapes too (e.g. ``deepseek_moe.segments``): the message names the options that changed."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        from framework.checkpoint import SafeFileSystemReader
+
+        stored = SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata
+        problems = []
+        for name, tensor in model_sd.items():
+            meta = stored.get(f"model.{name}")
+            if not isinstance(meta, TensorStorageMetadata):
+                problems.append(f"{name}: not in the checkpoint")
+            elif tuple(meta.size) != tuple(tensor.shape):
+                problems.append(f"{name}: {tuple(meta.size)} there, {tuple(tensor.shape)} here")
+        if not problems:
+            return
+        now = self.config.to_dict()
+        from framework.config.sections import CORE_SECTIONS
+
+        core = set(CORE_SECTIONS)
+        changed = (
+            [f"plugins: {saved.get('plugins')} -> {now.get('plugins')}"]
+            if saved.get("plugins") != now.get("plugins")
+            else []
+        )
+        for section in sorted((set(saved) | set(now)) - core - {"plugins"}):
+            before, after = saved.get(section) or {}, now.get(section) or {}
+            if isinstance(before, dict) and isinstance(after, dict):
+                changed += [
+                    f"{section}.{k}: {before.get(k)!r} -> {after.get(k)!r}"
+                    for k in sorted(set(before) | set(after))
+                    if before.get(k) != after.get(k)
+                ]
+        hint = f"; changed since it was saved: {', '.join(changed[:6])}" if changed else ""
+        raise CheckpointMismatch(
+            f"checkpoint {path} does not fit this job's model ({'; '.join(problems[:3])}"
+            f"{f'; {len(problems) - 3} more' if len(problems) > 3 else ''}){hint}. Resume with the options the run "
+            "was saved with, or start a new run (another run.dir, or checkpoint.resume=false)"
+        )
 
     # --- steps ----------------------------------------------------------------------------------------------------
 
