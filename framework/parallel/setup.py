@@ -54,7 +54,15 @@ def init_distributed(device_choice: str, timeout_s: int) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def shutdown() -> None:
-    """Destroy the process group (without it some runs abort at exit)."""
+def shutdown(*, clean: bool = True) -> None:
+    """Destroy the process group; ``clean`` (the job succeeded on this rank) first waits for every rank.
+
+    Without the barrier a rank can reach interpreter finalisation while a gloo worker thread still releases the
+    tensors of the last collective: releasing them needs the GIL, the finalising interpreter makes that thread exit,
+    and the process aborts ("terminate called without an active exception"). After a barrier every earlier
+    collective has completed and been released on every rank. A failed job skips it: a peer may never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

@@ -73,8 +73,10 @@ def train(config_path: str, overrides: Sequence[str]) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     console.quiet_dependencies()
+    succeeded = False
     try:
         train(args.config, args.overrides)
+        succeeded = True
         return 0
     except KeyboardInterrupt:
         print(console.error_line("interrupted"), file=sys.stderr, flush=True)
@@ -90,4 +92,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         return 1
     finally:
-        shutdown()
+        shutdown(clean=succeeded)

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "configs" / "quickstart.yaml"
@@ -46,12 +47,22 @@ def _env() -> dict[str, str]:
     return env
 
 
-def train_command(config: Path | str, overrides: Sequence[str], nproc: int) -> list[str]:
+Launcher = Literal["ranks", "torchrun"]
+"""How a test starts ranks: ``ranks`` (tests/integration/ranks.py, no agent: ~3 s faster) or real ``torchrun``."""
+
+RANKS = Path(__file__).with_name("ranks.py")
+
+
+def train_command(
+    config: Path | str, overrides: Sequence[str], nproc: int, launcher: Launcher = "ranks"
+) -> list[str]:
     args = ["--config", str(config)]
     for o in overrides:
         args += ["--set", o]
     if nproc == 0:
         return [sys.executable, "-m", "framework.train", *args]
+    if launcher == "ranks":
+        return [sys.executable, str(RANKS), str(nproc), "-m", "framework.train", *args]
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "framework.train", *args,
@@ -66,17 +77,20 @@ def run_training(
     timeout: float = 300,
     env: dict[str, str] | None = None,
     extra_path: Sequence[Path] = (),
+    launcher: Launcher = "ranks",
 ) -> subprocess.CompletedProcess:
     """``nproc=0`` runs one plain process without torchrun; ``extra_path`` goes in front of PYTHONPATH."""
-    cmd = train_command(config, [*TINY, f"run.dir={run_dir}", *overrides], nproc)
+    cmd = train_command(config, [*TINY, f"run.dir={run_dir}", *overrides], nproc, launcher)
     full_env = {**_env(), **(env or {})}
     if extra_path:
         full_env["PYTHONPATH"] = os.pathsep.join([*map(str, extra_path), full_env["PYTHONPATH"]])
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_training(run_dir: Path, overrides: Sequence[str] = (), nproc: int = 2) -> subprocess.Popen:
-    cmd = train_command(QUICKSTART, [*TINY, f"run.dir={run_dir}", *overrides], nproc)
+def start_training(
+    run_dir: Path, overrides: Sequence[str] = (), nproc: int = 2, launcher: Launcher = "ranks"
+) -> subprocess.Popen:
+    cmd = train_command(QUICKSTART, [*TINY, f"run.dir={run_dir}", *overrides], nproc, launcher)
     return subprocess.Popen(
         cmd,
         cwd=REPO,

@@ -34,7 +34,7 @@ def assert_fails_on_every_rank(proc: subprocess.CompletedProcess, fragment: str,
 
 
 def test_unknown_key_under_torchrun_fails_on_every_rank_before_anything_starts(tmp_path: Path) -> None:
-    proc = run_training(tmp_path / "run", ["train.stepz=3"], nproc=2, timeout=120)
+    proc = run_training(tmp_path / "run", ["train.stepz=3"], nproc=2, timeout=120, launcher="torchrun")
     assert_fails_on_every_rank(proc, "config key 'train.stepz'")
     assert not (tmp_path / "run").exists(), "nothing is started for a bad config"
 

@@ -1,5 +1,5 @@
 """``train.engine: deepspeed`` end to end: a native run's checkpoint resumed by a DeepSpeed run (ZeRO-2 with expert
-parallelism, two gloo ranks under torchrun), which continues exactly as the native run did and saves its own.
+parallelism, two gloo ranks), which continues exactly as the native run did and saves its own.
 The numerical comparison of every ZeRO stage lives in tests/distributed/test_deepspeed_engine.py."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every example config in ``examples/configs`` trains end to end under torchrun with two gloo ranks, shrunk to the
+"""Every example config in ``examples/configs`` trains end to end on two gloo ranks, shrunk to the
 tiny test model by ``TINY`` overrides: here, or in the integration test that checks what the example is about
 (the guard below fails when an example is run by none)."""
 
@@ -22,7 +22,7 @@ def test_every_example_config_is_run_by_an_integration_test() -> None:
         )
 
 
-def test_deepseek_v3_example_trains_under_torchrun(tmp_path: Path) -> None:
+def test_deepseek_v3_example_trains_on_two_ranks(tmp_path: Path) -> None:
     """``deepseek_v3_moe.yaml``: sigmoid scores, aux-loss-free bias (moves after every step), sequence-wise aux loss,
     group-limited routing, a dense first layer."""
     run_dir = tmp_path / "run"
@@ -34,7 +34,7 @@ def test_deepseek_v3_example_trains_under_torchrun(tmp_path: Path) -> None:
     assert "moe/layer0/tokens_e0" in records[0]  # layer 1 (the first after the dense one) is MoE layer 0
 
 
-def test_deepseek_moe_example_trains_under_torchrun(tmp_path: Path) -> None:
+def test_deepseek_moe_example_trains_on_two_ranks(tmp_path: Path) -> None:
     """``deepseek_moe.yaml`` at the tiny shape (4 experts of hidden 32, top-2, split in 2, 2 isolated shared experts
     -> 6 routed experts per layer) on 2 ranks with its own ``parallel.ep=2``."""
     run_dir = tmp_path / "run"

@@ -28,6 +28,7 @@ def test_third_party_gradnoise_plugin_trains_under_torchrun_with_tracing(tmp_pat
         ["plugins=[gradnoise]", "gradnoise.eta=0.01", "gradnoise.gamma=0.55"],
         nproc=2,
         env={"EXPERTRAIN_TRACE_HOOKS": "1"},
+        launcher="torchrun",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for record in metrics(run_dir):

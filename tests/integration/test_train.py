@@ -1,4 +1,5 @@
-"""End-to-end training jobs: torchrun with two gloo ranks and plain single processes."""
+"""End-to-end training jobs: two gloo ranks (torchrun for the first test, tests/integration/ranks.py for the rest)
+and plain single processes."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_two_rank_run_writes_metrics_plots_and_summary(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_training(run_dir, ["logging.tensorboard=true"], nproc=2)
+    proc = run_training(run_dir, ["logging.tensorboard=true"], nproc=2, launcher="torchrun")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -45,7 +46,7 @@ def test_two_rank_run_writes_metrics_plots_and_summary(tmp_path: Path) -> None:
     )
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
 
-    again = run_training(run_dir, ["logging.tensorboard=true"], nproc=2)
+    again = run_training(run_dir, ["logging.tensorboard=true"], nproc=2, launcher="torchrun")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already complete" in again.stdout
     assert len(metrics(run_dir)) == 4
