@@ -14,6 +14,7 @@ from framework.config.sections import (
     OptimConfig,
     ParallelConfig,
     RunConfig,
+    SFTDataConfig,
     TrainConfig,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "OptimConfig",
     "ParallelConfig",
     "RunConfig",
+    "SFTDataConfig",
     "TrainConfig",
     "build_section",
     "check_world",

@@ -24,6 +24,7 @@ from framework.config.sections import (
     OptimConfig,
     ParallelConfig,
     RunConfig,
+    SFTDataConfig,
     TrainConfig,
 )
 
@@ -53,6 +54,7 @@ class JobConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTDataConfig = field(default_factory=SFTDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

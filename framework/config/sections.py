@@ -30,7 +30,31 @@ class ModelConfig:
     init_std: float = option(
         0.02, doc="Std of the normal weight init (output projections scaled by 1/sqrt(2L)).", min=0.0
     )
-    attention: str = option("gqa", doc="Attention component name in the registry (plugins may add variants).")
+    attention: str = option(
+        "gqa",
+        doc="Attention component name in the registry: gqa (grouped-query) or mla (DeepSeek multi-head latent "
+        "attention); plugins may add variants.",
+    )
+    qkv_bias: bool = option(
+        False, doc="gqa: learned biases on the q/k/v projections (Qwen2; Llama's attention_bias sets it)."
+    )
+    o_bias: bool = option(
+        False, doc="gqa: a learned bias on the output projection (Llama's attention_bias sets it)."
+    )
+    qk_norm: bool = option(
+        False, doc="gqa: RMSNorm over head_dim on every query and key head before RoPE (Qwen3)."
+    )
+    q_lora_rank: int = option(
+        0,
+        doc="mla: rank of the low-rank query projection (q_a_proj -> norm -> q_b_proj); 0 = one q_proj.",
+        min=0,
+    )
+    kv_lora_rank: int = option(0, doc="mla: rank of the compressed key/value latent.", min=0)
+    qk_nope_head_dim: int = option(0, doc="mla: per-head query/key size without RoPE.", min=0)
+    qk_rope_head_dim: int = option(
+        0, doc="mla: per-head query/key size with RoPE (the key part is shared by all heads).", min=0
+    )
+    v_head_dim: int = option(0, doc="mla: per-head value size.", min=0)
     init_from: str = option(
         "",
         doc="Start from the model weights of an expertrain checkpoint (a step_XXXXXXXX folder or a run folder: its "
@@ -43,6 +67,9 @@ class ModelConfig:
             raise ConfigError(
                 f"{prefix}.n_kv_heads", self.n_kv_heads, f"expected a divisor of n_heads={self.n_heads}"
             )
+        if self.attention == "mla":
+            self._validate_mla(prefix)
+            return
         if self.head_dim == 0 and self.dim % self.n_heads:
             raise ConfigError(
                 f"{prefix}.dim", self.dim, f"expected a multiple of n_heads={self.n_heads} (or set head_dim)"
@@ -54,9 +81,40 @@ class ModelConfig:
                 "expected an even head size (RoPE rotates pairs)",
             )
 
+    def _validate_mla(self, prefix: str) -> None:
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{prefix}.{name}", getattr(self, name), "expected >= 1 with attention: mla"
+                )
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(
+                f"{prefix}.qk_rope_head_dim",
+                self.qk_rope_head_dim,
+                "expected an even size (RoPE rotates pairs)",
+            )
+        if self.n_kv_heads != self.n_heads:
+            raise ConfigError(
+                f"{prefix}.n_kv_heads",
+                self.n_kv_heads,
+                f"expected n_heads={self.n_heads} with attention: mla (every head has its own key and value)",
+            )
+
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def rope_head_dim(self) -> int:
+        """Size of the rotated part of a query/key head: ``qk_rope_head_dim`` for mla, else the head size."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.resolved_head_dim
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Query/key size per head (the attention FLOPs): ``qk_nope_head_dim + qk_rope_head_dim`` for mla."""
+        if self.attention == "mla":
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.resolved_head_dim
 
 
 @dataclass
@@ -282,11 +340,55 @@ class RunConfig:
     name: str = option("", doc="Run name for logs; empty = the config file name.")
 
 
+@dataclass
+class SFTDataConfig:
+    """Supervised fine-tuning data: chat JSONL files, loss on assistant tokens only (docs/sft.md)."""
+
+    train_files: list[str] = option(
+        default_factory=list,
+        doc='JSONL files of training rows, {"messages": [{"role", "content"}, ...]} or {"prompt", "response"}.',
+    )
+    val_file: str = option(
+        "", doc="JSONL file of validation rows; empty = hold out val_fraction of the rows."
+    )
+    val_fraction: float = option(
+        0.0,
+        doc="Share of the training rows held out for validation (seeded, exact count) when val_file is empty; "
+        "0 = no validation.",
+        min=0.0,
+        max=0.5,
+    )
+    packing: bool = option(
+        True,
+        doc="Pack several samples into each sequence (positions restart per sample); false = one sample per "
+        "sequence, padded.",
+    )
+    truncation: Literal["truncate", "drop"] = option(
+        "truncate",
+        doc="A sample longer than the sequence: truncate = keep its start (dropped if no response token is left), "
+        "drop = drop it. Both are counted.",
+    )
+    on_bad_row: Literal["skip", "error"] = option(
+        "error",
+        doc="A malformed row: error = stop naming file:line; skip = count it and print one summary line.",
+    )
+    seed: int = option(0, doc="Seed of the validation split and of the sample order before packing.", min=0)
+
+    def validate(self, prefix: str) -> None:
+        if self.val_file and self.val_fraction > 0:
+            raise ConfigError(
+                f"{prefix}.val_fraction",
+                self.val_fraction,
+                f"expected 0 when {prefix}.val_file is set (use one way to get validation rows)",
+            )
+
+
 CORE_SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "moe": MoEConfig,
     "parallel": ParallelConfig,
     "data": DataConfig,
+    "sft": SFTDataConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
     "deepspeed": DeepSpeedConfig,

@@ -11,13 +11,18 @@ holds positions ``start + g*G + (r*A + j)*m .. + m - 1``: exactly the samples a 
 sees in its micro-batch ``r*A + j``. So the union over ranks and micro-batches of one optimizer step is the same
 samples, in the same order, for every ``D``; only who computes them differs.
 
+Items: a dataset item is a token tensor of ``seq_len + 1`` ids, stacked to ``[m, seq_len + 1]`` (or split into
+``(input_ids, labels)`` with ``as_pairs``); a dataset whose items are something else (SFT's
+``(input_ids, labels, position_ids)`` triples) passes ``collate``, which receives the micro-batch's items in stream
+order and returns the micro-batch (e.g. :func:`framework.data.sft.collate_sft`).
+
 Resume: :meth:`MicroBatchStream.state` returns ``{"samples_consumed": start + G * (global batches completed)}``; a
 new stream with ``start_sample`` set to it continues exactly where the old one stopped (also with a different ``D``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -25,7 +30,8 @@ import torch
 
 
 class MicroBatchStream:
-    """Yield this rank's micro-batches (``LongTensor [m, seq_len+1]``, or ``(input_ids, labels)``) forever."""
+    """Yield this rank's micro-batches (``LongTensor [m, seq_len+1]``, ``(input_ids, labels)``, or what ``collate``
+    makes of the items) forever."""
 
     def __init__(
         self,
@@ -38,6 +44,7 @@ class MicroBatchStream:
         *,
         seed: int | None = None,
         as_pairs: bool = False,
+        collate: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, dp_size); got dp_rank={dp_rank}, dp_size={dp_size}")
@@ -50,6 +57,8 @@ class MicroBatchStream:
                 f"train.global_batch_size={global_batch_size} is not a multiple of data-parallel ranks ({dp_size}) "
                 f"x train.micro_batch_size ({micro_batch_size})"
             )
+        if as_pairs and collate is not None:
+            raise ValueError("MicroBatchStream: pass as_pairs or collate, not both")
         if start_sample < 0:
             raise ValueError(f"start_sample must be >= 0, got {start_sample}")
         self.dataset = dataset
@@ -63,6 +72,7 @@ class MicroBatchStream:
         self.start_sample = start_sample
         self.seed = seed
         self.as_pairs = as_pairs
+        self.collate = collate
         self.accumulation_steps = global_batch_size // (dp_size * micro_batch_size)
         self._batches_done = 0
         self._perm_epoch = -1
@@ -94,6 +104,8 @@ class MicroBatchStream:
         samples = [
             self.dataset[self.dataset_index(p)] for p in self.micro_batch_positions(global_batch, micro)
         ]
+        if self.collate is not None:
+            return self.collate(samples)
         batch = torch.stack([torch.as_tensor(s, dtype=torch.long) for s in samples])
         return (batch[:, :-1], batch[:, 1:]) if self.as_pairs else batch
 

@@ -20,23 +20,29 @@ from torch import nn
 from framework.config.sections import ModelConfig, MoEConfig
 from framework.hooks.registry import ComponentRegistry
 from framework.models.init import normal_
+from framework.models.kv_cache import KVCache, LayerKVCache
+from framework.models.masking import document_causal_mask
 from framework.models.mlp import FeedForward
 from framework.models.norms import RMSNorm
 from framework.models.rope import rope_tables
 
 
 def register_builtin_components(registry: ComponentRegistry) -> None:
-    """Register the core built-ins with owner ``"core"``: attention ``"gqa"``, moe_block ``"moe"``, router ``"topk"``.
+    """Register the core built-ins with owner ``"core"``: attention ``"gqa"`` and ``"mla"``, moe_block ``"moe"``,
+    router ``"topk"``.
 
-    Factory signatures: attention ``(model_cfg) -> module`` whose ``forward(x_BSD, cos_SR, sin_SR, position_ids_BS)``
-    returns ``[B, S, D]``; moe_block ``(dim, moe_cfg, registry) -> module`` implementing
+    Factory signatures: attention ``(model_cfg) -> module`` whose
+    ``forward(x_BSD, cos_SR, sin_SR, position_ids_BS, attn_mask_B1SS, cache)`` returns ``[B, S, D]`` (compute the
+    scores with :func:`~framework.models.kv_cache.causal_attention` to honour the mask and the cache); moe_block ``(dim, moe_cfg, registry) -> module`` implementing
     :class:`~framework.models.moe.layer.MoEBlock`; router ``(dim, moe_cfg) -> module`` returning a
     :class:`~framework.models.moe.router.RouterOutput`.
     """
     from framework.models.attention import GroupedQueryAttention
+    from framework.models.mla import MultiHeadLatentAttention
     from framework.models.moe.layer import build_moe_layer, build_topk_router
 
     registry.register("attention", "gqa", GroupedQueryAttention, owner="core")
+    registry.register("attention", "mla", MultiHeadLatentAttention, owner="core")
     registry.register("moe_block", "moe", build_moe_layer, owner="core")
     registry.register("router", "topk", build_topk_router, owner="core")
 
@@ -80,8 +86,12 @@ class TransformerBlock(nn.Module):
         cos_SR: torch.Tensor,
         sin_SR: torch.Tensor,
         position_ids_BS: torch.Tensor | None = None,
+        attn_mask_B1SS: torch.Tensor | None = None,
+        cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SR, sin_SR, position_ids_BS)
+        h_BSD = x_BSD + self.attention(
+            self.attention_norm(x_BSD), cos_SR, sin_SR, position_ids_BS, attn_mask_B1SS, cache
+        )
         if getattr(self.ffn, "owns_residual", False):  # the block variant builds its own residual path
             return self.ffn(self.ffn_norm(h_BSD))
         return h_BSD + self.ffn(self.ffn_norm(h_BSD))
@@ -116,24 +126,54 @@ class Transformer(nn.Module):
 
     def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.model_cfg
-        return rope_tables(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        return rope_tables(cfg.rope_head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``input_ids [B, S]`` (S <= max_seq_len), optional ``position_ids [B, S]`` -> fp32 logits ``[B, S, V]``."""
-        if input_ids.shape[1] > self.model_cfg.max_seq_len:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """``input_ids [B, S]`` -> fp32 logits ``[B, S, V]``.
+
+        ``position_ids [B, S]`` (optional): positions that restart at 0 mark packed documents; attention never
+        crosses them (:func:`~framework.models.masking.document_causal_mask`). ``cache``: incremental decoding;
+        ``input_ids`` are the tokens after the cached ones and their positions continue from ``cache.length``.
+        """
+        B, S = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + S > self.model_cfg.max_seq_len:
             raise ValueError(
-                f"sequence length {input_ids.shape[1]} exceeds model.max_seq_len={self.model_cfg.max_seq_len}"
+                f"sequence length {start + S} exceeds model.max_seq_len={self.model_cfg.max_seq_len}"
             )
+        attn_mask_B1SS = None
+        if cache is not None:
+            if position_ids is None:
+                position_ids = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
+        elif position_ids is not None:
+            attn_mask_B1SS = document_causal_mask(position_ids)
         h_BSD = self.tok_embeddings(input_ids)
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
             if self._checkpointing and torch.is_grad_enabled():
                 h_BSD = torch.utils.checkpoint.checkpoint(
-                    block, h_BSD, self.rope_cos, self.rope_sin, position_ids, use_reentrant=False
+                    block,
+                    h_BSD,
+                    self.rope_cos,
+                    self.rope_sin,
+                    position_ids,
+                    attn_mask_B1SS,
+                    layer_cache,
+                    use_reentrant=False,
                 )
             else:
-                h_BSD = block(h_BSD, self.rope_cos, self.rope_sin, position_ids)
+                h_BSD = block(h_BSD, self.rope_cos, self.rope_sin, position_ids, attn_mask_B1SS, layer_cache)
         return self.output(self.norm(h_BSD)).float()
+
+    def new_kv_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty cache for :meth:`forward` (``capacity`` tokens, default ``model.max_seq_len``)."""
+        return KVCache(len(self.layers), capacity or self.model_cfg.max_seq_len)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -171,6 +211,13 @@ class Transformer(nn.Module):
             for name, value in layer.pop_aux_losses().items():
                 total[name] = total[name] + value if name in total else value
         return total
+
+    def discard_routing_state(self) -> None:
+        """Forget the aux losses and expert counts of forwards that are not training (evaluation, generation): they
+        must not move the load-balancing bias or show in the routing metrics."""
+        self.aux_losses()
+        for layer in self.moe_layers():
+            layer.consume_expert_counts()
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute each block in backward (non-reentrant ``torch.utils.checkpoint``); state-dict keys unchanged."""
@@ -210,7 +257,7 @@ class Transformer(nn.Module):
         n_matmul = counts["active_per_token"] - counts["embedding"]
         if cfg.tie_embeddings:
             n_matmul += counts["embedding"]
-        return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq_len
+        return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.qk_head_dim * seq_len
 
 
 def _init_module(module: nn.Module, std: float, out_std: float, generator: torch.Generator) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ class Trainer:
         )
         self.accumulation = check_world(config, self.layout.dp)
         self.state = RunState()
+        self.collate: Callable[[list[Any]], Any] | None = None  # set for SFT data (triples with position ids)
 
     # --- build ----------------------------------------------------------------------------------------------------
 
@@ -129,7 +131,7 @@ class Trainer:
             dp_rank=self.dp_rank,
             dp_size=self.dp_size,
             start_sample=self.state.samples_consumed,
-            as_pairs=True,
+            **self._batch_format(),
         )
 
     def _build_engine(self) -> Engine:
@@ -194,6 +196,19 @@ class Trainer:
                 cfg.model.vocab_size,
                 f"expected at least the tokenizer's vocabulary size {self.tokenizer.vocab_size}",
             )
+        if cfg.sft.train_files:
+            from framework.data.sft import build_sft_datasets, collate_sft
+
+            self.collate = collate_sft
+            self.train_ds, self.val_ds = C.run_agreed(
+                "building the SFT datasets",
+                lambda: build_sft_datasets(cfg.sft, self.tokenizer, cfg.data.seq_len),
+            )
+            if C.rank() == 0:
+                for ds in (self.train_ds, self.val_ds):
+                    if ds is not None:
+                        console.info(ds.stats.summary())
+            return
         train_samples = cfg.train.steps * cfg.train.global_batch_size
         val_samples = cfg.train.eval_batches * cfg.train.micro_batch_size * self.dp_size
         self.train_ds, self.val_ds = C.run_agreed(
@@ -342,6 +357,19 @@ class Trainer:
 
     # --- steps ----------------------------------------------------------------------------------------------------
 
+    def _batch_format(self) -> dict[str, Any]:
+        """How a micro-batch stream groups samples: pretraining pairs, or the SFT collate (with position ids)."""
+        return {"collate": self.collate} if self.collate is not None else {"as_pairs": True}
+
+    def _to_device(
+        self, batch: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(input_ids, labels[, position_ids])`` on the training device; packed SFT batches carry positions that
+        restart per sample (the model masks attention across samples from them)."""
+        input_ids, labels = batch[0].to(self.device), batch[1].to(self.device)
+        position_ids = batch[2].to(self.device) if len(batch) > 2 else None
+        return input_ids, labels, position_ids
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.train.dtype == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -354,7 +382,7 @@ class Trainer:
             step=step, model=self.raw_model, optimizer=self.optimizer, config=cfg
         )
         micro_batches = self.train_stream.next_step()
-        local_tokens = sum(count_loss_tokens(labels) for _, labels in micro_batches)
+        local_tokens = sum(count_loss_tokens(batch[1]) for batch in micro_batches)
         # Ranks of one tensor-parallel group share their micro-batches: count those tokens once.
         all_tokens = int(C.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.int64)).item())
         global_tokens = all_tokens // self.layout.tp
@@ -363,12 +391,12 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         aux_totals: dict[str, float] = {}
         self.model.train()
-        for i, (input_ids, labels) in enumerate(micro_batches):
-            input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+        for i, batch in enumerate(micro_batches):
+            input_ids, labels, position_ids = self._to_device(batch)
             last = i == len(micro_batches) - 1
             with self.engine.micro_batch(last):
                 with self._autocast():
-                    logits = self.model(input_ids)
+                    logits = self.model(input_ids, position_ids)
                     lm_sum = lm_loss_sum(logits, labels)
                     extra = self._extra_losses(input_ids, logits)
                 objective = (
@@ -466,9 +494,7 @@ class Trainer:
 
     def _discard_routing_state(self) -> None:
         """Forget the aux losses and expert counts of forwards that are not training (they must not move the bias)."""
-        self.raw_model.aux_losses()
-        for layer in self.raw_model.moe_layers():
-            layer.consume_expert_counts()
+        self.raw_model.discard_routing_state()
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -483,12 +509,13 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size,
             dp_rank=self.dp_rank,
             dp_size=self.dp_size,
-            as_pairs=True,
+            **self._batch_format(),
         )
         total = torch.zeros(2, dtype=torch.float64)
-        for _, (input_ids, labels) in zip(range(cfg.train.eval_batches), stream):
+        for _, batch in zip(range(cfg.train.eval_batches), stream):
+            input_ids, labels, position_ids = self._to_device(batch)
             with self._autocast():
-                logits = self.model(input_ids.to(self.device))
+                logits = self.model(input_ids, position_ids)
             total[0] += float(lm_loss_sum(logits, labels.to(self.device)))
             total[1] += count_loss_tokens(labels)
         self._discard_routing_state()
@@ -589,7 +616,7 @@ class Trainer:
         cfg = self.config
         baseline = (
             None
-            if self.val_ds is None
+            if self.val_ds is None or self.config.sft.train_files
             else float(C.run_on_rank0("measuring the unigram baseline", lambda: unigram_entropy(self.val_ds)))
         )
         sample = self.sample_text(tokens=cfg.train.sample_tokens) if cfg.train.sample_tokens else ""

@@ -1,0 +1,1 @@
+"""Checkpoint interoperability with other libraries (``hf``: Hugging Face transformers)."""

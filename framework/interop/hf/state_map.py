@@ -1,0 +1,275 @@
+"""Hugging Face state dict ↔ ours, both ways, for the families of :mod:`framework.interop.hf.config_map`.
+
+Each of our parameter names maps to one rule: the HF tensor(s) it comes from and how (a rename, a stack of
+per-expert matrices, a row permutation). A rule has one or more *forms*; the writer writes the first, the reader
+accepts any of them:
+
+- experts: the on-disk per-expert keys of hub checkpoints and of transformers' own ``save_pretrained``
+  (``mlp.experts.<e>.gate_proj/up_proj/down_proj.weight``; Mixtral ``block_sparse_moe.experts.<e>.w1/w3/w2.weight``)
+  first, then transformers 5's in-memory fused ``mlp.experts.gate_up_proj [E, 2I, D]`` / ``down_proj [E, D, I]``;
+- Mixtral's router and experts under ``block_sparse_moe.`` (on disk) or ``mlp.`` (in memory);
+- deepseek_v3 with ``rope_interleave``: the rows of ``q_proj`` / ``q_b_proj`` and ``kv_a_proj_with_mqa`` that feed
+  RoPE are reordered (interleaved pairs -> even dimensions then odd) so that our ``rotate_half`` RoPE computes
+  exactly DeepSeek's interleaved rotation (see :mod:`framework.models.mla`); the writer restores the order.
+
+Nothing is dropped silently: a checkpoint tensor no rule consumes, a parameter of ours no rule fills, a missing
+tensor and a shape mismatch each raise :class:`HFCheckpointError` naming the tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from framework.checkpoint.safe_reader import CheckpointFormatError
+
+
+class HFCheckpointError(CheckpointFormatError):
+    """A Hugging Face checkpoint whose tensors do not match the model its config describes."""
+
+
+@dataclass(frozen=True)
+class Form:
+    """One way HF stores a parameter: the HF keys and the conversions to and from our tensor."""
+
+    hf_keys: tuple[str, ...]
+    to_native: Callable[[list[torch.Tensor]], torch.Tensor]
+    to_hf: Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Our parameter ``native`` and the forms it may take in a HF checkpoint (``forms[0]`` is written)."""
+
+    native: str
+    forms: tuple[Form, ...]
+
+
+def _copy(key: str) -> Form:
+    return Form((key,), lambda ts: ts[0], lambda t: [t])
+
+
+def _permuted(key: str, perm: torch.Tensor) -> Form:
+    inverse = torch.argsort(perm)
+    return Form((key,), lambda ts: ts[0][perm], lambda t: [t[inverse]])
+
+
+def _stacked(keys: list[str]) -> Form:
+    """``E`` per-expert matrices <-> one ``[E, ...]`` tensor."""
+    return Form(tuple(keys), lambda ts: torch.stack(ts), lambda t: list(t.unbind(0)))
+
+
+def _stacked_gate_up(gate_keys: list[str], up_keys: list[str]) -> Form:
+    """Per-expert gate and up ``[I, D]`` matrices <-> our ``gate_up_proj [E, 2, I, D]``."""
+    E = len(gate_keys)
+    return Form(
+        tuple(gate_keys + up_keys),
+        lambda ts: torch.stack((torch.stack(ts[:E]), torch.stack(ts[E:])), dim=1),
+        lambda t: list(t[:, 0].unbind(0)) + list(t[:, 1].unbind(0)),
+    )
+
+
+def _fused_gate_up(key: str) -> Form:
+    """transformers' fused ``[E, 2I, D]`` (gate rows first) <-> our ``[E, 2, I, D]`` (the same memory)."""
+    return Form(
+        (key,),
+        lambda ts: ts[0].unflatten(1, (2, ts[0].shape[1] // 2)),
+        lambda t: [t.flatten(1, 2)],
+    )
+
+
+def _rope_rows_perm(groups: int, group_size: int, rope_offset: int, rope_dim: int) -> torch.Tensor:
+    """Row order that turns interleaved RoPE pairs into even-then-odd inside each ``group`` of rows."""
+    within = torch.arange(group_size)
+    deinterleave = torch.cat((torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)))
+    within[rope_offset : rope_offset + rope_dim] = rope_offset + deinterleave
+    return (torch.arange(groups).unsqueeze(1) * group_size + within).flatten()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the rules need to know beyond our parameter names."""
+
+    family: str
+    n_experts: Mapping[int, int]
+    """MoE layer index -> routed experts."""
+    rope_interleave: bool = False
+    n_heads: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    kv_lora_rank: int = 0
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+
+
+def rules_for(native_keys: Iterable[str], layout: Layout, tied: bool) -> list[Rule]:
+    """One rule per parameter of ours (``output.weight`` skipped when tied: HF stores the embedding once).
+
+    Raises :class:`HFCheckpointError` for a parameter the family has no place for (e.g. a plugin's adapter)."""
+    rules = []
+    for key in native_keys:
+        if key == "output.weight":
+            if not tied:
+                rules.append(Rule(key, (_copy("lm_head.weight"),)))
+            continue
+        if key in _TOP:
+            rules.append(Rule(key, (_copy(_TOP[key]),)))
+            continue
+        match = _LAYER.fullmatch(key)
+        forms = _layer_forms(int(match.group(1)), match.group(2), layout) if match else None
+        if not forms:
+            raise HFCheckpointError(
+                f"model parameter '{key}' has no counterpart in a Hugging Face {layout.family} checkpoint; "
+                "export a model without it (merge or drop adapters first)"
+            )
+        rules.append(Rule(key, forms))
+    return rules
+
+
+def _layer_forms(i: int, name: str, layout: Layout) -> tuple[Form, ...] | None:
+    hf = f"model.layers.{i}."
+    simple = {
+        "attention_norm.weight": "input_layernorm.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+    }
+    if name in simple:
+        return (_copy(hf + simple[name]),)
+    if name.startswith("attention."):
+        return _attention_forms(hf + "self_attn." + name.removeprefix("attention."), layout)
+    if not name.startswith("ffn."):
+        return None
+    ffn = name.removeprefix("ffn.")
+    if i not in layout.n_experts:
+        if re.fullmatch(r"(gate|up|down)_proj\.weight", ffn):
+            return (_copy(hf + "mlp." + ffn),)
+        return None
+    # Mixtral writes ``block_sparse_moe.`` (its hub layout) and reads either prefix.
+    prefixes = ["block_sparse_moe.", "mlp."] if layout.family == "mixtral" else ["mlp."]
+    if ffn == "router.gate.weight":
+        return tuple(_copy(hf + p + "gate.weight") for p in prefixes)
+    if ffn == "router.expert_bias":
+        return (_copy(hf + "mlp.gate.e_score_correction_bias"),)
+    E = layout.n_experts[i]
+    gate, up, down = (
+        ("w1", "w3", "w2") if layout.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    )
+    if ffn == "experts.gate_up_proj":
+        per_expert = [
+            _stacked_gate_up(
+                [f"{hf}{p}experts.{e}.{gate}.weight" for e in range(E)],
+                [f"{hf}{p}experts.{e}.{up}.weight" for e in range(E)],
+            )
+            for p in prefixes
+        ]
+        return (*per_expert, *(_fused_gate_up(f"{hf}{p}experts.gate_up_proj") for p in prefixes))
+    if ffn == "experts.down_proj":
+        per_expert = [_stacked([f"{hf}{p}experts.{e}.{down}.weight" for e in range(E)]) for p in prefixes]
+        return (*per_expert, *(_copy(f"{hf}{p}experts.down_proj") for p in prefixes))
+    shared = {"qwen2_moe": "mlp.shared_expert.", "deepseek_v3": "mlp.shared_experts."}.get(layout.family)
+    if shared and re.fullmatch(r"shared_experts\.(gate|up|down)_proj\.weight", ffn):
+        return (_copy(hf + shared + ffn.removeprefix("shared_experts.")),)
+    if layout.family == "qwen2_moe" and ffn == "shared_experts.gate.weight":
+        return (_copy(hf + "mlp.shared_expert_gate.weight"),)
+    return None
+
+
+def _attention_forms(key: str, layout: Layout) -> tuple[Form, ...]:
+    if layout.rope_interleave:
+        qk = layout.qk_nope_head_dim + layout.qk_rope_head_dim
+        if key.endswith((".q_proj.weight", ".q_b_proj.weight")):
+            return (
+                _permuted(
+                    key, _rope_rows_perm(layout.n_heads, qk, layout.qk_nope_head_dim, layout.qk_rope_head_dim)
+                ),
+            )
+        if key.endswith(".kv_a_proj_with_mqa.weight"):
+            size = layout.kv_lora_rank + layout.qk_rope_head_dim
+            return (_permuted(key, _rope_rows_perm(1, size, layout.kv_lora_rank, layout.qk_rope_head_dim)),)
+    return (_copy(key),)
+
+
+# --------------------------------------------------------------------------------------------------- conversion
+
+
+def hf_to_native(
+    tensors: Mapping[str, Callable[[], torch.Tensor]],
+    rules: list[Rule],
+    expected: Mapping[str, torch.Size],
+    family: str,
+    tied_to: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Our state dict from the HF tensors ``tensors`` (key -> loader, so shards are read one tensor at a time).
+
+    ``expected``: our parameter shapes. ``tied_to``: with tied embeddings, the HF key the LM head shares; a stored
+    ``lm_head.weight`` is then accepted only if it equals it. Every HF tensor must be consumed.
+    """
+    left = set(tensors)
+    out: dict[str, torch.Tensor] = {}
+    for rule in rules:
+        form = _pick_form(rule, left)
+        values = [tensors[k]() for k in form.hf_keys]
+        try:
+            value = form.to_native(values)
+        except RuntimeError as exc:
+            raise HFCheckpointError(
+                f"checkpoint tensors {_names(form.hf_keys)} cannot form '{rule.native}' {tuple(expected[rule.native])}: "
+                f"shapes {[tuple(v.shape) for v in values]} ({exc})"
+            ) from None
+        if value.shape != expected[rule.native]:
+            raise HFCheckpointError(
+                f"checkpoint tensor {_names(form.hf_keys)} has shape {_shapes(values)}, which gives "
+                f"{tuple(value.shape)} for '{rule.native}'; the config describes {tuple(expected[rule.native])}"
+            )
+        out[rule.native] = value
+        left.difference_update(form.hf_keys)
+    if tied_to is not None and "lm_head.weight" in left:
+        if not torch.equal(tensors["lm_head.weight"](), tensors[tied_to]()):
+            raise HFCheckpointError(
+                "checkpoint tensor 'lm_head.weight' differs from the embedding while config.json says "
+                "tie_word_embeddings: true; set it to false or drop the tensor"
+            )
+        left.discard("lm_head.weight")
+    if left:
+        extra = sorted(left)
+        raise HFCheckpointError(
+            f"checkpoint tensor '{extra[0]}' is not used by the {family} converter"
+            + (f" (nor {len(extra) - 1} more, e.g. '{extra[-1]}')" if len(extra) > 1 else "")
+            + "; the config does not describe it (a layer or expert beyond the config, or a module expertrain "
+            "lacks), so loading would drop it"
+        )
+    return out
+
+
+def _pick_form(rule: Rule, available: set[str]) -> Form:
+    for form in rule.forms:
+        if all(k in available for k in form.hf_keys):
+            return form
+    best = max(rule.forms, key=lambda f: sum(k in available for k in f.hf_keys))
+    missing = next(k for k in best.hf_keys if k not in available)
+    raise HFCheckpointError(
+        f"checkpoint tensor '{missing}' is missing (needed for '{rule.native}'); the checkpoint does not match "
+        "its config.json"
+    )
+
+
+def native_to_hf(state: Mapping[str, torch.Tensor], rules: list[Rule]) -> dict[str, torch.Tensor]:
+    """HF tensors (the first form of every rule) from our state dict; each is its own contiguous copy."""
+    out: dict[str, torch.Tensor] = {}
+    for rule in rules:
+        form = rule.forms[0]
+        for key, value in zip(form.hf_keys, form.to_hf(state[rule.native].detach()), strict=True):
+            out[key] = value.contiguous().clone()
+    return out
+
+
+def _names(keys: tuple[str, ...]) -> str:
+    return f"'{keys[0]}'" if len(keys) == 1 else f"'{keys[0]}' (+{len(keys) - 1} more)"
+
+
+def _shapes(values: list[torch.Tensor]) -> object:
+    return tuple(values[0].shape) if len(values) == 1 else [tuple(v.shape) for v in values[:2]]
