@@ -29,18 +29,30 @@ def expert_slice(num_experts: int, ep_rank: int, ep_size: int) -> slice:
     return slice(ep_rank * per_rank, (ep_rank + 1) * per_rank)
 
 
+def _per_expert_parameters(experts: GroupedExperts) -> list[str]:
+    """Further per-expert parameters (dim 0 = experts) a subclass declares with ``per_expert_parameters()``, e.g.
+    LoRA deltas: cut over ``ep`` like the fused weights, kept whole (replicated) over ``tp``."""
+    declare = getattr(experts, "per_expert_parameters", None)
+    return list(declare()) if declare is not None else []
+
+
+def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner_path, _, leaf = name.rpartition(".")
+    setattr(module.get_submodule(owner_path), leaf, param)
+
+
 @torch.no_grad()
 def shard_experts_(experts: GroupedExperts, ep_mesh: DeviceMesh, as_dtensor: bool = True) -> None:
     """Replace the full ``[E, ...]`` weights by this rank's ``[E / ep, ...]`` slice (in place, same names)."""
     ep_rank, ep_size = ep_mesh.get_local_rank(), ep_mesh.size()
     keep = expert_slice(experts.num_experts, ep_rank, ep_size)
-    for name in ("gate_up_proj", "down_proj"):
-        full = getattr(experts, name)
+    for name in ("gate_up_proj", "down_proj", *_per_expert_parameters(experts)):
+        full = experts.get_parameter(name)
         if isinstance(full, DTensor):
             raise RuntimeError(f"experts.{name} is already distributed; apply expert parallelism once")
         local = full.detach()[keep].clone()
         value = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False) if as_dtensor else local
-        setattr(experts, name, nn.Parameter(value, requires_grad=full.requires_grad))
+        _set_parameter(experts, name, nn.Parameter(value, requires_grad=full.requires_grad))
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, as_dtensor: bool = True) -> int:
@@ -81,7 +93,8 @@ def _shard_expert_weights_(
 
     Placements: ``Shard(0)`` over ``ep``; over ``tp`` either ``Replicate`` (whole experts) or the hidden dimension
     ``I``: ``Shard(2)`` of ``gate_up_proj [E, 2, I, H]`` (rank ``r`` keeps gate and up units ``r·I/tp … (r+1)·I/tp``)
-    and of ``down_proj [E, H, I]`` (the matching columns).
+    and of ``down_proj [E, H, I]`` (the matching columns). Declared per-expert parameters (adapters):
+    ``Shard(0)`` over ``ep``, ``Replicate`` over ``tp``.
     """
     layout = meshes.layout
     dims: list[tuple[str, int, int]] = []  # (name, rank, size) of the mesh dims, outermost first
@@ -117,6 +130,15 @@ def _shard_expert_weights_(
             old = getattr(experts, name)
             value = DTensor.from_local(local.contiguous().clone(), mesh, placements, run_check=False)
             setattr(experts, name, nn.Parameter(value, requires_grad=old.requires_grad))
+        for name in _per_expert_parameters(experts):
+            old = experts.get_parameter(name)
+            local, placements = old.detach(), []
+            for dim_name, rank, size in dims:
+                if dim_name == "ep":
+                    local = local[expert_slice(experts.num_experts, rank, size)]
+                placements.append(Shard(0) if dim_name == "ep" else Replicate())
+            value = DTensor.from_local(local.contiguous().clone(), mesh, placements, run_check=False)
+            _set_parameter(experts, name, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
 def _replicate_over_tp_(module: nn.Module, tp_mesh: DeviceMesh) -> None:

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
+from torch.distributed.tensor import (
+    DTensor,
+    Placement,
+    Replicate,
+    Shard,
+    distribute_module,
+    distribute_tensor,
+)
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -142,6 +149,53 @@ class _ReplicateInput(ParallelStyle):
         return module
 
 
+def _place_declared_params(
+    module: nn.Module, mesh: DeviceMesh, style: str, src_data_rank: int | None
+) -> None:
+    """Distribute the parameters a linear layer holds besides ``weight`` / ``bias`` (e.g. a LoRA adapter's), as
+    the layer declares with ``tensor_parallel_placements(style) -> {dotted name: placement}``; a parameter left
+    undeclared is an error naming it."""
+    declare = getattr(module, "tensor_parallel_placements", None)
+    placements: dict[str, Placement] = declare(style) if declare is not None else {}
+    for name, placement in placements.items():
+        owner_path, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        param = getattr(owner, leaf)
+        value = distribute_tensor(param.detach(), mesh, [placement], src_data_rank=src_data_rank)
+        owner.register_parameter(leaf, nn.Parameter(value, requires_grad=param.requires_grad))
+    plain = [n for n, p in module.named_parameters() if not isinstance(p, DTensor)]
+    if plain:
+        raise ValueError(
+            f"{type(module).__name__} has parameters {plain} that the {style} tensor-parallel plan does not place; "
+            "declare them with tensor_parallel_placements(style)"
+        )
+
+
+class _ColwiseLinear(ColwiseParallel):
+    """``ColwiseParallel`` that shards only the layer's own ``weight`` / ``bias`` (``Shard(0)``) and places any
+    further parameters (adapters) as the layer declares (:func:`_place_declared_params`)."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        if name:  # called for every submodule; the layer itself places its children's parameters
+            return
+        for p_name, param in list(module.named_parameters(recurse=False)):
+            if p_name in ("weight", "bias"):
+                value = distribute_tensor(param, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+                module.register_parameter(p_name, nn.Parameter(value, requires_grad=param.requires_grad))
+        _place_declared_params(module, device_mesh, "colwise", self.src_data_rank)
+
+
+class _RowwiseLinear(RowwiseParallel):
+    """``RowwiseParallel`` (``weight`` ``Shard(1)``, ``bias`` replicated) that also places further parameters
+    (adapters) as the layer declares (:func:`_place_declared_params`)."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        if name:
+            return
+        super()._partition_linear_fn(name, module, device_mesh)
+        _place_declared_params(module, device_mesh, "rowwise", self.src_data_rank)
+
+
 def _norm_style(sequence_parallel: bool, use_local_output: bool = False) -> ParallelStyle:
     if sequence_parallel:
         return SequenceParallel(use_local_output=use_local_output)
@@ -175,6 +229,19 @@ def _keep_grad_layout(param: torch.Tensor) -> None:
     param.register_post_accumulate_grad_hook(hook)
 
 
+def _replicate_head_norms(attention: nn.Module, mesh: DeviceMesh) -> None:
+    """Make the per-head q/k norm weights (``model.qk_norm``) replicated DTensors on ``mesh``.
+
+    Every rank normalises its own heads with the same weight, so the weight's true gradient is the sum over the
+    ranks; the attention reads it through ``local_weight``, which marks that gradient a pending sum, and the
+    gradient-layout hook (or FSDP2) reduces it.
+    """
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(attention, name, None)
+        if norm is not None:
+            _ReplicateParallel._replicate_params(name, norm, mesh)
+
+
 def _check_plan_targets(model: nn.Module) -> None:
     """Fail with a clear message when a plugin swapped a module this plan addresses by name."""
     for i, block in enumerate(model.layers):
@@ -197,8 +264,11 @@ def apply_tensor_parallel(
 
     - ``tok_embeddings``: vocabulary-parallel (weight ``Shard(0)``); ids are replicated.
     - per block: ``attention_norm`` / ``ffn_norm`` replicated weights; ``q/k/v_proj`` column-parallel
-      (``Shard(0)``: whole heads per rank), ``o_proj`` row-parallel (``Shard(1)``); dense ``gate/up_proj``
+      (``Shard(0)``: whole heads per rank, a q/k/v bias sharded with its rows), ``o_proj`` row-parallel
+      (``Shard(1)``, its bias replicated); q/k head norms (``model.qk_norm``) replicated; dense ``gate/up_proj``
       column-parallel, ``down_proj`` row-parallel.
+    - parameters a linear layer holds besides ``weight`` / ``bias`` (a LoRA adapter's ``lora_A`` / ``lora_B``) are
+      placed as the layer declares with ``tensor_parallel_placements("colwise" | "rowwise")``.
     - ``norm`` replicated; ``output`` column-parallel (vocabulary, ``Shard(0)``). Tied embeddings stay tied: the
       embedding and the head share one ``Shard(0)`` DTensor parameter.
 
@@ -220,6 +290,8 @@ def apply_tensor_parallel(
     """
     _check_plan_targets(model)
     tied = model.output.weight is model.tok_embeddings.weight
+    # Some styles (torch's SequenceParallel) make new Parameters that require grad: keep frozen weights frozen.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     act: Placement = Shard(1) if sequence_parallel else Replicate()
 
     parallelize_module(
@@ -232,7 +304,7 @@ def apply_tensor_parallel(
             # Partial(sum) down the residual stream, where it would make the row-parallel weight gradients full-size
             # partial sums.
             "norm": _norm_style(sequence_parallel, use_local_output=True),
-            "output": ColwiseParallel(
+            "output": _ColwiseLinear(
                 input_layouts=act,
                 output_layouts=Shard(-1) if shard_logits else Replicate(),
                 use_local_output=not shard_logits,
@@ -253,29 +325,35 @@ def apply_tensor_parallel(
             "attention_norm": _norm_style(sequence_parallel),
             # (x, cos, sin, position_ids): x gathered to the full sequence; RoPE tables and ids pass unchanged.
             "attention": _ReplicateInput(act),
-            "attention.q_proj": ColwiseParallel(),
-            "attention.k_proj": ColwiseParallel(),
-            "attention.v_proj": ColwiseParallel(),
-            "attention.o_proj": RowwiseParallel(output_layouts=act, use_local_output=False),
+            "attention.q_proj": _ColwiseLinear(),
+            "attention.k_proj": _ColwiseLinear(),
+            "attention.v_proj": _ColwiseLinear(),
+            "attention.o_proj": _RowwiseLinear(output_layouts=act, use_local_output=False),
             "ffn_norm": _norm_style(sequence_parallel),
         }
         if not block.is_moe:
             plan.update(
                 {
                     "ffn": _ReplicateInput(act),
-                    "ffn.gate_proj": ColwiseParallel(),
-                    "ffn.up_proj": ColwiseParallel(),
-                    "ffn.down_proj": RowwiseParallel(output_layouts=act, use_local_output=False),
+                    "ffn.gate_proj": _ColwiseLinear(),
+                    "ffn.up_proj": _ColwiseLinear(),
+                    "ffn.down_proj": _RowwiseLinear(output_layouts=act, use_local_output=False),
                 }
             )
         parallelize_module(block, tp_mesh, plan)
+        _replicate_head_norms(block.attention, tp_mesh)
 
     if tied:
         # Both styles shard the vocabulary rows (Shard(0)) but each made its own parameter: share the embedding's.
         if model.output.weight.placements != model.tok_embeddings.weight.placements:
             raise AssertionError("tied embedding and LM head got different placements")
         model.output.weight = model.tok_embeddings.weight
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
     moe_params = {id(p) for block in model.layers if block.is_moe for p in block.ffn.parameters()}
     for param in model.parameters():
-        if isinstance(param, DTensor) and id(param) not in moe_params:
+        if (
+            isinstance(param, DTensor) and param.requires_grad and id(param) not in moe_params
+        ):  # frozen: no grad
             _keep_grad_layout(param)

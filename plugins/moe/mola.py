@@ -49,6 +49,7 @@ from plugins.peft.low_rank import (
     peft_key,
     write_adapter,
 )
+from plugins.peft.targets import claim
 
 SECTION = "mola"
 EXPORT_FORMAT = "mola"
@@ -266,11 +267,13 @@ def apply_mola(model: nn.Module, cfg: MoLAConfig, seed: int) -> list[str]:
         found = [
             (path, m)
             for path, m in block.named_modules()
-            if type(m) is nn.Linear and path.rsplit(".", 1)[-1] in targets
+            if isinstance(m, nn.Linear) and path.rsplit(".", 1)[-1] in targets
         ]
         # Metric names use the projection name alone unless a block has two projections of that name.
         leaf_uses = Counter(path.rsplit(".", 1)[-1] for path, _ in found)
         for path, base in found:
+            # Another adapter plugin on the same module is an error naming both.
+            claim(base, SECTION, f"layers.{layer_id}.{path}")
             parent_path, _, leaf = path.rpartition(".")
             module = MoLALinear(
                 base,
@@ -285,6 +288,7 @@ def apply_mola(model: nn.Module, cfg: MoLAConfig, seed: int) -> list[str]:
             )
             module.reset_adapters(cfg.init, generator)
             module.track_balance = cfg.aux_loss_coef > 0
+            claim(module, SECTION, f"layers.{layer_id}.{path}")
             setattr(block.get_submodule(parent_path) if parent_path else block, leaf, module)
             adapted.append(f"layers.{layer_id}.{path}")
     return adapted

@@ -10,7 +10,15 @@ nothing until it is trained. Two shapes of adapter live here:
   (gate rows first), ``down_proj [E, H, I]`` as is.
 
 Both modules compute only the *delta*; the owner adds it to the base projection's output (or merges it into the
-base weight with :func:`merge_` / :func:`unmerge_`). Tensors are drawn on the CPU in fp32 from an explicit
+base weight with :func:`merge_` / :func:`unmerge_`). Two owners live here too, for every LoRA-shaped plugin:
+
+- :class:`LoRALinear`: an ``nn.Linear`` (same ``weight`` / ``bias`` Parameters, so names are unchanged) plus a
+  :class:`LinearLoRA` child ``lora``; it declares how tensor parallelism places the adapter
+  (:meth:`LoRALinear.tensor_parallel_placements`);
+- :class:`LoRAExperts`: a :class:`~framework.models.moe.experts.GroupedExperts` whose fused weights get per-expert
+  deltas (children ``lora_gate_up_proj`` / ``lora_down_proj``), added to the weights at every forward as peft's
+  ``target_parameters`` does; it declares the adapters as per-expert parameters, so expert parallelism cuts them
+  with their experts (:meth:`LoRAExperts.per_expert_parameters`). Tensors are drawn on the CPU in fp32 from an explicit
 generator (like :mod:`framework.models.init`), so every rank and every device gets the same initial adapter.
 
 peft interop (the on-disk contract of ``adapter_model.safetensors``): keys are
@@ -31,8 +39,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+
+from framework.models.moe.experts import EXPERT_IMPLS, GroupedExperts, resolve_impl
+from framework.models.sharding import local_weight
 
 LoRAInit = Literal["kaiming", "gaussian"]
 """``kaiming``: ``A`` Kaiming-uniform with ``a=√5`` (the ``nn.Linear`` default, bound ``1/√in``); ``gaussian``:
@@ -204,6 +217,169 @@ class ExpertsLoRA(_LoRADelta):
         )
 
 
+# --- adapted modules ----------------------------------------------------------------------------------------------
+
+
+def _require_local(*tensors: torch.Tensor) -> None:
+    if any(isinstance(t, DTensor) for t in tensors):
+        raise RuntimeError(
+            "merge/unmerge need the whole weights in one process (e.g. a model rebuilt by `expertrain export`), "
+            "not a tensor- or expert-parallel shard"
+        )
+
+
+class LoRALinear(nn.Linear):
+    """``y = W x + b + s·B·A·dropout(x)``: an ``nn.Linear`` that takes over ``base``'s ``weight`` / ``bias``
+    Parameters (their names in the model are unchanged) and adds a :class:`LinearLoRA` child ``lora``.
+
+    :meth:`merge` folds ``s·B·A`` into ``weight`` (the forward then skips the adapter); :meth:`unmerge` undoes it.
+    """
+
+    def __init__(
+        self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False
+    ) -> None:
+        nn.Module.__init__(self)  # not nn.Linear.__init__: the weight is the base layer's, not a new one
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        w = base.weight
+        self.lora = LinearLoRA(
+            self.in_features, self.out_features, r, alpha, dropout, rslora, device=w.device, dtype=w.dtype
+        )
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + self.lora(x).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W += s·B·A`` once (a no-op when already merged)."""
+        if not self.merged:
+            _require_local(self.weight)
+            self.lora.merge_into(self.weight)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """``W -= s·B·A`` (a no-op when not merged)."""
+        if self.merged:
+            _require_local(self.weight)
+            self.lora.unmerge_from(self.weight)
+            self.merged = False
+
+    @staticmethod
+    def tensor_parallel_placements(style: str) -> dict[str, Placement]:
+        """Where tensor parallelism puts the adapter, by the base layer's style: column-parallel (``W``
+        ``Shard(0)``): ``B`` sharded on its output rows, ``A`` replicated; row-parallel (``W`` ``Shard(1)``): ``A``
+        sharded on its input columns, ``B`` replicated (its input, ``A x``, is then a partial sum like ``W x``)."""
+        if style == "colwise":
+            return {"lora.lora_A": Replicate(), "lora.lora_B": Shard(0)}
+        if style == "rowwise":
+            return {"lora.lora_A": Shard(1), "lora.lora_B": Replicate()}
+        raise ValueError(f"unknown tensor-parallel style {style!r}; expected 'colwise' or 'rowwise'")
+
+
+class LoRAExperts(GroupedExperts):
+    """Routed experts whose fused weights carry per-expert LoRA deltas: ``W_e + s·B_e·A_e`` for ``gate_up_proj``
+    (as ``[E, 2I, H]``) and/or ``down_proj`` (``[E, H, I]``).
+
+    Takes over ``base``'s weight Parameters (names unchanged) and adds :class:`ExpertsLoRA` children
+    ``lora_gate_up_proj`` / ``lora_down_proj`` (``None`` when that weight is not adapted). The deltas are added to
+    the weights at each forward, then any expert kernel runs unchanged (what peft's ``target_parameters`` does; the
+    extra work is one ``[E, out, in]`` delta per weight and step, small next to the tokens' matmuls). Under expert
+    parallelism the adapters hold this rank's experts; under expert tensor parallelism each rank uses the slice of
+    ``B`` (gate/up) or ``A`` (down) that matches its part of the hidden dimension.
+    """
+
+    def __init__(
+        self,
+        base: GroupedExperts,
+        lora_gate_up_proj: ExpertsLoRA | None = None,
+        lora_down_proj: ExpertsLoRA | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # not GroupedExperts.__init__: the weights are the base module's
+        self.num_experts, self.dim, self.hidden, self.impl = (
+            base.num_experts,
+            base.dim,
+            base.hidden,
+            base.impl,
+        )
+        self.gate_up_proj = base.gate_up_proj
+        self.down_proj = base.down_proj
+        E, hidden, H = base.num_experts, base.hidden, base.dim
+        for name, lora, shape in (
+            ("lora_gate_up_proj", lora_gate_up_proj, (E, 2 * hidden, H)),
+            ("lora_down_proj", lora_down_proj, (E, H, hidden)),
+        ):
+            if lora is not None and (lora.num_experts, lora.out_features, lora.in_features) != shape:
+                raise ValueError(
+                    f"{name} adapts [experts, out, in] = {list(shape)}, got "
+                    f"{[lora.num_experts, lora.out_features, lora.in_features]}"
+                )
+        self.lora_gate_up_proj = lora_gate_up_proj
+        self.lora_down_proj = lora_down_proj
+        self.merged = False
+
+    def adapters(self) -> dict[str, ExpertsLoRA]:
+        """``{weight name: adapter}`` of the adapted fused weights (``gate_up_proj`` first)."""
+        pairs = (("gate_up_proj", self.lora_gate_up_proj), ("down_proj", self.lora_down_proj))
+        return {name: lora for name, lora in pairs if lora is not None}
+
+    def per_expert_parameters(self) -> list[str]:
+        """Parameters besides the fused weights whose dim 0 is the expert axis (all adapter tensors): expert
+        parallelism cuts them like the weights; over tensor parallelism they stay whole (replicated)."""
+        return [f"lora_{name}.{t}" for name in self.adapters() for t in ("lora_A", "lora_B")]
+
+    def _hidden_slice(self, local_hidden: int) -> slice:
+        """This rank's columns of the hidden dimension ``I`` (all of them unless expert tensor parallelism split it)."""
+        w = self.down_proj
+        if isinstance(w, DTensor):
+            for mesh_dim, placement in enumerate(w.placements):
+                if placement.is_shard(2):
+                    start = w.device_mesh.get_local_rank(mesh_dim) * local_hidden
+                    return slice(start, start + local_hidden)
+        return slice(None)
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        fn = EXPERT_IMPLS[resolve_impl(self.impl, x_ND.device)]
+        w_gate_up_E2IH = local_weight(self.gate_up_proj)
+        w_down_EHI = local_weight(self.down_proj)
+        if not self.merged:
+            cols = self._hidden_slice(w_down_EHI.shape[-1])
+            if self.lora_gate_up_proj is not None:
+                lora = self.lora_gate_up_proj
+                A_ERH = local_weight(lora.lora_A)
+                B_E2IR = local_weight(lora.lora_B).unflatten(1, (2, -1))[:, :, cols]
+                delta_E2IH = lora.scaling * (B_E2IR.flatten(1, 2) @ A_ERH)
+                w_gate_up_E2IH = w_gate_up_E2IH + delta_E2IH.view_as(w_gate_up_E2IH)
+            if self.lora_down_proj is not None:
+                lora = self.lora_down_proj
+                A_ERI = local_weight(lora.lora_A)[:, :, cols]
+                w_down_EHI = w_down_EHI + lora.scaling * (local_weight(lora.lora_B) @ A_ERI)
+        return fn(x_ND, w_gate_up_E2IH.flatten(1, 2), w_down_EHI, tokens_per_expert_E)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold every expert's delta into the fused weights once (a no-op when already merged)."""
+        if not self.merged:
+            for name, lora in self.adapters().items():
+                _require_local(getattr(self, name))
+                lora.merge_into(getattr(self, name))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the deltas again (a no-op when not merged)."""
+        if self.merged:
+            for name, lora in self.adapters().items():
+                _require_local(getattr(self, name))
+                lora.unmerge_from(getattr(self, name))
+            self.merged = False
+
+
 # --- peft on-disk format ------------------------------------------------------------------------------------------
 
 
@@ -212,6 +388,39 @@ def peft_key(module_path: str, tensor: str) -> str:
 
     No adapter name appears in the key (peft adds ``.default`` only in memory)."""
     return f"{PEFT_PREFIX}{module_path}.{tensor}.weight"
+
+
+def hf_module_path(path: str) -> str:
+    """Our module path -> the transformers one (Llama / Mixtral / Qwen-MoE naming), e.g.
+    ``layers.0.attention.q_proj`` -> ``model.layers.0.self_attn.q_proj``, ``layers.1.ffn.experts`` ->
+    ``model.layers.1.mlp.experts``, ``output`` -> ``lm_head``.
+
+    The one place plugins/peft renames modules; it can delegate to the HF interop mapping once that exists."""
+    top = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+    if path in top:
+        return top[path]
+    parts = path.split(".")
+    if len(parts) < 3 or parts[0] != "layers":
+        raise ValueError(f"no transformers name for module path {path!r}")
+    inner = {
+        "attention": "self_attn",
+        "ffn": "mlp",
+        "attention_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
+    rest = parts[3:]
+    if parts[2] == "ffn" and rest[:2] == ["router", "gate"]:  # our router's Linear is the HF MoE block's gate
+        rest = ["gate", *rest[2:]]
+    return ".".join(["model", "layers", parts[1], inner.get(parts[2], parts[2]), *rest])
+
+
+def peft_param_wrapper_paths(module_path: str, param_names: list[str]) -> dict[str, str]:
+    """Where peft stores the adapters of several ``target_parameters`` of one module: it wraps the module once per
+    parameter, the first parameter (in the module's declaration order) innermost, so every wrapper but the outermost
+    adds a ``base_layer`` level: for ``[gate_up_proj, down_proj]`` of ``<p>``, ``gate_up_proj`` ->
+    ``<p>.base_layer`` and ``down_proj`` -> ``<p>``."""
+    n = len(param_names)
+    return {name: module_path + ".base_layer" * (n - 1 - j) for j, name in enumerate(param_names)}
 
 
 def experts_to_peft(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,7 +124,10 @@ def test_torch_compile(tmp_path: Path) -> None:
     """The suite's one torch.compile test (inductor compiles each block's forward and backward once)."""
     run_dir = tmp_path / "run"
     proc = run_training(
-        run_dir, ["train.compile=true", "train.steps=2", "train.sample_tokens=0", "model.n_layers=1"], nproc=0, timeout=600
+        run_dir,
+        ["train.compile=true", "train.steps=2", "train.sample_tokens=0", "model.n_layers=1"],
+        nproc=0,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
