@@ -110,3 +110,48 @@ def export_plugin_format(checkpoint: str | Path, output: str | Path, export_form
         encoding="utf-8",
     )
     return written
+
+
+def export_hf(checkpoint: str | Path, output: str | Path, *, merge: bool = False) -> list[str]:
+    """``expertrain export hf``: the checkpoint's model as a folder ``transformers.AutoModelForCausalLM`` loads
+    (``config.json``, safetensors, the run's tokenizer). ``merge``: plugins first fold their adapters into the base
+    weights (``expertrain_merge_adapters``). Written to a temporary sibling and renamed, so a failed export leaves no
+    half-written folder and an existing ``output`` is replaced only by a complete one."""
+    from framework.data.errors import DataError
+    from framework.interop.hf import HFCheckpointError, HFConfigError, save_pretrained
+    from framework.interop.hf.tokenizer import load_hf_tokenizer
+
+    model, config, pm, path = load_model(checkpoint)
+    merged = pm.call_per_plugin("expertrain_merge_adapters", model=model, config=config) if merge else {}
+    tokenizer_dir = path.parent.parent / "tokenizer"
+    tokenizer = None
+    if tokenizer_dir.is_dir():
+        try:
+            tokenizer = load_hf_tokenizer(tokenizer_dir)
+        except DataError:
+            tokenizer = None
+    out = Path(output)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        written = save_pretrained(model, staging, tokenizer=tokenizer)
+    except (HFCheckpointError, HFConfigError) as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if config.plugins and not merge:
+            raise HFCheckpointError(
+                f"{exc} (the job's plugins {', '.join(config.plugins)} may add tensors: pass --merge to fold "
+                "mergeable adapters into the base weights, or export the adapters with their own format)"
+            ) from None
+        raise
+    (staging / "export.json").write_text(
+        json.dumps(
+            {"checkpoint": path.name, "format": "hf", "merged": {k: list(v) for k, v in merged.items()},
+             "files": written},
+            indent=1,
+        ),
+        encoding="utf-8",
+    )  # fmt: skip
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return written

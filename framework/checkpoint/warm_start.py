@@ -27,7 +27,18 @@ KEY = "model.init_from"
 
 def load_model_weights(source: str | Path, model: nn.Module) -> Path:
     """Fill ``model``'s parameters and persistent buffers from checkpoint ``source`` (a ``step_XXXXXXXX`` folder or a
-    run folder: its latest checkpoint). Collective under torch.distributed: every rank calls it. Returns the folder."""
+    run folder: its latest checkpoint), or from a Hugging Face folder given as ``hf:<folder>`` (its safetensors,
+    converted by :func:`~framework.interop.hf.load_hf_weights`). Collective under torch.distributed: every rank
+    calls it. Returns the folder."""
+    from framework.interop.hf.job import hf_folder
+
+    folder = hf_folder(str(source))
+    if folder is not None:
+        from framework.interop.hf import load_hf_weights
+
+        with torch.no_grad():
+            load_hf_weights(model, folder)
+        return folder
     try:
         path = resolve_checkpoint(source)
     except FileNotFoundError as exc:

@@ -373,8 +373,21 @@ class SFTDataConfig:
         doc="A malformed row: error = stop naming file:line; skip = count it and print one summary line.",
     )
     seed: int = option(0, doc="Seed of the validation split and of the sample order before packing.", min=0)
+    eval_exact_match: int = option(
+        0,
+        doc="At the end of training answer the first N rows of val_file greedily (the last assistant turn is the "
+        "reference) and report the exact-match accuracy; 0 = off.",
+        min=0,
+    )
+    eval_max_new_tokens: int = option(32, doc="Longest answer generated for eval_exact_match.", min=1)
 
     def validate(self, prefix: str) -> None:
+        if self.eval_exact_match and not self.val_file:
+            raise ConfigError(
+                f"{prefix}.eval_exact_match",
+                self.eval_exact_match,
+                f"expected 0 without {prefix}.val_file (the rows to answer come from it)",
+            )
         if self.val_file and self.val_fraction > 0:
             raise ConfigError(
                 f"{prefix}.val_fraction",

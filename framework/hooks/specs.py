@@ -237,6 +237,19 @@ def expertrain_export(
 
 
 @hookspec
+def expertrain_merge_adapters(model: nn.Module, config: JobConfig) -> list[str] | None:
+    """Fold the plugin's adapters into the base weights and take the adapter modules out, leaving a plain model.
+
+    When: ``expertrain export hf --merge``, in one process, with the model rebuilt from the checkpoint and the job's
+    plugins, before the Hugging Face folder is written.
+    May change: the model's weights and modules (the result must hold only the base model's tensors).
+    Returns: the names of the modules merged, or ``None`` if the plugin adds nothing to merge. A plugin whose
+    adapters cannot be merged (their output depends on the input, as MoLA's routed experts or Compacter's
+    nonlinear adapters) raises :class:`~framework.hooks.PluginError` saying so and which export to use instead.
+    """
+
+
+@hookspec
 def expertrain_train_end(model: nn.Module, summary: dict[str, Any], config: JobConfig) -> None:
     """The run finished its last step (after the final checkpoint and evaluation).
 

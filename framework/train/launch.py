@@ -46,7 +46,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def load_job(config_path: str, overrides: Sequence[str]) -> tuple[JobConfig, PluginManager]:
     """Type the job file and overrides, load the plugins it names, and let them validate it."""
-    raw = load_raw(config_path, list(overrides))
+    from framework.interop.hf.job import apply_hf_init
+
+    raw = apply_hf_init(load_raw(config_path, list(overrides)))
     names = plugin_names(raw)
     pm = PluginManager(default_registry())
     pm.load(names)

@@ -182,11 +182,19 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.config
-        # Rank 0 prepares (and caches) the embedded corpus and tokenizer; the others then read the cache.
-        C.run_on_rank0("preparing the data", lambda: load_tokenizer(cfg.data) and None)
-        self.tokenizer = C.run_agreed(
-            "loading the tokenizer", lambda: load_tokenizer(cfg.data, progress=False)
-        )
+        if cfg.sft.train_files and cfg.data.tokenizer:
+            # SFT with a tokenizer folder (ours, or a Hugging Face model's): no pretraining corpus is involved.
+            from framework.interop.hf.tokenizer import load_hf_tokenizer
+
+            self.tokenizer = C.run_agreed(
+                "loading the tokenizer", lambda: load_hf_tokenizer(cfg.data.tokenizer)
+            )
+        else:
+            # Rank 0 prepares (and caches) the embedded corpus and tokenizer; the others then read the cache.
+            C.run_on_rank0("preparing the data", lambda: load_tokenizer(cfg.data) and None)
+            self.tokenizer = C.run_agreed(
+                "loading the tokenizer", lambda: load_tokenizer(cfg.data, progress=False)
+            )
         C.run_on_rank0(
             "saving the tokenizer", lambda: self.tokenizer.save(self.run_dir / "tokenizer") and None
         )
@@ -637,6 +645,14 @@ class Trainer:
             "sample": sample,
             "lines": [],
         }
+        if cfg.sft.eval_exact_match:
+            accuracy = C.run_on_rank0("exact-match evaluation", self._exact_match)
+            summary["exact_match"] = accuracy
+            if accuracy is not None:
+                summary["lines"].append(
+                    f"exact match     {accuracy:.3f} on {cfg.sft.eval_exact_match} rows of {cfg.sft.val_file} "
+                    "(greedy)"
+                )
         self.pm.hook.expertrain_train_end(model=self.raw_model, summary=summary, config=cfg)
         if C.rank() == 0:
             records = read_metrics(self.run_dir / "metrics.jsonl")
@@ -649,6 +665,32 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
         console.info(format_summary(summary))
         return summary
+
+    def _exact_match(self) -> float | None:
+        """Greedy answers to the first ``sft.eval_exact_match`` rows of ``sft.val_file`` (rank 0, one process): with
+        the training model when it is whole on this rank, else with the final checkpoint rebuilt unsharded."""
+        from framework.data.sft import BadRow, ChatTokenizer, read_rows
+        from framework.inference.generate import exact_match_accuracy
+
+        cfg = self.config.sft
+        rows = [{"messages": item[1]} for item in read_rows(cfg.val_file) if not isinstance(item, BadRow)]
+        rows = rows[: cfg.eval_exact_match]
+        sharded = any(isinstance(p, DTensor) for p in self.raw_model.parameters())
+        model: Any = self.raw_model
+        if sharded:
+            latest = self.store.latest()
+            if latest is None:
+                console.warn(
+                    "exact-match evaluation skipped: the model is sharded and no checkpoint was saved"
+                )
+                return None
+            from framework.checkpoint.export import load_model
+
+            model = load_model(latest)[0]
+        chat = ChatTokenizer.from_dir(self.run_dir / "tokenizer")
+        with self._autocast():
+            accuracy, _ = exact_match_accuracy(model, chat, rows, cfg.eval_max_new_tokens)
+        return accuracy
 
     def _previous_summary(self) -> dict[str, Any]:
         path = self.run_dir / "summary.json"

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.config import ConfigError, JobConfig, option
-from framework.hooks import hookimpl
+from framework.hooks import PluginError, hookimpl
 from framework.observe import console
 from framework.parallel import collectives as C
 from plugins.peft.low_rank import (
@@ -483,6 +483,15 @@ def adapter_config(model: nn.Module, config: JobConfig) -> dict[str, Any]:
             "seed": config.train.seed,
         },
     }
+
+
+@hookimpl
+def expertrain_merge_adapters() -> list[str] | None:
+    """MoLA's LoRA experts are routed per token, so their update depends on the input: nothing to merge."""
+    raise PluginError(
+        "mola: the LoRA experts are routed per token (the weight update depends on the input), so they cannot be "
+        "merged into the base weights; export them with `expertrain export mola`"
+    )
 
 
 @hookimpl

@@ -319,6 +319,27 @@ def expertrain_export(
 
 
 @hookimpl
+def expertrain_merge_adapters(model: nn.Module) -> list[str] | None:
+    """``expertrain export hf --merge``: fold every adapter into its base weight and leave plain modules (an adapted
+    ``nn.Linear`` becomes an ``nn.Linear`` holding ``W + s·B·A``; adapted experts drop their adapters)."""
+    merged = []
+    for path, module in lora_modules(model):
+        module.merge()
+        if isinstance(module, LoRALinear):
+            plain = nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+            )
+            plain.weight, plain.bias = module.weight, module.bias
+            _set_module(model, path, plain)
+        else:
+            module.lora_gate_up_proj = None
+            module.lora_down_proj = None
+            module.merged = False  # nothing left to add or subtract
+        merged.append(path)
+    return merged or None
+
+
+@hookimpl
 def expertrain_train_end(model: nn.Module, summary: dict[str, Any]) -> None:
     n = len(lora_modules(model))
     summary["lines"].append(

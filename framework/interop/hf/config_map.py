@@ -645,9 +645,9 @@ def _write_bias(out: dict[str, Any], m: ModelConfig, family: str) -> None:
 def _check_routing(moe: MoEConfig, family: str, score: str) -> None:
     if moe.score_func != score:
         raise _refuse("moe.score_func", moe.score_func, family, repr(score))
-    for name in ("capacity_factor", "z_loss_coef"):
-        if getattr(moe, name):
-            raise _refuse(f"moe.{name}", getattr(moe, name), family, "0 (transformers has no such option)")
+    # The z-loss is a training loss only (the logits do not depend on it): not refused, not carried over.
+    if moe.capacity_factor:
+        raise _refuse("moe.capacity_factor", moe.capacity_factor, family, "0 (transformers routes dropless)")
     if score == "softmax":
         for name, value, ok in (
             ("route_scale", moe.route_scale, 1.0),

@@ -112,6 +112,12 @@ class Every:
         return ["every.txt"]
 
     @hookimpl
+    def expertrain_merge_adapters(self, model, config):
+        # every_scale does not enter the forward: merging leaves the base model's tensors only.
+        del model.every_scale
+        return ["every_scale"]
+
+    @hookimpl
     def expertrain_train_end(self, model, summary, config):
         summary["every"] = f"{self.counter} steps"
 
@@ -208,6 +214,13 @@ def test_every_hook_through_the_manager(tmp_path: Path):
     summary: dict = {}
     pm.hook.expertrain_train_end(model=model, summary=summary, config=config)
     assert summary == {"every": "1 steps"}
+
+    # merge for `export hf --merge`: the plugin folds its parameter in and leaves the base tensors only
+    x = torch.randn(2, 3, 4)
+    before = model(x)
+    assert pm.call_per_plugin("expertrain_merge_adapters", model=model, config=config) == {"every": ["every_scale"]}
+    assert set(dict(model.named_parameters())) == {"a.weight", "a.bias", "b.weight"}
+    torch.testing.assert_close(model(x), before)
 
 
 def test_two_every_plugins_collide_where_the_specs_say_they_must():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from framework.config import ModelConfig, MoEConfig
-from framework.inference import generate
+from framework.inference.generate import generate
 from framework.models import Transformer
 
 # fp32: the cached path computes the same sums over fewer keys at a time; differences are rounding (~1e-6).

@@ -1,0 +1,383 @@
+"""Compacter (Karimi Mahabadi et al., arXiv 2106.04647). Plugin ``compacter``.
+
+A bottleneck adapter after the attention output and after the FFN output of every block (Compacter++: after the FFN
+only), inside the residual branch::
+
+    a ← a + U(GeLU(D a))            a = attention(norm(x)) or ffn(norm(h)),  D: d → k,  U: k → d,  k = d / reduction
+
+``D`` and ``U`` are PHM layers (parameterized hypercomplex multiplication): ``W = Σ_{i=1..n} A_i ⊗ B_i`` (``W`` in the
+``[out, in]`` layout, ``y = W x + b``), with ``A_i ∈ R^{n×n}`` "slow" rules SHARED by every PHM layer of the model
+(one ``[n, n, n]`` tensor) and rank-1 "fast" weights ``B_i = s_i t_iᵀ``, ``s_i ∈ R^{out/n}``, ``t_i ∈ R^{in/n}`` per layer.
+A PHM layer has ``in + out`` weights plus an ``out`` bias, so the adapters hold
+
+    n³ + A · 2(d + k)   weights   (A adapters: 2·L for Compacter, L for Compacter++; the paper's 4L(d+k) + n³)
+    + A · (d + k)       biases
+
+Init as the reference (rabeehk/compacter ``PHMLinear``): ``s``, ``t`` Glorot-uniform with gain √2 (fans of the
+reference's ``[n, in/n, 1]`` / ``[n, 1, out/n]`` factor tensors), rules ``N(0, rules_std²)`` with ``rules_std = 1e-4``,
+biases 0. The up-projection is therefore not zero but tiny (``~1e-4`` relative), so each block starts as the identity
+to ``~1e-7`` relative: the model's output at step 0 is the base model's to fp32 round-off.
+
+Trained: the adapters, the shared rules and the RMSNorm weights (``compacter.train_norms``); the base is frozen.
+Compacter is not a weight delta (the bottleneck is nonlinear), so it cannot be merged into the base weights or
+exported as a peft LoRA: :data:`MERGEABLE` is ``False``, ``expertrain export hf --merge``
+(``expertrain_merge_adapters``) and ``expertrain export peft`` refuse it by name. Its own
+format: ``expertrain export compacter`` (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+Parallelism: data parallelism (DDP, FSDP2) and expert parallelism; tensor parallelism is refused (the adapters would
+see sequence-parallel DTensor activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framework.config import ConfigError, JobConfig, option
+from framework.hooks import PluginError, hookimpl
+from framework.models.norms import RMSNorm
+from framework.observe import console
+from plugins.peft.low_rank import write_adapter
+
+SECTION = "compacter"
+EXPORT_FORMAT = "compacter"
+MERGEABLE = False
+"""Compacter adapters cannot be merged into the base weights (nor written as a peft LoRA): exporters check this."""
+RULES_MODULE = "compacter_rules"
+ADAPTER_SITES = {"attention": "attention_adapter", "ffn": "ffn_adapter"}
+"""Block child adapted -> name of the adapter module registered on the block."""
+
+Variant = Literal["compacter", "compacter++"]
+Nonlinearity = Literal["gelu", "gelu_tanh", "relu"]
+
+
+@dataclass
+class CompacterConfig:
+    """Compacter: PHM bottleneck adapters with shared Kronecker rules (arXiv 2106.04647)."""
+
+    variant: Variant = option(
+        "compacter",
+        doc="compacter: adapters after attention and after the FFN; compacter++: after the FFN only.",
+    )
+    n: int = option(
+        4, doc="PHM dimension n: n shared n×n rules; model.dim and the bottleneck divisible by n.", min=1
+    )
+    reduction_factor: int = option(32, doc="Bottleneck size k = model.dim / reduction_factor.", min=1)
+    nonlinearity: Nonlinearity = option("gelu", doc="Bottleneck activation: gelu (erf), gelu_tanh or relu.")
+    rules_std: float = option(
+        1e-4, doc="Std of the normal init of the shared rules (the reference's 1e-4).", min=0.0
+    )
+    train_norms: bool = option(
+        True, doc="Also train every RMSNorm weight (the paper trains the layer norms)."
+    )
+    seed: int = option(0, doc="Seed of the adapter init (the same adapters on every rank and layout).", min=0)
+
+
+def bottleneck_size(dim: int, cfg: CompacterConfig) -> int:
+    """``k = dim // reduction_factor``."""
+    return dim // cfg.reduction_factor
+
+
+def adapter_count(n_layers: int, variant: str) -> int:
+    """Adapters in a model of ``n_layers`` blocks: two per block (Compacter) or one (Compacter++)."""
+    return n_layers * (1 if variant == "compacter++" else 2)
+
+
+def parameter_count(n: int, d: int, k: int, adapters: int, bias: bool = True) -> int:
+    """Trainable adapter parameters: ``n³`` shared rules, ``2(d + k)`` rank-1 factors per adapter (``in + out`` per PHM
+    layer), plus ``d + k`` biases per adapter when ``bias``."""
+    return n**3 + adapters * (2 * (d + k) + ((d + k) if bias else 0))
+
+
+# --- the PHM layer and the adapter --------------------------------------------------------------------------------
+
+
+def kron_sum(rules_NNN: torch.Tensor, B_Npq: torch.Tensor) -> torch.Tensor:
+    """``Σ_i A_i ⊗ B_i`` for ``A [n, n, n]`` and ``B [n, p, q]`` -> ``[n·p, n·q]``."""
+    n, p, q = B_Npq.shape
+    return torch.einsum("iab,icd->acbd", rules_NNN, B_Npq).reshape(n * p, n * q)
+
+
+class SharedRules(nn.Module):
+    """The ``n`` slow rules ``A_i [n, n]`` every PHM layer of the model uses (one parameter ``rules [n, n, n]``)."""
+
+    def __init__(self, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.n = n
+        self.rules = nn.Parameter(torch.zeros(n, n, n, device=device, dtype=dtype))
+
+    def reset_parameters(self, std: float, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            values = torch.randn(self.rules.shape, generator=generator) * std
+            self.rules.copy_(values.to(self.rules.dtype))
+
+
+def _glorot_uniform_(t: torch.Tensor, fan_in: int, fan_out: int, generator: torch.Generator | None) -> None:
+    bound = math.sqrt(2.0) * math.sqrt(
+        6.0 / (fan_in + fan_out)
+    )  # xavier_uniform_ with gain √2, as the reference
+    with torch.no_grad():
+        t.copy_((torch.rand(t.shape, generator=generator) * 2 - 1).mul_(bound).to(t.dtype))
+
+
+class PHMLinear(nn.Module):
+    """``y = (Σ_i A_i ⊗ s_i t_iᵀ) x + b``: ``s [n, out/n]``, ``t [n, in/n]``, ``bias [out]``; ``A`` from ``rules``.
+
+    ``rules`` is held as a plain attribute (not a submodule): it is registered once on the model root and read at
+    every forward, so data-parallel wrappers see one shared parameter."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rules: SharedRules,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        n = rules.n
+        if in_features % n or out_features % n:
+            raise ValueError(
+                f"PHM layer {in_features} -> {out_features}: both sizes must be divisible by n={n}"
+            )
+        self.in_features, self.out_features, self.n = in_features, out_features, n
+        self.s = nn.Parameter(torch.zeros(n, out_features // n, device=device, dtype=dtype))
+        self.t = nn.Parameter(torch.zeros(n, in_features // n, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        object.__setattr__(self, "_rules", rules)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """``t`` and ``s`` Glorot-uniform with the reference's fans (``W_left [n, in/n, 1]``: fan_in ``in/n``,
+        fan_out ``n``; ``W_right [n, 1, out/n]``: fan_in ``out/n``, fan_out ``out``); bias 0."""
+        n = self.n
+        _glorot_uniform_(self.t, self.in_features // n, n, generator)
+        _glorot_uniform_(self.s, self.out_features // n, self.out_features, generator)
+        with torch.no_grad():
+            self.bias.zero_()
+
+    def weight(self) -> torch.Tensor:
+        """The layer's ``[out, in]`` matrix ``Σ_i A_i ⊗ s_i t_iᵀ``."""
+        B_Npq = self.s.unsqueeze(2) * self.t.unsqueeze(1)
+        return kron_sum(self._rules.rules, B_Npq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight().to(x.dtype), self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, n={self.n}"
+
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class CompacterAdapter(nn.Module):
+    """``a + U(act(D a))`` with PHM layers ``down: dim -> bottleneck`` and ``up: bottleneck -> dim``."""
+
+    def __init__(self, dim: int, bottleneck: int, rules: SharedRules, nonlinearity: str = "gelu") -> None:
+        super().__init__()
+        self.down = PHMLinear(dim, bottleneck, rules)
+        self.up = PHMLinear(bottleneck, dim, rules)
+        self.nonlinearity = nonlinearity
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        self.down.reset_parameters(generator)
+        self.up.reset_parameters(generator)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return a + self.up(_ACTIVATIONS[self.nonlinearity](self.down(a)))
+
+    def residual_hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the adapted sublayer: its output goes through the adapter."""
+        return self(output)
+
+
+# --- the model transform ------------------------------------------------------------------------------------------
+
+
+def apply_compacter(model: nn.Module, cfg: CompacterConfig) -> list[str]:
+    """Register the shared rules on ``model`` (``compacter_rules.rules``) and an adapter after every adapted sublayer
+    (``layers.<i>.attention_adapter``, ``layers.<i>.ffn_adapter``), initialised from ``cfg.seed``. Returns the adapter
+    module paths."""
+    dim = model.model_cfg.dim
+    k = bottleneck_size(dim, cfg)
+    ref = model.tok_embeddings.weight
+    rules = SharedRules(cfg.n, device=ref.device, dtype=ref.dtype)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    rules.reset_parameters(cfg.rules_std, generator)
+    model.add_module(RULES_MODULE, rules)
+    sites = ["ffn"] if cfg.variant == "compacter++" else ["attention", "ffn"]
+    paths: list[str] = []
+    for i, block in enumerate(model.layers):
+        if getattr(block.ffn, "owns_residual", False):
+            raise ConfigError(
+                "plugins",
+                "compacter",
+                f"expected blocks whose FFN output joins the residual stream, but layer {i}'s MoE block owns the "
+                "residual (moe.block); Compacter cannot wrap it",
+            )
+        for site in sites:
+            adapter = CompacterAdapter(dim, k, rules, cfg.nonlinearity).to(device=ref.device, dtype=ref.dtype)
+            adapter.reset_parameters(generator)
+            block.add_module(ADAPTER_SITES[site], adapter)
+            getattr(block, site).register_forward_hook(adapter.residual_hook)
+            paths.append(f"layers.{i}.{ADAPTER_SITES[site]}")
+    return paths
+
+
+def compacter_modules(model: nn.Module) -> list[tuple[str, CompacterAdapter]]:
+    """``(module path, adapter)`` of every Compacter adapter, in model order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, CompacterAdapter)]
+
+
+def adapter_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the shared rules and of every adapter parameter."""
+    names = [f"{RULES_MODULE}.rules"]
+    for path, m in compacter_modules(model):
+        names += [f"{path}.{n}" for n, _ in m.named_parameters()]
+    return names
+
+
+def norm_parameter_names(model: nn.Module) -> list[str]:
+    """Names of every RMSNorm weight."""
+    return [
+        f"{path}.{n}"
+        for path, m in model.named_modules()
+        if isinstance(m, RMSNorm)
+        for n, _ in m.named_parameters()
+    ]
+
+
+# --- hooks --------------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def expertrain_config_sections() -> dict[str, type]:
+    return {SECTION: CompacterConfig}
+
+
+@hookimpl
+def expertrain_validate_config(config: JobConfig) -> None:
+    cfg: CompacterConfig = getattr(config, SECTION)
+    dim = config.model.dim
+    k = bottleneck_size(dim, cfg)
+    if config.parallel.tp > 1:
+        raise ConfigError(
+            "parallel.tp",
+            config.parallel.tp,
+            "expected 1 with plugin 'compacter' (its adapters are not tensor-parallel); use data or expert "
+            "parallelism instead",
+        )
+    if k < 1:
+        raise ConfigError(
+            "compacter.reduction_factor",
+            cfg.reduction_factor,
+            f"expected at most model.dim={dim} (bottleneck >= 1)",
+        )
+    if dim % cfg.n or k % cfg.n:
+        raise ConfigError(
+            "compacter.n",
+            cfg.n,
+            f"expected a divisor of model.dim={dim} and of the bottleneck k = dim / reduction_factor = {k}; "
+            "change compacter.n or compacter.reduction_factor",
+        )
+
+
+@hookimpl
+def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
+    cfg: CompacterConfig = getattr(config, SECTION)
+    paths = apply_compacter(model, cfg)
+    params = dict(model.named_parameters())
+    n_adapter = sum(params[n].numel() for n in adapter_parameter_names(model))
+    n_norms = sum(params[n].numel() for n in norm_parameter_names(model)) if cfg.train_norms else 0
+    total = sum(p.numel() for p in model.parameters())
+    console.info(
+        f"compacter: {cfg.variant}, {len(paths)} adapters (n={cfg.n}, bottleneck {bottleneck_size(model.model_cfg.dim, cfg)}); "
+        f"{n_adapter:,} adapter parameters + {n_norms:,} norm weights trained = "
+        f"{100 * (n_adapter + n_norms) / max(total, 1):.3f}% of {total:,}"
+    )
+
+
+@hookimpl
+def expertrain_trainable_parameters(model: nn.Module, config: JobConfig) -> list[str]:
+    names = adapter_parameter_names(model)
+    if getattr(config, SECTION).train_norms:
+        names += norm_parameter_names(model)
+    return names
+
+
+def adapter_tensors(model: nn.Module, config: JobConfig) -> dict[str, torch.Tensor]:
+    """What ``adapter_model.safetensors`` holds: ``compacter_rules.rules [n, n, n]``, per adapter
+    ``<path>.{down,up}.{s,t,bias}`` and, with ``train_norms``, every RMSNorm weight under its model name."""
+    params = dict(model.named_parameters())
+    names = adapter_parameter_names(model)
+    if getattr(config, SECTION).train_norms:
+        names += norm_parameter_names(model)
+    return {n: params[n].detach() for n in names}
+
+
+def adapter_config(model: nn.Module, config: JobConfig) -> dict[str, Any]:
+    """What ``adapter_config.json`` holds: the Compacter settings, the adapter paths, the tensor layout and the base."""
+    cfg: CompacterConfig = getattr(config, SECTION)
+    return {
+        "adapter_type": "compacter",
+        "paper": "arXiv:2106.04647",
+        "mergeable": MERGEABLE,
+        **dataclasses.asdict(cfg),
+        "bottleneck": bottleneck_size(config.model.dim, cfg),
+        "adapters": [path for path, _ in compacter_modules(model)],
+        "tensor_layout": {
+            "compacter_rules.rules": "[n, n, n]: the shared rules A_i",
+            "<adapter>.{down,up}.s": "[n, out/n]",
+            "<adapter>.{down,up}.t": "[n, in/n]",
+            "weight": "W [out, in] = sum_i kron(A_i, s_i t_i^T); y = W x + bias",
+            "adapter": "a + up(act(down(a))) on the output a of layers.<i>.attention / layers.<i>.ffn",
+        },
+        "base_model": {
+            "framework": "expertrain",
+            "init_from": config.model.init_from or None,
+            "model": dataclasses.asdict(config.model),
+            "moe": dataclasses.asdict(config.moe),
+        },
+    }
+
+
+@hookimpl
+def expertrain_export(
+    model: nn.Module, config: JobConfig, output_dir: Path, export_format: str
+) -> list[str] | None:
+    if export_format == "peft":
+        raise PluginError(
+            "compacter adapters cannot be exported as peft/merged weights (a PHM bottleneck is not a weight delta); "
+            "use `expertrain export compacter`"
+        )
+    if export_format != EXPORT_FORMAT:
+        return None
+    return write_adapter(output_dir, adapter_tensors(model, config), adapter_config(model, config))
+
+
+@hookimpl
+def expertrain_merge_adapters() -> list[str] | None:
+    """Compacter's adapters are nonlinear bottlenecks (their output is not ``ΔW x``): nothing can be merged."""
+    raise PluginError(
+        "compacter: the adapters are nonlinear PHM bottlenecks, not a weight delta, so they cannot be merged into "
+        "the base weights; export them with `expertrain export compacter`"
+    )
+
+
+@hookimpl
+def expertrain_train_end(model: nn.Module, summary: dict[str, Any]) -> None:
+    summary["lines"].append(
+        f"compacter       {len(compacter_modules(model))} adapters; export them with "
+        f"`expertrain export {EXPORT_FORMAT} --checkpoint {summary.get('run_dir', '<run dir>')} --output <dir>`"
+    )
