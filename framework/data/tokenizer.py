@@ -103,6 +103,10 @@ class Tokenizer:
                     f"tokenizer: special token {token!r} has id {backend.token_to_id(token)}, expected {expected_id}; "
                     "train it with framework.data.train_tokenizer"
                 )
+        self._attach(backend, model_max_length)
+
+    def _attach(self, backend: _HFTokenizer, model_max_length: int) -> None:
+        """Hold ``backend`` (subclasses with other special tokens call this instead of ``__init__``)."""
         self._backend = backend
         # A second instance that treats special-token text as plain text (for raw documents).
         self._plain = _HFTokenizer.from_str(backend.to_str())
@@ -151,7 +155,7 @@ class Tokenizer:
         """What megatron-core hashes into its index cache names."""
         return OrderedDict(
             [
-                ("class", "expertrain.Tokenizer"),
+                ("class", f"expertrain.{type(self).__name__}"),
                 ("fingerprint", self._fingerprint),
                 ("vocab_size", self.vocab_size),
             ]
