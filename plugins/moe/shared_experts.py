@@ -32,12 +32,10 @@ class SharedExperts(nn.Module):
         self.gate: nn.Linear | None = nn.Linear(dim, 1, bias=False) if gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(F.linear(x, local_weight(self.gate_proj.weight))) * F.linear(
-            x, local_weight(self.up_proj.weight)
-        )
-        y = F.linear(h, local_weight(self.down_proj.weight))
+        h = F.silu(_project(self.gate_proj, x)) * _project(self.up_proj, x)
+        y = _project(self.down_proj, h)
         if self.gate is not None:
-            y = torch.sigmoid(F.linear(x, local_weight(self.gate.weight))) * y
+            y = torch.sigmoid(_project(self.gate, x)) * y
         return y
 
     def init_weights(self, init_std: float, out_std: float, generator: torch.Generator) -> None:
@@ -50,3 +48,11 @@ class SharedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, gated={self.gate is not None}"
+
+
+def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A plain ``nn.Linear`` reads its (possibly replicated) weight as a local tensor; a projection an adapter plugin
+    wrapped (MoLA, LoRA) runs its own forward, which adds the adapter's update."""
+    if type(layer) is nn.Linear:
+        return F.linear(x, local_weight(layer.weight))
+    return layer(x)

@@ -330,3 +330,34 @@ def test_the_options_table_in_the_docs_matches_the_code() -> None:
         )  # as docs/config.md shows defaults
         row = f"| `mola.{field}` | {typ} | {shown} | {meaning} |"
         assert row in doc, f"docs/plugins/mola.md is stale for mola.{field}: expected the row\n{row}"
+
+
+def test_adapters_on_shared_expert_projections_take_part_in_the_forward() -> None:
+    """MoLA adapts the nn.Linear projections of deepseek_moe's shared experts: their update reaches the output and
+    their adapters get gradients (the shared experts call the wrapped projections)."""
+    from plugins.moe.deepseek_moe import DeepSeekMoEPlugin
+
+    pm = _manager()
+    pm.register_object("deepseek_moe", DeepSeekMoEPlugin())
+    raw: dict[str, Any] = {"plugins": ["deepseek_moe", "mola"], **{k: dict(v) for k, v in SMALL.items()}}
+    raw["moe"] = {**raw["moe"], "block": "deepseek_moe"}
+    raw["deepseek_moe"] = {"n_shared_experts": 1}
+    raw["mola"] = {"dropout": 0.0}
+    config = resolve(raw, pm.config_sections)
+    pm.hook.expertrain_validate_config(config=config, world_size=1)
+    model = _model(config, pm)
+    pm.hook.expertrain_transform_model(model=model, config=config)
+    shared = {p: m for p, m in mola_modules(model) if ".shared_experts." in p}
+    assert set(shared) == {
+        f"layers.{i}.ffn.shared_experts.{n}" for i in (0, 2) for n in ("gate_proj", "up_proj", "down_proj")
+    }
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    before = model(ids).detach()
+    with torch.no_grad():
+        for m in shared.values():
+            m.lora_B.normal_(0, 0.5)
+    after = model(ids)
+    assert (after - before).abs().max() > 1e-3
+    after.float().pow(2).mean().backward()
+    assert all(m.lora_A.grad is not None and m.lora_A.grad.abs().sum() > 0 for m in shared.values())
