@@ -33,6 +33,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/moe_variants.py
+	$(PY) benchmarks/sft_step.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
