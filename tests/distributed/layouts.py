@@ -100,3 +100,27 @@ def train_layouts(
             out[name] = traceback.format_exc()
             dist.barrier()  # the layouts after this one start together; a failed collective has timed out by now
     return out
+
+
+def assert_matches_one_rank(name: str, got: Any, ref: dict[str, Any], steps: int = STEPS) -> None:
+    """A parallel layout's run against the one-rank reference: the losses of every step within 1e-3 relative (the
+    same samples summed in another order over a few steps) and every step-1 gradient within 1e-5 relative."""
+    assert isinstance(got, dict), f"{name} failed:\n{got}"
+    assert len(got["losses"]) == steps
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-3, atol=0)
+    assert set(got["grads"]) == set(ref["grads"])
+    for param, g in ref["grads"].items():
+        torch.testing.assert_close(
+            got["grads"][param], g, rtol=1e-5, atol=1e-7, msg=lambda m, n=name, p=param: f"{n} {p}: {m}"
+        )
+
+
+def assert_tensors_close(
+    name: str, got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], atol: float = 2e-6
+) -> None:
+    """The same tensor names, each within ``atol`` absolute (final weights after a few steps: fp32 rounding)."""
+    assert set(got) == set(ref), f"{name}: {sorted(set(got) ^ set(ref))[:5]}"
+    for key, value in ref.items():
+        torch.testing.assert_close(
+            got[key], value, rtol=0, atol=atol, msg=lambda m, n=name, k=key: f"{n} {k}: {m}"
+        )

@@ -18,7 +18,7 @@ import torch
 
 from framework.checkpoint.export import load_model
 from plugins.peft import compacter
-from tests.distributed.layouts import STEPS, register
+from tests.distributed.layouts import assert_matches_one_rank, assert_tensors_close, register
 
 pytestmark = pytest.mark.timeout(900)  # may be the test that trains every shared layout (layouts.py)
 
@@ -57,19 +57,6 @@ def test_data_parallel_trains_the_same_adapters_as_one_rank(
     parallel, root = trained_layouts(2)
     for name in LAYOUTS:
         got = parallel[name]
-        assert isinstance(got, dict), f"{name} failed:\n{got}"
-        assert len(got["losses"]) == STEPS
-        torch.testing.assert_close(
-            torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-3, atol=0
-        )
-        assert set(got["grads"]) == set(ref["grads"])
-        for param, g in ref["grads"].items():
-            torch.testing.assert_close(
-                got["grads"][param], g, rtol=1e-5, atol=1e-7, msg=lambda m, n=name, p=param: f"{n} {p}: {m}"
-            )
+        assert_matches_one_rank(name, got, ref)
         trained = _trained(root / name)
-        assert set(trained) == set(ref_trained)
-        for param, w in ref_trained.items():
-            torch.testing.assert_close(
-                trained[param], w, rtol=0, atol=2e-6, msg=lambda m, n=name, p=param: f"{n} {p}: {m}"
-            )
+        assert_tensors_close(name, trained, ref_trained)

@@ -24,7 +24,7 @@ import torch
 from framework.checkpoint.export import load_model
 from framework.models import Transformer
 from plugins.peft import hft
-from tests.distributed.layouts import STEPS, register
+from tests.distributed.layouts import assert_matches_one_rank, assert_tensors_close, register
 
 pytestmark = pytest.mark.timeout(900)  # may be the test that trains every shared layout (layouts.py)
 
@@ -73,22 +73,9 @@ def test_dp2_and_ep2_train_the_same_model_as_one_rank(
     runs = {"hft-one": (ref, ref_weights)}
     for name in LAYOUTS:
         got = parallel[name]
-        assert isinstance(got, dict), f"{name} failed:\n{got}"
-        assert len(got["losses"]) == STEPS
-        torch.testing.assert_close(
-            torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-3, atol=0
-        )
-        assert set(got["grads"]) == set(ref["grads"])
-        for param, g in ref["grads"].items():
-            torch.testing.assert_close(
-                got["grads"][param], g, rtol=1e-5, atol=1e-7, msg=lambda m, n=name, p=param: f"{n} {p}: {m}"
-            )
+        assert_matches_one_rank(name, got, ref)
         weights, _ = _weights(root / name)
-        assert set(weights) == set(ref_weights)
-        for param, w in ref_weights.items():
-            torch.testing.assert_close(
-                weights[param], w, rtol=0, atol=2e-6, msg=lambda m, n=name, p=param: f"{n} {p}: {m}"
-            )
+        assert_tensors_close(name, weights, ref_weights)
         runs[name] = (got, weights)
     for name, (_, weights) in runs.items():
         for param in frozen_always:

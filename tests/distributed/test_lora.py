@@ -23,7 +23,7 @@ import torch
 
 from framework.checkpoint.export import load_model
 from plugins.peft.lora import adapter_parameter_names
-from tests.distributed.layouts import STEPS, register
+from tests.distributed.layouts import assert_matches_one_rank, assert_tensors_close, register
 
 pytestmark = pytest.mark.timeout(900)  # may be the test that trains every shared layout (layouts.py)
 
@@ -74,19 +74,6 @@ def test_dp_tp_ep_train_the_same_adapters_as_one_rank(
     parallel, root = trained_layouts(2)
     for name in LAYOUTS:
         got = parallel[name]
-        assert isinstance(got, dict), f"{name} failed:\n{got}"
-        assert len(got["losses"]) == STEPS
-        torch.testing.assert_close(
-            torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-3, atol=0
-        )
-        assert set(got["grads"]) == set(ref["grads"])
-        for param, g in ref["grads"].items():
-            torch.testing.assert_close(
-                got["grads"][param], g, rtol=1e-5, atol=1e-7, msg=lambda m, n=name, p=param: f"{n} {p}: {m}"
-            )
+        assert_matches_one_rank(name, got, ref)
         adapters = _adapters(root / name)
-        assert set(adapters) == set(ref_adapters)
-        for param, w in ref_adapters.items():
-            torch.testing.assert_close(
-                adapters[param], w, rtol=0, atol=2e-6, msg=lambda m, n=name, p=param: f"{n} {p}: {m}"
-            )
+        assert_tensors_close(name, adapters, ref_adapters)

@@ -218,7 +218,9 @@ def test_every_hook_through_the_manager(tmp_path: Path):
     # merge for `export hf --merge`: the plugin folds its parameter in and leaves the base tensors only
     x = torch.randn(2, 3, 4)
     before = model(x)
-    assert pm.call_per_plugin("expertrain_merge_adapters", model=model, config=config) == {"every": ["every_scale"]}
+    assert pm.call_per_plugin("expertrain_merge_adapters", model=model, config=config) == {
+        "every": ["every_scale"]
+    }
     assert set(dict(model.named_parameters())) == {"a.weight", "a.bias", "b.weight"}
     torch.testing.assert_close(model(x), before)
 

@@ -1,0 +1,300 @@
+"""The corda plugin: the damping loop, the context-oriented SVD and the ipm/kpm factors against the formulas of the
+paper card, per-sample normalised covariances, an unchanged model at step 0, the frozen base under a real optimizer
+step, checkpoint state, merge, refusals, and the rank-2r peft export loaded by real peft on the original base.
+
+Tolerances: the decomposition runs in fp64, so identities on it hold to ~1e-12 (we allow 1e-9). The model runs in
+fp32: the residual base ``W − s·B₀A₀`` plus ``s·B·A`` rounds each weight once more (~1e-7 relative), which moves
+logits of order 1 by ~1e-6, so logits are compared to 1e-5 absolute.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from framework.config import ConfigError, JobConfig, resolve, section_docs
+from framework.config.sections import OptimConfig
+from framework.hooks import PluginError, PluginManager
+from framework.models import Transformer, default_registry
+from framework.train.optim import build_optimizer
+from plugins.peft import corda
+from plugins.peft.corda import CorDALinear, CovarianceCollector
+
+LOGITS_TOL = {"atol": 1e-5, "rtol": 0.0}
+REPO = Path(__file__).resolve().parents[4]
+SMALL = {
+    "model": {
+        "dim": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "ffn_hidden": 48,
+        "max_seq_len": 16,
+        "vocab_size": 64,
+    },
+    "moe": {"num_experts": 0},
+    "data": {"seq_len": 16},
+}
+IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+CALIB = list(torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(1)).split(3))
+
+
+def _manager() -> PluginManager:
+    pm = PluginManager(default_registry())
+    pm.register_object("corda", corda)
+    return pm
+
+
+def _config(pm: PluginManager, section: dict[str, Any] | None = None, **sections: Any) -> JobConfig:
+    raw: dict[str, Any] = {"plugins": ["corda"], **{k: dict(v) for k, v in SMALL.items()}}
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    raw["corda"] = {"r": 4, "alpha": 8.0, **(section or {})}
+    return resolve(raw, pm.config_sections)
+
+
+def _adapted(
+    section: dict[str, Any] | None = None, **sections: Any
+) -> tuple[Transformer, Transformer, JobConfig, PluginManager]:
+    """(calibrated corda model, the original base model, config, manager)."""
+    pm = _manager()
+    config = _config(pm, section, **sections)
+    pm.hook.expertrain_validate_config(config=config, world_size=1)
+    model = Transformer(config.model, config.moe, pm.registry)
+    model.init_weights(0)
+    base = copy.deepcopy(model)
+    pm.hook.expertrain_transform_model(model=model, config=config)
+    corda.calibrate_and_init(model, CALIB, config.corda)
+    return model, base, config, pm
+
+
+def _train_adapters(model: nn.Module, seed: int = 1) -> None:
+    """Move every A and B away from its initial value, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in corda.corda_modules(model):
+            for p in (m.lora.lora_A, m.lora.lora_B):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+# --- the math -----------------------------------------------------------------------------------------------------
+
+
+def _spd(n: int, rank: int, seed: int = 0) -> torch.Tensor:
+    X = torch.randn(3 * n, rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    P = torch.randn(rank, n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    return (X @ P).T @ (X @ P) / (3 * n)
+
+
+def test_damping_starts_at_001_and_doubles_until_invertible() -> None:
+    C = _spd(12, 12)
+    C_damped, inv, d = corda.damped_inverse(C)
+    assert d == corda.DAMP_START  # a well-conditioned covariance takes the first damping
+    eye = torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(C_damped, C + 0.01 * torch.diagonal(C).mean() * eye)
+    assert torch.dist(C_damped @ inv, eye) < corda.INV_TOL
+    # The loop: with a strict tolerance d must double, and stop at the FIRST 0.01·2^k whose C̃ passes the test.
+    C_bad = _spd(12, 3) + 1e-9 * eye
+
+    def err(dd: float) -> float:
+        Cd = C_bad + dd * torch.diagonal(C_bad).mean() * eye
+        return float(torch.dist(Cd @ torch.linalg.inv(Cd), eye))
+
+    tol = err(0.01) / 2
+    _, _, d_bad = corda.damped_inverse(C_bad, tol)
+    tried = [0.01 * 2**k for k in range(40) if 0.01 * 2**k < d_bad]
+    assert d_bad > 0.01 and err(d_bad) < tol and all(err(dd) >= tol for dd in tried)
+    with pytest.raises(ValueError, match="no non-zero input"):
+        corda.damped_inverse(torch.zeros(4, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_decomposition_and_factors_follow_the_card(mode: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(10, 12, generator=g, dtype=torch.float64)
+    C = _spd(12, 5)  # rank-deficient: damping is what makes it invertible
+    dec = corda.decompose(W, C)
+    C_damped, C_inv, _ = corda.damped_inverse(C)
+    # SVD(W C̃) = U S Vᵀ, V̂ᵀ = Vᵀ C̃⁻¹, and W = U S V̂ᵀ exactly (fp64).
+    torch.testing.assert_close(dec.U @ torch.diag(dec.S) @ dec.Vhat_T, W, atol=1e-9, rtol=0)
+    torch.testing.assert_close(dec.S, torch.linalg.svdvals(W @ C_damped), atol=1e-9, rtol=0)
+    r, s = 3, 2.0
+    B0, A0 = corda.corda_factors(dec, r, mode, s)
+    idx = slice(0, r) if mode == "ipm" else slice(-r, None)
+    torch.testing.assert_close(s * B0 @ A0, dec.U[:, idx] @ torch.diag(dec.S[idx]) @ dec.Vhat_T[idx])
+    # A = √(S_r/s)·V̂_rᵀ and B = U_r·√(S_r/s): equal column/row scales.
+    torch.testing.assert_close(B0.norm(dim=0), torch.sqrt(dec.S[idx] / s), atol=1e-9, rtol=0)
+    # The frozen residual keeps the other components: its context-weighted spectrum is S without the adapted ones.
+    residual = W - s * B0 @ A0
+    rest = dec.S[r:] if mode == "ipm" else dec.S[:-r]
+    got = torch.linalg.svdvals(residual @ C_damped)[: rest.shape[0]]
+    torch.testing.assert_close(got, rest, atol=1e-9, rtol=0)
+    assert (dec.S[idx].min() >= rest.max()) if mode == "ipm" else (dec.S[idx].max() <= rest.min())
+
+
+def test_covariance_is_per_sample_normalised_and_averaged() -> None:
+    lin = nn.Linear(6, 4)
+    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(0))
+    x[1] *= 100  # per-sample normalisation removes the scale of each sample
+    collector = CovarianceCollector([("lin", lin)])
+    lin(x[:2])
+    lin(x[2:])
+    collector.remove()
+    normed = [xb.double() / xb.double().abs().max() for xb in x]
+    expected = sum(xb.T @ xb for xb in normed) / 3
+    torch.testing.assert_close(collector.covariances()["lin"], expected, atol=1e-12, rtol=0)
+    lin(x)  # removed hooks collect nothing more
+    assert collector.samples["lin"] == 3
+
+
+# --- the plugin on a model ----------------------------------------------------------------------------------------
+
+
+def test_coverage_step0_logits_unchanged_and_residual_base(capsys: pytest.CaptureFixture) -> None:
+    model, base, config, _ = _adapted()
+    out = capsys.readouterr().out
+    assert "corda: adapted 14 linear modules (q_proj x2, k_proj x2, v_proj x2, o_proj x2, gate_proj x2" in out
+    assert "mode=ipm, r=4, alpha=8" in out
+    modules = corda.corda_modules(model)
+    assert len(modules) == 14 and all(isinstance(m, CorDALinear) for _, m in modules)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), base(IDS), **LOGITS_TOL)
+    originals = dict(base.named_modules())
+    for path, m in modules:
+        s = m.lora.scaling
+        W = originals[path].weight
+        assert not torch.allclose(m.weight, W), path  # the base is the residual, not W
+        torch.testing.assert_close(m.weight + s * m.lora.lora_B @ m.lora.lora_A, W, atol=1e-6, rtol=0)
+        assert torch.equal(m.lora.lora_A, m.lora_A0.to(m.lora.lora_A.dtype))
+
+
+def test_kpm_adapts_smaller_components_than_ipm() -> None:
+    ipm, _, _, _ = _adapted({"mode": "ipm"})
+    kpm, base, _, _ = _adapted({"mode": "kpm"})
+    with torch.no_grad():
+        torch.testing.assert_close(kpm(IDS), base(IDS), **LOGITS_TOL)
+    for (path, a), (_, b) in zip(corda.corda_modules(ipm), corda.corda_modules(kpm)):
+        assert (a.lora_B0 @ a.lora_A0).norm() > (b.lora_B0 @ b.lora_A0).norm(), path
+
+
+def test_base_is_frozen_no_gradient_no_optimizer_state() -> None:
+    model, _, config, pm = _adapted()
+    trainable = pm.trainable_names(model, config)
+    assert trainable == set(corda.adapter_parameter_names(model)) and len(trainable) == 28
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    optimizer = build_optimizer(model, OptimConfig(), pm.param_groups(model, config), torch.device("cpu"))
+    model(IDS).float().logsumexp(-1).mean().backward()
+    optimizer.step()
+    params = dict(model.named_parameters())
+    with_state = {n for n, p in params.items() if optimizer.state.get(p)}
+    assert with_state == trainable and len(optimizer.state) == len(trainable)
+    assert all(params[n].grad is None for n in params if n not in trainable)
+
+
+def test_state_round_trips_and_a_different_model_is_refused() -> None:
+    model, _, config, pm = _adapted()
+    state = pm.plugin_state_dicts(model, config)["corda"]
+    assert len(state) == 28 and all(torch.count_nonzero(v) > 0 for v in state.values())
+    fresh = Transformer(config.model, config.moe, pm.registry)
+    pm.hook.expertrain_transform_model(model=fresh, config=config)
+    pm.load_plugin_state_dicts({"corda": state}, fresh, config)
+    for (_, a), (_, b) in zip(corda.corda_modules(model), corda.corda_modules(fresh)):
+        assert torch.equal(a.lora_A0, b.lora_A0) and torch.equal(a.lora_B0, b.lora_B0)
+    with pytest.raises(PluginError, match="adapted modules differ"):
+        pm.load_plugin_state_dicts({"corda": dict(list(state.items())[:2])}, fresh, config)
+
+
+def test_merge_leaves_plain_linears_with_the_same_logits() -> None:
+    model, _, config, pm = _adapted()
+    _train_adapters(model)
+    with torch.no_grad():
+        expected = model(IDS)
+    merged = pm.call_per_plugin("expertrain_merge_adapters", model=model, config=config)["corda"]
+    assert len(merged) == 14 and not corda.corda_modules(model)
+    assert type(model.get_submodule("layers.0.attention.q_proj")) is nn.Linear
+    assert not any("lora" in n for n in model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), expected, **LOGITS_TOL)
+
+
+@pytest.mark.parametrize(
+    ("section", "sections", "key"),
+    [
+        ({"target_experts": True}, {}, "corda.target_experts"),
+        ({}, {"parallel": {"tp": 2}}, "parallel.tp"),
+        ({}, {"parallel": {"ep": 2}, "moe": {"num_experts": 4}}, "parallel.ep"),
+        ({"calibration_seq_len": 64}, {}, "corda.calibration_seq_len"),
+        ({"targets": ["nope_proj"]}, {}, "corda.targets[0]"),
+        ({"r": 40}, {}, "corda.r"),
+    ],
+)
+def test_refusals_name_the_key(section: dict[str, Any], sections: dict[str, Any], key: str) -> None:
+    pm = _manager()
+    with pytest.raises(ConfigError) as err:
+        config = _config(pm, section, **sections)
+        pm.hook.expertrain_validate_config(config=config, world_size=2)
+        model = Transformer(config.model, config.moe, pm.registry)
+        pm.hook.expertrain_transform_model(model=model, config=config)
+    assert err.value.key == key
+
+
+# --- export -------------------------------------------------------------------------------------------------------
+
+
+def test_peft_export_on_the_original_base_loads_in_peft(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from framework.interop.hf import save_pretrained
+
+    model, base, config, pm = _adapted({"mode": "kpm"})
+    _train_adapters(model)
+    adapter, base_dir = tmp_path / "adapter", tmp_path / "base"
+    files = pm.hook.expertrain_export(model=model, config=config, output_dir=adapter, export_format="peft")
+    assert files == [["adapter_model.safetensors", "adapter_config.json"]]
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16.0  # rank 2r, alpha doubled: the same scale alpha/r
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    m = model.get_submodule("layers.0.attention.q_proj")
+    assert torch.equal(tensors[f"{q}.lora_A.weight"][4:], m.lora_A0)
+    assert torch.equal(tensors[f"{q}.lora_B.weight"][:, 4:], -m.lora_B0)
+    save_pretrained(base, base_dir)
+    with torch.no_grad():
+        expected = model(IDS)
+        hf = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+        before = hf(IDS).logits
+        got = peft.PeftModel.from_pretrained(hf, str(adapter)).eval()(IDS).logits
+    assert (expected - before).abs().max() > 1e-3, (
+        "the adapters must have moved the model for this to test them"
+    )
+    torch.testing.assert_close(got, expected, **LOGITS_TOL)
+
+
+def test_corda_export_writes_adapters_and_initial_factors(tmp_path: Path) -> None:
+    model, _, config, pm = _adapted()
+    files = pm.hook.expertrain_export(model=model, config=config, output_dir=tmp_path, export_format="corda")
+    assert files == [["corda_adapter.safetensors", "corda_config.json"]]
+    tensors = load_file(str(tmp_path / "corda_adapter.safetensors"))
+    assert len(tensors) == 4 * 14
+    meta = json.loads((tmp_path / "corda_config.json").read_text())
+    assert meta["mode"] == "ipm" and meta["r"] == 4 and meta["scaling"] == 2.0
+    m = model.get_submodule("layers.1.ffn.down_proj")
+    assert torch.equal(tensors["layers.1.ffn.down_proj.lora_B0"], m.lora_B0)
+    assert pm.hook.expertrain_export(model=model, config=config, output_dir=tmp_path, export_format="x") == []
+
+
+def test_the_options_table_in_the_docs_matches_the_code() -> None:
+    doc = (REPO / "docs" / "plugins" / "corda.md").read_text(encoding="utf-8")
+    for field, typ, default, meaning in section_docs(corda.CorDAConfig):
+        shown = f"`{default!r}`" if default in ("", [], {}) else f"`{default}`"
+        row = f"| `corda.{field}` | {typ} | {shown} | {meaning} |"
+        assert row in doc, f"docs/plugins/corda.md is stale for corda.{field}: expected the row\n{row}"
