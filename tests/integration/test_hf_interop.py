@@ -84,19 +84,32 @@ def test_hf_folder_trains_at_ep2_and_tp2_and_exports_bit_identical(tmp_path: Pat
         different = [k for k in original if not torch.equal(exported[k], original[k])]
         assert not different, f"changed on the way through {name}: {different[:5]}"
         assert (out / "tokenizer.json").is_file(), "the run's tokenizer travels with the export"
-    assert losses["ep2"] == pytest.approx(losses["tp2"], rel=1e-5)
+    # One rank in this process: the same step-1 loss as both layouts (each placed every shard where it belongs).
+    one = tmp_path / "one"
+    _train_in_process(QUICKSTART, [*TINY, *common, f"run.dir={one}", "parallel.data=ddp"])
+    losses["one"] = _step1_loss(one)
+    assert losses["ep2"] == pytest.approx(losses["one"], rel=1e-5)
+    assert losses["tp2"] == pytest.approx(losses["one"], rel=1e-5)
     # The saved job names the model the checkpoint describes (taken from config.json, not the job's defaults).
     saved = (tmp_path / "ep2" / "config.yaml").read_text()
     assert "qk_norm: true" in saved and "num_experts: 4" in saved
+
+
+def _train_in_process(config: Path, overrides: list[str]) -> None:
+    from framework.parallel.setup import DistInfo
+    from framework.train.launch import load_job
+    from framework.train.trainer import Trainer
+
+    job, pm = load_job(str(config), overrides)
+    trainer = Trainer(job, pm, DistInfo(0, 1, 0, torch.device("cpu")))
+    trainer.build()
+    trainer.run()
 
 
 def test_lora_on_an_hf_base_exports_an_adapter_peft_reproduces(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from framework.checkpoint.export import load_model
-    from framework.parallel.setup import DistInfo
-    from framework.train.launch import load_job
-    from framework.train.trainer import Trainer
 
     folder = _hf_folder(tmp_path)
     run_dir = tmp_path / "lora"
@@ -110,10 +123,7 @@ def test_lora_on_an_hf_base_exports_an_adapter_peft_reproduces(tmp_path: Path) -
         "logging.plots=false",
         "train.sample_tokens=0",
     ]
-    job, pm = load_job(str(SFT_LORA), overrides)
-    trainer = Trainer(job, pm, DistInfo(0, 1, 0, torch.device("cpu")))
-    trainer.build()
-    trainer.run()
+    _train_in_process(SFT_LORA, overrides)
 
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
     assert cli_main(["export", "peft", "--checkpoint", str(run_dir), "--output", str(adapter)]) == 0
