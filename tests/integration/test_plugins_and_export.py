@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from framework.cli import main as cli_main
 from tests.integration.launch import REPO, run_training
 from tests.unit.hooks.test_writing_plugins_doc import install_doc_plugin
 
@@ -101,11 +102,22 @@ def test_export_native_matches_the_checkpoint(tmp_path: Path) -> None:
     fresh.init_weights(config.train.seed)
     assert not torch.equal(fresh.state_dict()["output.weight"], rebuilt.state_dict()["output.weight"])
 
-    hf = subprocess.run(
-        [sys.executable, "-m", "framework.cli", "export", "hf", "--checkpoint", str(run_dir), "--output", str(out)],
+    # The same tp2 x ep2 checkpoint as a Hugging Face folder (a plain MoE model is a mixtral): transformers gives
+    # our logits (fp32, other summation order: 1e-5).
+    from transformers import AutoModelForCausalLM
+
+    hf_out = tmp_path / "hf"
+    assert cli_main(["export", "hf", "--checkpoint", str(run_dir), "--output", str(hf_out)]) == 0
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(hf_out).eval()(ids).logits
+    torch.testing.assert_close(theirs, reference(ids), atol=1e-5, rtol=0)
+    # A format no plugin of the job provides: exit 2, naming it.
+    other = subprocess.run(
+        [sys.executable, "-m", "framework.cli", "export", "sparse-mask", "--checkpoint", str(run_dir),
+         "--output", str(tmp_path / "x")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert hf.returncode == 2 and "not available" in hf.stderr
+    assert other.returncode == 2 and "not available" in other.stderr
 
 
 def test_bf16_autocast_with_activation_checkpointing(tmp_path: Path) -> None:

@@ -686,9 +686,9 @@ def _write_moe(out: dict[str, Any], spec: HFModelSpec, family: str) -> None:
             raise _refuse(
                 "moe.first_k_dense", moe.first_k_dense, family, "0 and moe.every=1 (all layers MoE)"
             )
-        if moe.expert_hidden != m.ffn_hidden:
-            raise _refuse("moe.expert_hidden", moe.expert_hidden, family, f"model.ffn_hidden={m.ffn_hidden}")
+        # Every layer is MoE, so model.ffn_hidden sizes nothing: Mixtral's one intermediate_size is the experts'.
         out.update(
+            intermediate_size=moe.expert_hidden,
             num_local_experts=moe.num_experts,
             router_aux_loss_coef=moe.aux_loss_coef,
             router_jitter_noise=0.0,
