@@ -57,7 +57,9 @@ def build_optimizer(
         raise ValueError(
             "no trainable parameters: every parameter is frozen (check the plugins' trainable sets)"
         )
-    fused = device.type == "cuda"
+    # The fused kernel exists for CUDA and CPU: on CPU it measured 5x faster than foreach (8M parameters, one
+    # thread: 13 vs 67 ms per step), the same update up to rounding.
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,

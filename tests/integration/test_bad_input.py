@@ -33,8 +33,10 @@ def assert_fails_on_every_rank(proc: subprocess.CompletedProcess, fragment: str,
     assert not re.search(r'File ".*framework[/\\]', proc.stderr), proc.stderr[-3000:]
 
 
-def test_unknown_key_under_torchrun_fails_on_every_rank_before_anything_starts(tmp_path: Path) -> None:
-    proc = run_training(tmp_path / "run", ["train.stepz=3"], nproc=2, timeout=120, launcher="torchrun")
+def test_unknown_key_fails_on_every_rank_before_anything_starts(tmp_path: Path) -> None:
+    # Not under torchrun: its agent stops the other ranks as soon as one exits, so on a loaded machine the slower
+    # rank may be killed before it prints; tests/integration/ranks.py lets every rank finish its own error.
+    proc = run_training(tmp_path / "run", ["train.stepz=3"], nproc=2, timeout=120)
     assert_fails_on_every_rank(proc, "config key 'train.stepz'")
     assert not (tmp_path / "run").exists(), "nothing is started for a bad config"
 
