@@ -41,11 +41,11 @@ from framework.observe import console
 from plugins.peft.low_rank import LoRALinear, hf_module_path, peft_key, write_adapter
 from plugins.peft.targets import (
     ALL_LINEAR,
-    OWNER_ATTR,
     Targets,
     check_target_spec,
     claim,
     format_coverage,
+    owned_modules,
     refuse_model_parallel,
     select_targets,
 )
@@ -109,21 +109,12 @@ class CorDALinear(LoRALinear):
 
 def corda_modules(model: nn.Module) -> list[tuple[str, CorDALinear]]:
     """``(module path, module)`` of every module the plugin adapted, in model order."""
-    return [
-        (p, m)
-        for p, m in model.named_modules()
-        if isinstance(m, CorDALinear) and getattr(m, OWNER_ATTR, None) == SECTION
-    ]
+    return owned_modules(model, SECTION, CorDALinear)
 
 
 def adapter_parameter_names(model: nn.Module) -> list[str]:
     """Names (as in ``model.named_parameters()``) of every trainable adapter tensor."""
     return [f"{p}.lora.{t}" for p, _ in corda_modules(model) for t in ("lora_A", "lora_B")]
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def apply_corda(model: nn.Module, cfg: CorDAConfig) -> Targets:
@@ -140,7 +131,7 @@ def apply_corda(model: nn.Module, cfg: CorDAConfig) -> Targets:
         claim(base, SECTION, path)
         module = CorDALinear(base, cfg.r, cfg.alpha)
         claim(module, SECTION, path)
-        _set_module(model, path, module)
+        model.set_submodule(path, module)
     return targets
 
 
@@ -377,7 +368,7 @@ def merge_corda(model: nn.Module) -> list[str]:
         m.merge()
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         plain.weight, plain.bias = m.weight, m.bias
-        _set_module(model, path, plain)
+        model.set_submodule(path, plain)
         merged.append(path)
     return merged
 

@@ -42,11 +42,11 @@ from framework.observe import console
 from plugins.peft.low_rank import hf_module_path
 from plugins.peft.targets import (
     ALL_LINEAR,
-    OWNER_ATTR,
     Targets,
     check_target_spec,
     claim,
     format_coverage,
+    owned_modules,
     refuse_model_parallel,
     select_targets,
 )
@@ -213,11 +213,6 @@ class LIFTLinear(nn.Linear):
         return f"in={self.in_features}, out={self.out_features}, K={self.budget}"
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, leaf, module)
-
-
 def apply_lift(model: nn.Module, cfg: LIFTConfig, plugin: str = SECTION) -> list[tuple[str, nn.Linear]]:
     """Wrap every targeted ``nn.Linear`` in a :class:`LIFTLinear` with its initial mask (drawn from the current
     weights, the same on every rank). Returns the selected ``(path, original module)`` pairs."""
@@ -229,17 +224,13 @@ def apply_lift(model: nn.Module, cfg: LIFTConfig, plugin: str = SECTION) -> list
             _broadcast(principal_mask(base.weight, module.budget, cfg.filter_rank, cfg.mask_type))
         )
         claim(module, plugin, path)
-        _set_module(model, path, module)
+        model.set_submodule(path, module)
     return targets.linears
 
 
 def lift_modules(model: nn.Module, plugin: str = SECTION) -> list[tuple[str, LIFTLinear]]:
     """``(module path, module)`` of every module ``plugin`` adapted, in model order."""
-    return [
-        (path, m)
-        for path, m in model.named_modules()
-        if isinstance(m, LIFTLinear) and getattr(m, OWNER_ATTR, None) == plugin
-    ]
+    return owned_modules(model, plugin, LIFTLinear)
 
 
 def value_parameter_names(model: nn.Module, plugin: str = SECTION) -> list[str]:
@@ -340,7 +331,7 @@ class LIFTPlugin:
             with torch.no_grad():
                 module.weight.copy_(module.merged_weight())
             plain.weight, plain.bias = module.weight, module.bias
-            _set_module(model, path, plain)
+            model.set_submodule(path, plain)
             merged.append(path)
         return merged or None
 

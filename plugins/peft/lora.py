@@ -43,10 +43,10 @@ from plugins.peft.low_rank import (
 )
 from plugins.peft.targets import (
     ALL_LINEAR,
-    OWNER_ATTR,
     Targets,
     claim,
     format_coverage,
+    owned_modules,
     pattern_value,
     select_targets,
 )
@@ -118,11 +118,6 @@ def _check_patterns(cfg: LoRAConfig) -> None:
 # --- the model transform ------------------------------------------------------------------------------------------
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, leaf, module)
-
-
 def apply_lora(model: nn.Module, cfg: LoRAConfig, plugin: str = SECTION) -> Targets:
     """Wrap every module ``cfg`` targets (in place) and initialise the adapters from ``cfg.seed`` (same values on
     every rank). Returns the selected modules (the originals, by path); raises ``ConfigError`` if a target part
@@ -136,7 +131,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, plugin: str = SECTION) -> Targ
         module = LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora)
         module.lora.reset_parameters(cfg.init, generator)
         claim(module, plugin, path)
-        _set_module(model, path, module)
+        model.set_submodule(path, module)
     for path, experts in targets.experts:
         claim(experts, plugin, path)
         E, H, hidden = experts.num_experts, experts.dim, experts.hidden
@@ -150,17 +145,13 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, plugin: str = SECTION) -> Targ
             adapters[f"lora_{name}"] = lora
         module = LoRAExperts(experts, **adapters)
         claim(module, plugin, path)
-        _set_module(model, path, module)
+        model.set_submodule(path, module)
     return targets
 
 
 def lora_modules(model: nn.Module, plugin: str = SECTION) -> list[tuple[str, LoRALinear | LoRAExperts]]:
     """``(module path, module)`` of every module ``plugin`` adapted, in model order."""
-    return [
-        (path, m)
-        for path, m in model.named_modules()
-        if isinstance(m, (LoRALinear, LoRAExperts)) and getattr(m, OWNER_ATTR, None) == plugin
-    ]
+    return owned_modules(model, plugin, (LoRALinear, LoRAExperts))
 
 
 def adapter_parameter_names(model: nn.Module, plugin: str = SECTION) -> list[str]:
@@ -330,7 +321,7 @@ def expertrain_merge_adapters(model: nn.Module) -> list[str] | None:
                 module.in_features, module.out_features, bias=module.bias is not None, device="meta"
             )
             plain.weight, plain.bias = module.weight, module.bias
-            _set_module(model, path, plain)
+            model.set_submodule(path, plain)
         else:
             module.lora_gate_up_proj = None
             module.lora_down_proj = None

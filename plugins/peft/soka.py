@@ -38,11 +38,11 @@ from framework.observe import console
 from plugins.peft.low_rank import hf_module_path
 from plugins.peft.targets import (
     ALL_LINEAR,
-    OWNER_ATTR,
     Targets,
     check_target_spec,
     claim,
     format_coverage,
+    owned_modules,
     refuse_model_parallel,
     select_targets,
 )
@@ -212,11 +212,6 @@ class SoKALinear(nn.Linear):
         return f"out={self.m1}x{self.m2}, in={self.n1}x{self.n2}, r={self.rank}"
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, leaf, module)
-
-
 def apply_soka(model: nn.Module, cfg: SoKAConfig, plugin: str = SECTION) -> list[tuple[str, nn.Linear]]:
     """Replace every targeted ``nn.Linear`` by a :class:`SoKALinear` (residual + principal Kronecker terms)."""
     targets = select_targets(model, cfg.targets, False, section=SECTION)
@@ -224,17 +219,13 @@ def apply_soka(model: nn.Module, cfg: SoKAConfig, plugin: str = SECTION) -> list
         claim(base, plugin, path)
         module = SoKALinear(base, cfg.energy, cfg.max_rank, cfg.use_elbow)
         claim(module, plugin, path)
-        _set_module(model, path, module)
+        model.set_submodule(path, module)
     return targets.linears
 
 
 def soka_modules(model: nn.Module, plugin: str = SECTION) -> list[tuple[str, SoKALinear]]:
     """``(module path, module)`` of every module ``plugin`` adapted, in model order."""
-    return [
-        (path, m)
-        for path, m in model.named_modules()
-        if isinstance(m, SoKALinear) and getattr(m, OWNER_ATTR, None) == plugin
-    ]
+    return owned_modules(model, plugin, SoKALinear)
 
 
 def factor_parameter_names(model: nn.Module, plugin: str = SECTION) -> list[str]:
@@ -294,7 +285,7 @@ def expertrain_merge_adapters(model: nn.Module) -> list[str] | None:
         with torch.no_grad():
             module.weight.copy_(module.merged_weight())
         plain.weight, plain.bias = module.weight, module.bias
-        _set_module(model, path, plain)
+        model.set_submodule(path, plain)
         merged.append(path)
     return merged or None
 

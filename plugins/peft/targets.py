@@ -39,6 +39,7 @@ OWNER_ATTR = "_expertrain_adapted_by"
 
 TargetSpec = list[str] | str
 V = TypeVar("V")
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass
@@ -189,3 +190,13 @@ def check_target_spec(section: str, targets: Any) -> None:
         raise ConfigError(
             f"{section}.targets", targets, f"expected module-name suffixes, a regex or '{ALL_LINEAR}'"
         )
+
+
+def owned_modules(model: nn.Module, plugin: str, types: type[M] | tuple[type[M], ...]) -> list[tuple[str, M]]:
+    """``(module path, module)`` of every module of ``types`` that ``plugin`` adapted (:func:`claim`), in model
+    order."""
+    return [
+        (path, m)
+        for path, m in model.named_modules()
+        if isinstance(m, types) and getattr(m, OWNER_ATTR, None) == plugin
+    ]
