@@ -134,8 +134,13 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``input_ids [B, S]`` -> fp32 logits ``[B, S, V]``.
+
+        ``logits_at [B, S]`` (bool, optional): run the LM head only at these positions and return their logits
+        ``[N, V]`` in row-major order (``N = logits_at.sum()``). The head is the largest matmul of a small model;
+        in SFT most positions carry no label, so the trainer asks only for the labelled ones.
 
         ``position_ids [B, S]`` (optional): positions that restart at 0 mark packed documents; attention never
         crosses them (:func:`~framework.models.masking.document_causal_mask`). ``cache``: incremental decoding;
@@ -169,6 +174,8 @@ class Transformer(nn.Module):
                 )
             else:
                 h_BSD = block(h_BSD, self.rope_cos, self.rope_sin, position_ids, attn_mask_B1SS, layer_cache)
+        if logits_at is not None:
+            return self.output(self.norm(h_BSD[logits_at])).float()
         return self.output(self.norm(h_BSD)).float()
 
     def new_kv_cache(self, capacity: int | None = None) -> KVCache:

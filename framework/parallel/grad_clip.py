@@ -54,9 +54,16 @@ def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm:
 
 
 def _local_sq_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of squares in fp64 (an fp32 norm of a large gradient loses ~1e-5 relative; the result is cast back)."""
-    norms = [torch.linalg.vector_norm(t, 2, dtype=torch.float64) for t in tensors]
-    return torch.stack(norms).pow(2).sum().float()
+    """Sum of the squared norms of ``tensors``, as an fp32 scalar.
+
+    Each tensor's norm is taken in fp32 (torch's reductions sum blockwise, so one tensor's norm is accurate to a few
+    ulps; an fp64 norm would first copy the whole gradient to fp64, which cost a full-size copy per parameter and
+    step), and the squares are added in fp64 so that many parameters do not accumulate round-off."""
+    fp32 = [t for t in tensors if t.dtype == torch.float32]
+    other = [t for t in tensors if t.dtype != torch.float32]
+    norms = list(torch._foreach_norm(fp32, 2)) if fp32 else []
+    norms += [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in other]
+    return torch.stack(norms).double().pow(2).sum().float()
 
 
 def _group_sq_norm(key: _GroupKey, members: list[torch.Tensor]) -> torch.Tensor:

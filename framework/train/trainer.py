@@ -36,7 +36,7 @@ from framework.parallel.grad_clip import clip_grad_norm_
 from framework.parallel.grads import reduce_pending_gradients
 from framework.parallel.mesh import ParallelLayout, build_meshes
 from framework.parallel.setup import DistInfo
-from framework.train.loss import count_loss_tokens, lm_loss_sum
+from framework.train.loss import IGNORE_INDEX, count_loss_tokens, lm_loss_sum
 from framework.train.optim import build_optimizer, build_scheduler, load_scheduler_state
 
 
@@ -404,8 +404,7 @@ class Trainer:
             last = i == len(micro_batches) - 1
             with self.engine.micro_batch(last):
                 with self._autocast():
-                    logits = self.model(input_ids, position_ids)
-                    lm_sum = lm_loss_sum(logits, labels)
+                    logits, lm_sum = self._forward_loss(input_ids, labels, position_ids)
                     extra = self._extra_losses(input_ids, logits)
                 objective = (
                     lm_sum * lm_scale
@@ -437,7 +436,29 @@ class Trainer:
             )
         return StepResult(loss, aux, grad_norm, global_tokens, time.perf_counter() - t0)
 
-    def _extra_losses(self, input_ids: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _forward_loss(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Forward one micro-batch; returns its logits ``[B, S, V]`` (``None`` when the LM head ran only at the
+        labelled positions) and the summed LM loss.
+
+        The head runs only where a label is (SFT: the answers) unless every position has one, a plugin's
+        ``expertrain_extra_losses`` asks for the logits, or tensor parallelism shards the head's input."""
+        keep = labels != IGNORE_INDEX
+        if self._head_at_labels and not bool(keep.all()):
+            logits_NV = self.model(input_ids, position_ids, logits_at=keep)
+            return None, lm_loss_sum(logits_NV.unsqueeze(0), labels[keep].unsqueeze(0))
+        logits = self.model(input_ids, position_ids)
+        return logits, lm_loss_sum(logits, labels)
+
+    @property
+    def _head_at_labels(self) -> bool:
+        if self.layout.tp > 1:
+            return False
+        impls = self.pm.hook.expertrain_extra_losses.get_hookimpls()
+        return not any("logits" in impl.argnames for impl in impls)
+
+    def _extra_losses(self, input_ids: torch.Tensor, logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
         losses = dict(self.raw_model.aux_losses())
         for name, value in self.pm.merge_extra_losses(self.raw_model, input_ids, logits, self.config).items():
             if name in losses:
@@ -523,8 +544,8 @@ class Trainer:
         for _, batch in zip(range(cfg.train.eval_batches), stream):
             input_ids, labels, position_ids = self._to_device(batch)
             with self._autocast():
-                logits = self.model(input_ids, position_ids)
-            total[0] += float(lm_loss_sum(logits, labels.to(self.device)))
+                _, lm_sum = self._forward_loss(input_ids, labels.to(self.device), position_ids)
+            total[0] += float(lm_sum)
             total[1] += count_loss_tokens(labels)
         self._discard_routing_state()
         C.all_reduce_sum(total)

@@ -130,3 +130,30 @@ def test_rejects_too_long_sequences() -> None:
     m = Transformer(model_cfg(max_seq_len=8), moe_cfg())
     with pytest.raises(ValueError, match="max_seq_len"):
         m(torch.zeros(1, 9, dtype=torch.int64))
+
+
+def test_logits_at_labelled_positions_equal_the_full_head() -> None:
+    """The head run only at some positions gives those positions' logits, and the same loss gradients."""
+    torch.manual_seed(0)
+    m = Transformer(model_cfg(), moe_cfg())
+    m.init_weights(0)
+    ids = torch.randint(0, 97, (2, 16))
+    labels = torch.randint(0, 97, (2, 16))
+    keep = torch.rand(2, 16) < 0.3
+    labels[~keep] = -100
+    full = m(ids)
+    part = m(ids, logits_at=keep)
+    assert part.shape == (int(keep.sum()), 97)
+    torch.testing.assert_close(part, full[keep], rtol=0, atol=1e-6)
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        m.zero_grad()
+        m.discard_routing_state()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    g_full = grads(torch.nn.functional.cross_entropy(m(ids).flatten(0, 1), labels.flatten(), reduction="sum"))
+    g_part = grads(torch.nn.functional.cross_entropy(m(ids, logits_at=keep), labels[keep], reduction="sum"))
+    assert g_full.keys() == g_part.keys() and "output.weight" in g_full
+    for name in g_full:
+        torch.testing.assert_close(g_part[name], g_full[name], rtol=1e-5, atol=1e-7, msg=name)
