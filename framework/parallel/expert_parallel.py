@@ -30,15 +30,30 @@ def expert_slice(num_experts: int, ep_rank: int, ep_size: int) -> slice:
 
 
 def _per_expert_parameters(experts: GroupedExperts) -> list[str]:
-    """Further per-expert parameters (dim 0 = experts) a subclass declares with ``per_expert_parameters()``, e.g.
-    LoRA deltas: cut over ``ep`` like the fused weights, kept whole (replicated) over ``tp``."""
+    """Further per-expert tensors (dim 0 = experts) a subclass declares with ``per_expert_parameters()``, e.g.
+    LoRA deltas: cut over ``ep`` like the fused weights, kept whole (replicated) over ``tp``. A declared name may
+    also be a buffer (e.g. a per-expert mask): it is cut and wrapped the same way and stays a buffer."""
     declare = getattr(experts, "per_expert_parameters", None)
     return list(declare()) if declare is not None else []
 
 
-def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
+def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer ``name`` (dotted) of ``module``."""
     owner_path, _, leaf = name.rpartition(".")
-    setattr(module.get_submodule(owner_path), leaf, param)
+    owner = module.get_submodule(owner_path)
+    if leaf in owner._parameters:
+        return owner._parameters[leaf]
+    return owner.get_buffer(leaf)
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, requires_grad: bool) -> None:
+    """Replace parameter ``name`` by ``nn.Parameter(value)``, or buffer ``name`` by ``value`` (persistence kept)."""
+    owner_path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    if leaf in owner._parameters:
+        setattr(owner, leaf, nn.Parameter(value, requires_grad=requires_grad))
+    else:
+        owner.register_buffer(leaf, value, persistent=leaf not in owner._non_persistent_buffers_set)
 
 
 @torch.no_grad()
@@ -47,12 +62,12 @@ def shard_experts_(experts: GroupedExperts, ep_mesh: DeviceMesh, as_dtensor: boo
     ep_rank, ep_size = ep_mesh.get_local_rank(), ep_mesh.size()
     keep = expert_slice(experts.num_experts, ep_rank, ep_size)
     for name in ("gate_up_proj", "down_proj", *_per_expert_parameters(experts)):
-        full = experts.get_parameter(name)
+        full = _get_tensor(experts, name)
         if isinstance(full, DTensor):
             raise RuntimeError(f"experts.{name} is already distributed; apply expert parallelism once")
         local = full.detach()[keep].clone()
         value = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False) if as_dtensor else local
-        _set_parameter(experts, name, nn.Parameter(value, requires_grad=full.requires_grad))
+        _set_tensor(experts, name, value, full.requires_grad)
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, as_dtensor: bool = True) -> int:
@@ -131,14 +146,14 @@ def _shard_expert_weights_(
             value = DTensor.from_local(local.contiguous().clone(), mesh, placements, run_check=False)
             setattr(experts, name, nn.Parameter(value, requires_grad=old.requires_grad))
         for name in _per_expert_parameters(experts):
-            old = experts.get_parameter(name)
+            old = _get_tensor(experts, name)
             local, placements = old.detach(), []
             for dim_name, rank, size in dims:
                 if dim_name == "ep":
                     local = local[expert_slice(experts.num_experts, rank, size)]
                 placements.append(Shard(0) if dim_name == "ep" else Replicate())
             value = DTensor.from_local(local.contiguous().clone(), mesh, placements, run_check=False)
-            _set_parameter(experts, name, nn.Parameter(value, requires_grad=old.requires_grad))
+            _set_tensor(experts, name, value, old.requires_grad)
 
 
 def _replicate_over_tp_(module: nn.Module, tp_mesh: DeviceMesh) -> None:
