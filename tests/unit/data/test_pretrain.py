@@ -116,6 +116,20 @@ def test_unigram_entropy() -> None:
     assert unigram_entropy(Samples()) == pytest.approx(float(-(probs * np.log(probs)).sum()))
 
 
+def test_unigram_entropy_of_a_split_counts_its_documents(
+    tmp_path: Path, small_prefix: str, small_tokenizer: Tokenizer
+) -> None:
+    """A megatron split is counted from its documents: exactly their tokens, and close to the label positions of
+    its samples (the same text, cut into samples and repeated over epochs)."""
+    _, val = _build(small_prefix, tmp_path, small_tokenizer)
+    assert val is not None
+    split = val.megatron_dataset
+    tokens = np.concatenate([np.asarray(split.dataset[int(i)]) for i in split.indices]).astype(np.int64)
+    assert unigram_entropy(val) == pytest.approx(unigram_entropy([tokens]), rel=1e-12)
+    by_samples = unigram_entropy(val, max_samples=len(val))  # the sample loop
+    assert by_samples == pytest.approx(unigram_entropy(val), abs=0.05)
+
+
 def test_two_gloo_ranks_build_the_same_datasets_quietly(
     tmp_path: Path, small_prefix: str, small_tokenizer: Tokenizer
 ) -> None:
