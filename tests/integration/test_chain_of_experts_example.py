@@ -13,7 +13,12 @@ EXAMPLE = REPO / "examples" / "configs" / "chain_of_experts.yaml"
 
 def test_example_trains_with_per_iteration_routing_metrics(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    overrides = ["train.steps=3", "train.sample_tokens=0", "checkpoint.save_final=false"]
+    overrides = [
+        "train.steps=3",
+        "train.sample_tokens=0",
+        "checkpoint.save_final=false",
+        "logging.plots=true",
+    ]
     proc = run_training(run_dir, overrides, nproc=2, config=EXAMPLE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

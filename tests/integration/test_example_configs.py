@@ -38,7 +38,7 @@ def test_deepseek_moe_example_trains_on_two_ranks(tmp_path: Path) -> None:
     """``deepseek_moe.yaml`` at the tiny shape (4 experts of hidden 32, top-2, split in 2, 2 isolated shared experts
     -> 6 routed experts per layer) on 2 ranks with its own ``parallel.ep=2``."""
     run_dir = tmp_path / "run"
-    proc = run_training(run_dir, [], nproc=2, config=EXAMPLES / "deepseek_moe.yaml")
+    proc = run_training(run_dir, ["logging.plots=true"], nproc=2, config=EXAMPLES / "deepseek_moe.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parallel layout: dp=2 tp=1 ep=2" in proc.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -23,7 +23,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_two_rank_run_writes_metrics_plots_and_summary(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_training(run_dir, ["logging.tensorboard=true"], nproc=2, launcher="torchrun")
+    proc = run_training(
+        run_dir, ["logging.tensorboard=true", "logging.plots=true"], nproc=2, launcher="torchrun"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -46,7 +48,9 @@ def test_two_rank_run_writes_metrics_plots_and_summary(tmp_path: Path) -> None:
     )
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
 
-    again = run_training(run_dir, ["logging.tensorboard=true"], nproc=2, launcher="torchrun")
+    again = run_training(
+        run_dir, ["logging.tensorboard=true", "logging.plots=true"], nproc=2, launcher="torchrun"
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already complete" in again.stdout
     assert len(metrics(run_dir)) == 4
@@ -103,7 +107,11 @@ def test_training_on_a_blend_of_prepared_datasets(tmp_path: Path) -> None:
 
 def test_no_validation_split_still_logs_the_last_step(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_training(run_dir, ["data.val_fraction=0", "logging.log_every=5", "train.steps=3"], nproc=0)
+    proc = run_training(
+        run_dir,
+        ["data.val_fraction=0", "logging.log_every=5", "train.steps=3", "logging.plots=true"],
+        nproc=0,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Warning" not in proc.stderr
     records = metrics(run_dir)
