@@ -8,6 +8,7 @@ valid UTF-8 (CPython ships a few on purpose, as test data) are skipped and count
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -99,8 +100,19 @@ def scan_corpus(root: str | os.PathLike[str] | None = None) -> EmbeddedCorpus:
     """List the ``*.py`` files below ``root`` (default: the standard library), sorted, third-party folders excluded.
 
     Symbolic links to folders are not followed, so a virtual environment linked inside the tree is not picked up.
+    The standard library's listing is made once per process (a job resolves its data sources several times).
     """
-    base = Path(root) if root is not None else stdlib_root()
+    if root is None:
+        return _scan_stdlib()
+    return _scan(Path(root))
+
+
+@functools.lru_cache(maxsize=1)
+def _scan_stdlib() -> EmbeddedCorpus:
+    return _scan(stdlib_root())
+
+
+def _scan(base: Path) -> EmbeddedCorpus:
     if not base.is_dir():
         raise FileNotFoundError(f"corpus root '{base}' is not a folder")
     files: list[CorpusFile] = []

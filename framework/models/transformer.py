@@ -107,7 +107,12 @@ class Transformer(nn.Module):
         self.model_cfg = model_cfg
         self.moe_cfg = moe_cfg
         registry = registry if registry is not None else default_registry()
-        self.tok_embeddings = nn.Embedding(model_cfg.vocab_size, model_cfg.dim)
+        # Given its weight, nn.Embedding skips its own normal_ init, which on the meta device goes through torch's
+        # Python reference kernels (~3 s on first use); init_weights() fills it in any case.
+        embedding_VD = torch.empty(model_cfg.vocab_size, model_cfg.dim)
+        if embedding_VD.device.type != "meta":
+            nn.init.normal_(embedding_VD)
+        self.tok_embeddings = nn.Embedding(model_cfg.vocab_size, model_cfg.dim, _weight=embedding_VD)
         self.layers = nn.ModuleList(
             TransformerBlock(i, model_cfg, moe_cfg, registry) for i in range(model_cfg.n_layers)
         )
@@ -126,6 +131,9 @@ class Transformer(nn.Module):
 
     def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.model_cfg
+        if device.type == "meta":  # shapes only; meta arange runs torch's Python reference kernels (~2 s)
+            cos_SR, sin_SR = rope_tables(cfg.rope_head_dim, cfg.max_seq_len, cfg.rope_theta, device="cpu")
+            return cos_SR.to(device), sin_SR.to(device)
         return rope_tables(cfg.rope_head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
 
     # ------------------------------------------------------------------ forward
