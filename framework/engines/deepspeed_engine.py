@@ -98,6 +98,11 @@ def import_deepspeed(device: torch.device) -> Any:
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)
+    if device.type == "cpu":
+        # On CPU ranks DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce at start-up (~30 s
+        # with a C++ toolchain, an error without one). gloo performs the same reductions; DeepSpeed documents this
+        # dict as editable, and an op marked incompatible is simply not built.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 
