@@ -43,6 +43,9 @@ def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, JobConfig, Plug
     # Plugins keep what their blocks need when they validate the job (as in training, with the saved world size).
     pm.hook.expertrain_validate_config(config=config, world_size=int(meta.get("world_size", 1)))
     model = Transformer(config.model, config.moe, pm.registry)
+    # Every value is overwritten from the checkpoint; initialised weights keep the plugins' decompositions in the
+    # transform (SVDs of the base) on finite numbers.
+    model.init_weights(config.train.seed)
     pm.hook.expertrain_transform_model(model=model, config=config)
     target = {"model": model.state_dict(), "plugins": pm.plugin_state_dicts(model, config)}
     state, _, _ = CheckpointStore.load(path, target)
