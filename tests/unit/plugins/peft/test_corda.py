@@ -1,6 +1,9 @@
 """The corda plugin: the damping loop, the context-oriented SVD and the ipm/kpm factors against the formulas of the
 paper card, per-sample normalised covariances, an unchanged model at step 0, the frozen base under a real optimizer
-step, checkpoint state, merge, refusals, and the rank-2r peft export loaded by real peft on the original base.
+step, checkpoint state, merge, refusals, and the rank-2r peft export loaded by real peft on the original base. With
+``target_experts``: per-expert covariances against a direct computation from the routed rows, the plain-SVD fallback
+of an expert no calibration token reaches, step 0 unchanged, merge, and the peft export of the expert deltas
+(``target_parameters``) loaded by real peft with our logits.
 
 Tolerances: the decomposition runs in fp64, so identities on it hold to ~1e-12 (we allow 1e-9). The model runs in
 fp32: the residual base ``W − s·B₀A₀`` plus ``s·B·A`` rounds each weight once more (~1e-7 relative), which moves
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from framework.models import Transformer, default_registry
 from framework.train.optim import build_optimizer
 from plugins.peft import corda
 from plugins.peft.corda import CorDALinear, CovarianceCollector
+from plugins.peft.low_rank import LoRAExperts
 
 LOGITS_TOL = {"atol": 1e-5, "rtol": 0.0}
 REPO = Path(__file__).resolve().parents[4]
@@ -44,6 +49,8 @@ SMALL = {
 }
 IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
 CALIB = list(torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(1)).split(3))
+MOE = {"num_experts": 4, "expert_hidden": 24, "every": 2}  # layer 0 MoE, layer 1 dense
+EXPERTS = "layers.0.ffn.experts"
 
 
 def _manager() -> PluginManager:
@@ -61,7 +68,9 @@ def _config(pm: PluginManager, section: dict[str, Any] | None = None, **sections
 
 
 def _adapted(
-    section: dict[str, Any] | None = None, **sections: Any
+    section: dict[str, Any] | None = None,
+    before_calibration: Callable[[nn.Module], None] | None = None,
+    **sections: Any,
 ) -> tuple[Transformer, Transformer, JobConfig, PluginManager]:
     """(calibrated corda model, the original base model, config, manager)."""
     pm = _manager()
@@ -69,6 +78,8 @@ def _adapted(
     pm.hook.expertrain_validate_config(config=config, world_size=1)
     model = Transformer(config.model, config.moe, pm.registry)
     model.init_weights(0)
+    if before_calibration is not None:
+        before_calibration(model)
     base = copy.deepcopy(model)
     pm.hook.expertrain_transform_model(model=model, config=config)
     corda.calibrate_and_init(model, CALIB, config.corda)
@@ -78,9 +89,11 @@ def _adapted(
 def _train_adapters(model: nn.Module, seed: int = 1) -> None:
     """Move every A and B away from its initial value, as training would."""
     g = torch.Generator().manual_seed(seed)
+    adapters = [m.lora for _, m in corda.corda_modules(model)]
+    adapters += [lora for _, m in corda.corda_experts(model) for lora in m.adapters().values()]
     with torch.no_grad():
-        for _, m in corda.corda_modules(model):
-            for p in (m.lora.lora_A, m.lora.lora_B):
+        for lora in adapters:
+            for p in (lora.lora_A, lora.lora_B):
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
@@ -228,9 +241,15 @@ def test_merge_leaves_plain_linears_with_the_same_logits() -> None:
 @pytest.mark.parametrize(
     ("section", "sections", "key"),
     [
-        ({"target_experts": True}, {}, "corda.target_experts"),
-        ({}, {"parallel": {"tp": 2}}, "parallel.tp"),
-        ({}, {"parallel": {"ep": 2}, "moe": {"num_experts": 4}}, "parallel.ep"),
+        ({"target_experts": True}, {}, "corda.target_experts"),  # a dense model has no routed experts
+        (
+            {"target_experts": True},
+            {"parallel": {"ep": 2}, "moe": MOE, "train": {"engine": "deepspeed"}},
+            "corda.target_experts",
+        ),
+        ({"calibration_seq_len": 15}, {"parallel": {"tp": 2}}, "corda.calibration_seq_len"),
+        ({"targets": []}, {}, "corda.targets"),
+        ({"targets": [], "target_experts": True, "r": 30}, {"moe": MOE}, "corda.r"),  # expert_hidden 24
         ({"calibration_seq_len": 64}, {}, "corda.calibration_seq_len"),
         ({"targets": ["nope_proj"]}, {}, "corda.targets[0]"),
         ({"r": 40}, {}, "corda.r"),
@@ -244,6 +263,109 @@ def test_refusals_name_the_key(section: dict[str, Any], sections: dict[str, Any]
         model = Transformer(config.model, config.moe, pm.registry)
         pm.hook.expertrain_transform_model(model=model, config=config)
     assert err.value.key == key
+
+
+# --- routed experts -----------------------------------------------------------------------------------------------
+
+
+def test_expert_covariances_equal_a_direct_computation_from_the_routed_rows() -> None:
+    pm = _manager()
+    config = _config(pm, {"targets": [], "target_experts": True}, moe=MOE)
+    model = Transformer(config.model, config.moe, pm.registry)
+    model.init_weights(0)
+    pm.hook.expertrain_transform_model(model=model, config=config)
+    layer = model.layers[0].ffn
+    routed: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = layer.router.register_forward_hook(
+        lambda mod, args, out: routed.append((args[0].detach().double(), out.topk_ids_TK))
+    )
+    # Short samples (2 tokens, top-2 of 4 experts), so that some samples miss some experts.
+    calib = list(torch.randint(0, 64, (8, 2), generator=torch.Generator().manual_seed(2)).split(4))
+    _, got = corda.collect_covariances(model, calib)
+    hook.remove()
+    # Direct: per calibration sample, the rows routed to expert e (and their hidden activation), each divided by its
+    # own max|X| within that sample; averaged over the samples that reached e.
+    w = layer.experts.gate_up_proj.detach().double()  # [E, 2, I, H]
+    E, H, hidden = 4, 32, 24
+    sums = {"gate_up_proj": torch.zeros(E, H, H, dtype=torch.float64)}
+    sums["down_proj"] = torch.zeros(E, hidden, hidden, dtype=torch.float64)
+    counts = torch.zeros(E)
+    for x_TD, ids_TK in routed:
+        for x_SD, ids_SK in zip(x_TD.view(4, 2, H), ids_TK.view(4, 2, -1)):
+            for e in range(E):
+                rows = x_SD[(ids_SK == e).any(dim=-1)]
+                if rows.shape[0] == 0:
+                    continue
+                h = torch.nn.functional.silu(rows @ w[e, 0].T) * (rows @ w[e, 1].T)
+                for name, value in (("gate_up_proj", rows), ("down_proj", h)):
+                    value = value / value.abs().max()
+                    sums[name][e] += value.T @ value
+                counts[e] += 1
+    # Every expert got rows, but not from every sample: the average is over the samples that reached it.
+    assert len(routed) == 2 and bool((counts > 0).all()) and bool((counts < 8).any())
+    for name, expected in sums.items():
+        for e in range(E):
+            torch.testing.assert_close(
+                got[f"{EXPERTS}.{name}"][e], expected[e] / counts[e], atol=1e-12, rtol=0
+            )
+
+
+def test_experts_step0_logits_unchanged_and_residual_fused_weights(capsys: pytest.CaptureFixture) -> None:
+    model, base, config, pm = _adapted({"target_experts": True}, moe=MOE)
+    assert "and the routed experts of 1 MoE layers (4 experts)" in capsys.readouterr().out
+    experts = model.get_submodule(EXPERTS)
+    assert isinstance(experts, LoRAExperts)
+    assert f"{EXPERTS}.lora_down_proj.lora_A" in pm.trainable_names(model, config)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), base(IDS), **LOGITS_TOL)
+    original = base.get_submodule(EXPERTS)
+    for name, lora in experts.adapters().items():
+        W, res = getattr(original, name).flatten(1, -2), getattr(experts, name).flatten(1, -2)  # [E, out, in]
+        assert not torch.allclose(res, W), name
+        torch.testing.assert_close(res + lora.scaling * lora.lora_B @ lora.lora_A, W, atol=1e-6, rtol=0)
+        assert torch.equal(lora.lora_A, lora.lora_A0) and torch.equal(lora.lora_B, lora.lora_B0)
+        # Each expert keeps its r largest context-weighted components (ipm): its own decomposition.
+        assert not torch.allclose(lora.lora_A0[0], lora.lora_A0[1])
+    state = pm.plugin_state_dicts(model, config)["corda"]
+    assert len(state) == 2 * 11 + 4 and f"{EXPERTS}.lora_gate_up_proj.lora_B0" in state
+
+
+def test_an_expert_no_calibration_token_reaches_gets_a_plain_svd() -> None:
+    def never_route_to_expert_3(model: nn.Module) -> None:
+        model.layers[0].ffn.router.expert_bias[3] = -1e4  # selection only: expert 3 is never among the top k
+
+    moe = {**MOE, "bias_update_rate": 1e-3}
+    model, base, config, _ = _adapted(
+        {"targets": [], "target_experts": True}, never_route_to_expert_3, moe=moe
+    )
+    _, covariances = corda.collect_covariances(model, CALIB)
+    assert (
+        covariances[f"{EXPERTS}.down_proj"][3] is None and covariances[f"{EXPERTS}.down_proj"][2] is not None
+    )
+    experts = model.get_submodule(EXPERTS)
+    for name, lora in experts.adapters().items():
+        W = getattr(base.get_submodule(EXPERTS), name).flatten(1, -2)[3]
+        eye = torch.eye(W.shape[1], dtype=torch.float64)
+        B0, A0 = corda.corda_factors(corda.decompose(W, eye), lora.r, "ipm", lora.scaling)
+        torch.testing.assert_close(lora.lora_A0[3], A0.float(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(lora.lora_B0[3], B0.float(), atol=1e-6, rtol=0)
+        # C = I: the adapter holds the r largest singular components of the plain weight.
+        S = torch.linalg.svdvals(W.double())
+        torch.testing.assert_close(torch.linalg.svdvals(lora.scaling * B0 @ A0)[: lora.r], S[: lora.r])
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), base(IDS), **LOGITS_TOL)
+
+
+def test_merge_folds_the_expert_deltas_with_the_same_logits() -> None:
+    model, _, config, pm = _adapted({"target_experts": True}, moe=MOE)
+    _train_adapters(model)
+    with torch.no_grad():
+        expected = model(IDS)
+    merged = pm.call_per_plugin("expertrain_merge_adapters", model=model, config=config)["corda"]
+    assert EXPERTS in merged and not model.get_submodule(EXPERTS).adapters()
+    assert not any("lora" in n for n in model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), expected, **LOGITS_TOL)
 
 
 # --- export -------------------------------------------------------------------------------------------------------
@@ -267,6 +389,39 @@ def test_peft_export_on_the_original_base_loads_in_peft(tmp_path: Path) -> None:
     m = model.get_submodule("layers.0.attention.q_proj")
     assert torch.equal(tensors[f"{q}.lora_A.weight"][4:], m.lora_A0)
     assert torch.equal(tensors[f"{q}.lora_B.weight"][:, 4:], -m.lora_B0)
+    save_pretrained(base, base_dir)
+    with torch.no_grad():
+        expected = model(IDS)
+        hf = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+        before = hf(IDS).logits
+        got = peft.PeftModel.from_pretrained(hf, str(adapter)).eval()(IDS).logits
+    assert (expected - before).abs().max() > 1e-3, (
+        "the adapters must have moved the model for this to test them"
+    )
+    torch.testing.assert_close(got, expected, **LOGITS_TOL)
+
+
+def test_peft_export_of_expert_deltas_loads_in_peft_on_the_original_base(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from framework.interop.hf import save_pretrained
+    from plugins.peft.low_rank import experts_from_peft
+
+    # Every layer MoE (Mixtral's layout): attention linears plus the experts of both layers.
+    model, base, config, pm = _adapted({"target_experts": True}, moe={**MOE, "every": 1})
+    _train_adapters(model)
+    adapter, base_dir = tmp_path / "adapter", tmp_path / "base"
+    pm.hook.expertrain_export(model=model, config=config, output_dir=adapter, export_format="peft")
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    # [A; A₀] and [B | −B₀] per expert, in peft's target_parameters layout (gate_up is the inner wrapper).
+    lora = model.get_submodule("layers.1.ffn.experts").lora_gate_up_proj
+    key = "base_model.model.model.layers.1.mlp.experts.base_layer"
+    A, B = experts_from_peft(tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"], 4)
+    assert torch.equal(A[:, 4:], lora.lora_A0) and torch.equal(B[:, :, 4:], -lora.lora_B0)
+    assert torch.equal(A[:, :4], lora.lora_A.detach()) and torch.equal(B[:, :, :4], lora.lora_B.detach())
     save_pretrained(base, base_dir)
     with torch.no_grad():
         expected = model(IDS)
