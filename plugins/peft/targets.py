@@ -171,19 +171,6 @@ def format_coverage(plugin: str, model: nn.Module, targets: Targets, trainable: 
     return f"{line}; {trainable:,} trainable parameters = {100 * trainable / max(total, 1):.2f}% of {total:,}"
 
 
-def refuse_model_parallel(config: Any, plugin: str, why: str) -> None:
-    """One ``ConfigError`` naming ``parallel.tp`` / ``parallel.ep`` when either is above 1 for a plugin that works on
-    whole weight matrices (``why`` says what needs them whole)."""
-    for key in ("tp", "ep"):
-        value = getattr(config.parallel, key)
-        if value > 1:
-            raise ConfigError(
-                f"parallel.{key}",
-                value,
-                f"expected 1 with plugin '{plugin}' ({why}); use data parallelism (parallel.data=ddp or fsdp)",
-            )
-
-
 def check_target_spec(section: str, targets: Any) -> None:
     """An empty target list is refused (a regex string or ``all-linear`` always says something)."""
     if isinstance(targets, list) and not targets:

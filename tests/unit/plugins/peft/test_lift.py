@@ -1,7 +1,8 @@
 """The lift plugin: the principal-weight mask (top-K of the rank-k SVD approximation; smallest and no-rank-reduction
 ablations), masked AdamW through the framework's optimizer (moments only for the K masked entries, weight decay
 only on them), mask refresh carrying surviving moments, unmasked entries bit-identical, save/resume, merge and
-export.
+export; routed experts (a budget, an SVD and a mask per expert and fused weight, refreshed per expert; export layout
+and merge); the split of a mask over tensor-parallel shards; which settings are refused.
 
 Tolerances: unmasked entries must be exactly unchanged (torch.equal); a resumed run must be bit-identical to an
 uninterrupted one (same process, same kernels); the step-0 output equals the base exactly (the effective weight is
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from framework.config import ConfigError, JobConfig, resolve
 from framework.hooks import PluginManager
 from framework.models import Transformer, default_registry
+from framework.models.moe.experts import GroupedExperts
 from framework.train.optim import build_optimizer
 from plugins.peft import lift
 
@@ -37,7 +39,11 @@ IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 def _job(
-    parallel: dict[str, Any] | None = None, world: int = 1, **section: Any
+    parallel: dict[str, Any] | None = None,
+    world: int = 1,
+    moe: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    **section: Any,
 ) -> tuple[Transformer, JobConfig, PluginManager, lift.LIFTPlugin]:
     plugin = lift.LIFTPlugin()
     pm = PluginManager(default_registry())
@@ -45,10 +51,11 @@ def _job(
     raw = {
         "plugins": ["lift"],
         "model": MODEL,
-        "moe": {"num_experts": 0},
+        "moe": moe or {"num_experts": 0},
         "data": {"seq_len": 16},
         "optim": {"weight_decay": 0.1, "lr": 1e-2, "warmup_steps": 0},
         "parallel": parallel or {},
+        "train": train or {},
         "lift": {"r": 2, "filter_rank": 4, "update_interval": 2, **section},
     }
     config = resolve(raw, pm.config_sections)
@@ -206,13 +213,162 @@ def test_merge_and_export(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("section", "parallel", "key"),
+    ("section", "train", "key"),
     [
-        ({"target_experts": True}, {}, "lift.target_experts"),
-        ({}, {"tp": 2}, "parallel.tp"),
-        ({}, {"ep": 2}, "parallel.ep"),
+        ({"targets": []}, {}, "lift.targets"),
+        ({}, {"engine": "deepspeed"}, "train.engine"),
     ],
 )
-def test_unsupported_layouts_are_refused(section: dict[str, Any], parallel: dict[str, Any], key: str) -> None:
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*lift"):
-        _job(parallel=parallel, world=2, **section)
+def test_unsupported_settings_are_refused(section: dict[str, Any], train: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _job(world=2, train=train, **section)
+
+
+def test_tensor_and_expert_parallelism_and_experts_are_accepted() -> None:
+    for parallel in ({"tp": 2}, {"ep": 2}, {"tp": 2, "ep": 2, "etp": 1}):
+        _job(parallel=parallel, world=4, moe=MOE, target_experts=True, targets=[])
+
+
+# --- routed experts -----------------------------------------------------------------------------------------------
+
+MOE = {"num_experts": 4, "top_k": 2, "expert_hidden": 16, "every": 2}  # layer 0 MoE, layer 1 dense
+E, H, HID = 4, 32, 16  # experts, model dim, expert hidden
+
+
+def _experts(model: Transformer) -> lift.LIFTExperts:
+    (path, experts), *rest = [(p, m) for p, m in lift.lift_modules(model) if isinstance(m, lift.LIFTExperts)]
+    assert not rest and path == "layers.0.ffn.experts"
+    return experts
+
+
+def test_every_expert_weight_has_its_own_budget_and_mask_from_its_own_svd() -> None:
+    model, _, _, _ = _job(moe=MOE, target_experts=True, targets=["q_proj"])
+    experts = _experts(model)
+    gate_up, down = experts.lift_gate_up_proj, experts.lift_down_proj
+    assert gate_up.lift_index.shape == (E, lift.budget(2 * HID, H, 2)) == (E, (2 * HID + H) * 2)
+    assert down.lift_index.shape == (E, lift.budget(H, HID, 2)) == (E, (H + HID) * 2)
+    assert gate_up.lift_values.shape == gate_up.lift_index.shape and gate_up.lift_values.requires_grad
+    w_gate_up = experts.gate_up_proj.detach().reshape(E, 2 * HID, H)
+    w_down = experts.down_proj.detach()
+    for e in range(E):  # each expert's matrix alone (unbatched SVD): the same mask as the batched draw
+        assert torch.equal(gate_up.lift_index[e], lift.principal_mask(w_gate_up[e], gate_up.budget, 4))
+        assert torch.equal(down.lift_index[e], lift.principal_mask(w_down[e], down.budget, 4))
+        assert torch.equal(gate_up.lift_values[e], w_gate_up[e].flatten()[gate_up.lift_index[e]])
+    assert not torch.equal(gate_up.lift_index[0], gate_up.lift_index[1])  # per expert, not one shared mask
+    names = lift.value_parameter_names(model)
+    assert "layers.0.ffn.experts.lift_gate_up_proj.lift_values" in names
+    assert "layers.0.ffn.experts.lift_down_proj.lift_values" in names
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
+    assert experts.per_expert_parameters() == [
+        "lift_gate_up_proj.lift_index",
+        "lift_gate_up_proj.lift_values",
+        "lift_down_proj.lift_index",
+        "lift_down_proj.lift_values",
+    ]
+    with torch.no_grad():  # step 0: the base weights exactly
+        assert torch.equal(experts.effective_weight("gate_up_proj"), experts.gate_up_proj)
+        assert torch.equal(experts.effective_weight("down_proj"), experts.down_proj)
+
+
+def test_only_masked_expert_entries_train_and_refresh_is_per_expert() -> None:
+    model, config, pm, plugin = _job(moe=MOE, target_experts=True, targets=[])
+    experts = _experts(model)
+    masks = experts.masks()
+    base = {n: getattr(experts, n).detach().clone().reshape(E, -1) for n in masks}
+    opt = _optimizer(model, config, pm)
+    _steps(model, config, pm, opt, range(1, 2))
+    assert set(opt.state) == {m.lift_values for m in masks.values()}
+    for m in masks.values():  # moments [E, K]: never the size of the weights
+        assert opt.state[m.lift_values]["exp_avg"].shape == (E, m.budget)
+    before = {n: m.lift_index.clone() for n, m in masks.items()}
+    _steps(model, config, pm, opt, range(2, 4))  # new masks before step 3
+    assert plugin.kept is not None and 0 < plugin.kept < 1
+    for name, m in masks.items():
+        assert not torch.equal(m.lift_index, before[name]), name
+        with torch.no_grad():
+            w = experts.effective_weight(name).reshape(E, -1)
+        for e in range(E):
+            ever = torch.zeros(w.shape[1], dtype=torch.bool)
+            ever[before[name][e]] = True
+            ever[m.lift_index[e]] = True
+            assert torch.equal(w[e][~ever], base[name][e][~ever]), (name, e)  # bit-identical outside
+            assert not torch.equal(w[e][ever], base[name][e][ever]), (name, e)  # every expert trained
+            # each expert's budget stays its own: K distinct sorted entries
+            assert torch.equal(m.lift_index[e], m.lift_index[e].unique())
+        assert opt.state[m.lift_values]["step"] == 3
+
+
+def test_expert_refresh_keeps_moments_of_surviving_entries_and_zeroes_new_ones() -> None:
+    model, config, pm, _ = _job(moe=MOE, target_experts=True, targets=[], update_interval=0)
+    opt = _optimizer(model, config, pm)
+    _steps(model, config, pm, opt, range(1, 3))
+    experts = _experts(model)
+    m = experts.lift_down_proj
+    old_idx, state = m.lift_index.clone(), opt.state[m.lift_values]
+    old = {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    with torch.no_grad():  # expert 1's trained entries go to 0: its mask must move; the others' weights stay
+        m.lift_values[1].zero_()
+    experts.refresh(4, "largest", opt)
+    new_idx = m.lift_index
+    assert not torch.equal(new_idx[1], old_idx[1])
+    for e in range(E):
+        kept = torch.isin(new_idx[e], old_idx[e])
+        pos = torch.searchsorted(old_idx[e], new_idx[e][kept])
+        for key, before in old.items():
+            assert torch.equal(state[key][e][kept], before[e][pos]), (e, key)
+            assert torch.count_nonzero(state[key][e][~kept]) == 0
+    assert (~torch.isin(new_idx[1], old_idx[1])).any()
+    assert torch.equal(m.lift_values.detach(), experts.down_proj.detach().reshape(E, -1).gather(1, new_idx))
+
+
+def test_expert_merge_and_export(tmp_path: Path) -> None:
+    model, config, pm, _ = _job(moe=MOE, target_experts=True, targets=["o_proj"])
+    opt = _optimizer(model, config, pm)
+    _steps(model, config, pm, opt, range(1, 4))
+    model.eval()
+    with torch.no_grad():
+        expected = model(IDS)
+        trained = {n: _experts(model).effective_weight(n).clone() for n in lift.EXPERT_WEIGHTS}
+    pm.hook.expertrain_export(model=model, config=config, output_dir=tmp_path, export_format="lift")
+    tensors = load_file(str(tmp_path / "lift_model.safetensors"))
+    meta = json.loads((tmp_path / "lift_config.json").read_text())
+    hf = "model.layers.0.mlp.experts"
+    shapes = {"gate_up_proj": (E, 2 * HID, H), "down_proj": (E, H, HID)}
+    for name, shape in shapes.items():
+        idx, values = tensors[f"{hf}.{name}.lift_indices"], tensors[f"{hf}.{name}.lift_values"]
+        K = lift.budget(shape[1], shape[2], 2)
+        assert idx.shape == (E, 2, K) and values.shape == (E, K)
+        assert meta["modules"][f"{hf}.{name}"] == {"shape": list(shape), "experts": E, "K": K}
+        # Applied to the base weight in transformers' layout, the export gives the trained experts.
+        w = trained[name].reshape(shape)
+        for e in range(E):
+            torch.testing.assert_close(w[e, idx[e, 0], idx[e, 1]], values[e], rtol=0, atol=0)
+    merged = pm.hook.expertrain_merge_adapters(model=model, config=config)
+    assert "layers.0.ffn.experts" in merged[0]
+    experts = model.get_submodule("layers.0.ffn.experts")
+    assert type(experts) is GroupedExperts
+    assert not any("lift_" in n for n in model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(experts.gate_up_proj, trained["gate_up_proj"])
+        assert torch.equal(model(IDS), expected)  # same weights, same kernel
+
+
+def test_local_positions_split_the_mask_over_shards_exactly() -> None:
+    """What each tensor- / expert-tensor-parallel rank writes: the blocks of every split, assembled, give the whole
+    effective weight (colwise rows, rowwise columns, an expert weight's hidden slice [E, 2, I, H] -> dim 2)."""
+    g = torch.Generator().manual_seed(3)
+    for shape, dim, parts in (((8, 6), 0, 2), ((8, 6), 1, 3), ((2, 4, 6), 1, 2)):
+        numel = torch.Size(shape).numel()
+        w = torch.randn(shape, generator=g)
+        index = torch.randperm(numel, generator=g)[: numel // 3].sort().values
+        values = torch.randn(index.numel(), generator=g)
+        expected = w.flatten().index_put((index,), values).view(shape)
+        blocks, covered = [], torch.zeros(index.numel(), dtype=torch.int64)
+        for block in w.chunk(parts, dim):
+            offset = [0] * len(shape)
+            offset[dim] = sum(b.shape[dim] for b in blocks)
+            keep, pos = lift.local_positions(index, shape, tuple(block.shape), tuple(offset))
+            covered += keep
+            blocks.append(block.flatten().index_put((pos[keep],), values[keep]).view(block.shape))
+        assert torch.equal(covered, torch.ones_like(covered))  # every entry written by exactly one rank
+        assert torch.equal(torch.cat(blocks, dim), expected)
