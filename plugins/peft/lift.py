@@ -327,15 +327,7 @@ class LIFTExperts(GroupedExperts):
     """
 
     def __init__(self, base: GroupedExperts, r: int) -> None:
-        nn.Module.__init__(self)  # not GroupedExperts.__init__: the weights are the base module's
-        self.num_experts, self.dim, self.hidden, self.impl = (
-            base.num_experts,
-            base.dim,
-            base.hidden,
-            base.impl,
-        )
-        self.gate_up_proj = base.gate_up_proj
-        self.down_proj = base.down_proj
+        self._wrap(base)  # not GroupedExperts.__init__: the weights are the base module's
         E, H, hidden = base.num_experts, base.dim, base.hidden
         kw = {"device": base.gate_up_proj.device, "dtype": base.gate_up_proj.dtype}
         self.lift_gate_up_proj = ExpertMasks(E, 2 * hidden, H, budget(2 * hidden, H, r), **kw)

@@ -300,15 +300,7 @@ class LoRAExperts(GroupedExperts):
         lora_gate_up_proj: ExpertsLoRA | None = None,
         lora_down_proj: ExpertsLoRA | None = None,
     ) -> None:
-        nn.Module.__init__(self)  # not GroupedExperts.__init__: the weights are the base module's
-        self.num_experts, self.dim, self.hidden, self.impl = (
-            base.num_experts,
-            base.dim,
-            base.hidden,
-            base.impl,
-        )
-        self.gate_up_proj = base.gate_up_proj
-        self.down_proj = base.down_proj
+        self._wrap(base)  # not GroupedExperts.__init__: the weights are the base module's
         E, hidden, H = base.num_experts, base.hidden, base.dim
         for name, lora, shape in (
             ("lora_gate_up_proj", lora_gate_up_proj, (E, 2 * hidden, H)),

@@ -369,15 +369,7 @@ class SoKAExperts(GroupedExperts):
     the columns (down) or gate/up rows of the delta that match its part of the hidden dimension."""
 
     def __init__(self, base: GroupedExperts, tau: float, max_rank: int, use_elbow: bool = True) -> None:
-        nn.Module.__init__(self)  # not GroupedExperts.__init__: the weights are the base module's
-        self.num_experts, self.dim, self.hidden, self.impl = (
-            base.num_experts,
-            base.dim,
-            base.hidden,
-            base.impl,
-        )
-        self.gate_up_proj = base.gate_up_proj
-        self.down_proj = base.down_proj
+        self._wrap(base)  # not GroupedExperts.__init__: the weights are the base module's
         for name in EXPERT_WEIGHTS:
             w = getattr(self, name)
             matrix = w.detach().flatten(1, 2) if name == "gate_up_proj" else w.detach()  # [E, out, in]

@@ -175,6 +175,20 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
 
+    def _wrap(self, base: GroupedExperts) -> None:
+        """Initialise a subclass that wraps ``base`` (an adapter's experts): ``nn.Module.__init__`` and ``base``'s
+        settings and weight Parameters themselves (their names in the model stay the same). Call it instead of
+        ``GroupedExperts.__init__``."""
+        nn.Module.__init__(self)
+        self.num_experts, self.dim, self.hidden, self.impl = (
+            base.num_experts,
+            base.dim,
+            base.hidden,
+            base.impl,
+        )
+        self.gate_up_proj = base.gate_up_proj
+        self.down_proj = base.down_proj
+
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """``x_ND`` grouped by expert, ``tokens_per_expert_E`` int64 summing to ``N`` -> ``y_ND``."""
         fn = EXPERT_IMPLS[resolve_impl(self.impl, x_ND.device)]
