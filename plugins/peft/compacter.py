@@ -24,8 +24,17 @@ exported as a peft LoRA: :data:`MERGEABLE` is ``False``, ``expertrain export hf 
 (``expertrain_merge_adapters``) and ``expertrain export peft`` refuse it by name. Its own
 format: ``expertrain export compacter`` (``adapter_model.safetensors`` + ``adapter_config.json``).
 
-Parallelism: data parallelism (DDP, FSDP2) and expert parallelism; tensor parallelism is refused (the adapters would
-see sequence-parallel DTensor activations).
+Parallelism: data parallelism (DDP, FSDP2), expert parallelism and tensor parallelism. Under tensor parallelism the
+adapted outputs are DTensors ``[B, S, D]`` on the ``tp`` mesh, placed ``Shard(1)`` (sequence parallelism: each rank
+holds its own tokens) or ``Replicate()`` (every rank holds the same tokens). The adapters (a few thousand weights)
+are whole on every tensor-parallel rank, as plain parameters that stay identical there, and run on the local tokens
+(:meth:`CompacterAdapter.forward`); the output keeps the input's placement. Their gradient is then each rank's
+tokens' share under sequence parallelism, summed over ``tp`` in the backward (one all-reduce per adapter, rules
+included); without it every rank already computes the whole, identical gradient, which is therefore not summed.
+They are plain rather than DTensor parameters because the model has no hook between the tensor-parallel plan and
+the data-parallel wrapping (``expertrain_after_parallelize`` runs after FSDP2 has sharded the parameters); as one
+fused AdamW call cannot mix them with the DTensor norms, the rules and adapters have optimizer groups of their own
+(:func:`expertrain_optimizer_param_groups`, in every layout).
 """
 
 from __future__ import annotations
@@ -39,10 +48,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
 
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import PluginError, hookimpl
 from framework.models.norms import RMSNorm
+from framework.models.sharding import local_weight
 from framework.observe import console
 from plugins.peft.low_rank import write_adapter
 
@@ -105,6 +117,18 @@ def kron_sum(rules_NNN: torch.Tensor, B_Npq: torch.Tensor) -> torch.Tensor:
     return torch.einsum("iab,icd->acbd", rules_NNN, B_Npq).reshape(n * p, n * q)
 
 
+def phm_weight(rules_NNN: torch.Tensor, s_Np: torch.Tensor, t_Nq: torch.Tensor) -> torch.Tensor:
+    """The PHM matrix ``Σ_i A_i ⊗ s_i t_iᵀ`` ``[n·p, n·q]`` of rules ``[n, n, n]``, ``s [n, p]`` and ``t [n, q]``."""
+    return kron_sum(rules_NNN, s_Np.unsqueeze(2) * t_Nq.unsqueeze(1))
+
+
+def phm_linear(
+    x: torch.Tensor, rules_NNN: torch.Tensor, s_Np: torch.Tensor, t_Nq: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """``y = (Σ_i A_i ⊗ s_i t_iᵀ) x + b`` in ``x``'s dtype."""
+    return F.linear(x, phm_weight(rules_NNN, s_Np, t_Nq).to(x.dtype), bias.to(x.dtype))
+
+
 class SharedRules(nn.Module):
     """The ``n`` slow rules ``A_i [n, n]`` every PHM layer of the model uses (one parameter ``rules [n, n, n]``)."""
 
@@ -164,11 +188,10 @@ class PHMLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         """The layer's ``[out, in]`` matrix ``Σ_i A_i ⊗ s_i t_iᵀ``."""
-        B_Npq = self.s.unsqueeze(2) * self.t.unsqueeze(1)
-        return kron_sum(self._rules.rules, B_Npq)
+        return phm_weight(self._rules.rules, self.s, self.t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().to(x.dtype), self.bias.to(x.dtype))
+        return phm_linear(x, self._rules.rules, self.s, self.t, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, n={self.n}"
@@ -195,11 +218,46 @@ class CompacterAdapter(nn.Module):
         self.up.reset_parameters(generator)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """``a + up(act(down(a)))``. A tensor-parallel DTensor ``a`` (``[B, S, D]`` on a 1-D mesh, ``Shard(1)`` or
+        ``Replicate()``) is computed on its local tokens and returned with the same shape, mesh and placement."""
+        if isinstance(a, DTensor):
+            return self._forward_local_tokens(a)
         return a + self.up(_ACTIVATIONS[self.nonlinearity](self.down(a)))
+
+    def _forward_local_tokens(self, a: DTensor) -> DTensor:
+        if a.device_mesh.ndim != 1 or not all(p.is_shard(1) or p.is_replicate() for p in a.placements):
+            raise ValueError(
+                f"compacter: expected a [B, S, D] activation placed Shard(1) or Replicate() on a 1-D tensor-parallel "
+                f"mesh, got {a.placements} on a {a.device_mesh.ndim}-D mesh"
+            )
+        params = [self.down._rules.rules, *self._own_parameters()]
+        if a.placements[0].is_shard():
+            # Sequence parallelism: each rank's gradient is its tokens' share of the true one.
+            params = _gradient_summed_over(a.device_mesh, params)
+        # Else every rank holds the same tokens and already computes the whole gradient: nothing to sum.
+        rules, down_s, down_t, down_b, up_s, up_t, up_b = params
+        x = a.to_local()
+        h = _ACTIVATIONS[self.nonlinearity](phm_linear(x, rules, down_s, down_t, down_b))
+        y = x + phm_linear(h, rules, up_s, up_t, up_b)
+        return DTensor.from_local(
+            y, a.device_mesh, a.placements, shape=a.shape, stride=a.stride(), run_check=False
+        )
+
+    def _own_parameters(self) -> list[torch.Tensor]:
+        return [self.down.s, self.down.t, self.down.bias, self.up.s, self.up.t, self.up.bias]
 
     def residual_hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         """Forward hook on the adapted sublayer: its output goes through the adapter."""
         return self(output)
+
+
+def _gradient_summed_over(mesh: DeviceMesh, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``params`` unchanged, read so that their gradients are summed over the 1-D ``mesh`` in the backward: the
+    tensors are concatenated and read as a replicated weight with :func:`local_weight` (a ``Partial`` gradient, which
+    the backward of ``from_local`` all-reduces), so one all-reduce serves them all."""
+    flat = torch.cat([p.reshape(-1) for p in params])
+    flat = local_weight(DTensor.from_local(flat, mesh, [Replicate()], run_check=False))
+    return [piece.view(p.shape) for piece, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
 # --- the model transform ------------------------------------------------------------------------------------------
@@ -271,13 +329,6 @@ def expertrain_validate_config(config: JobConfig) -> None:
     cfg: CompacterConfig = getattr(config, SECTION)
     dim = config.model.dim
     k = bottleneck_size(dim, cfg)
-    if config.parallel.tp > 1:
-        raise ConfigError(
-            "parallel.tp",
-            config.parallel.tp,
-            "expected 1 with plugin 'compacter' (its adapters are not tensor-parallel); use data or expert "
-            "parallelism instead",
-        )
     if k < 1:
         raise ConfigError(
             "compacter.reduction_factor",
@@ -314,6 +365,28 @@ def expertrain_trainable_parameters(model: nn.Module, config: JobConfig) -> list
     if getattr(config, SECTION).train_norms:
         names += norm_parameter_names(model)
     return names
+
+
+@hookimpl
+def expertrain_optimizer_param_groups(model: nn.Module, config: JobConfig) -> list[dict[str, Any]]:
+    """The rules and adapters in groups of their own, with the core's weight-decay policy (matrices and the rules
+    decay, biases do not). Under tensor parallelism they are plain tensors while the norms are DTensors, and one
+    fused AdamW call cannot mix the two; the same groups in every layout keep checkpoints interchangeable."""
+    params = dict(model.named_parameters())
+    adapter = [params[n] for n in adapter_parameter_names(model)]
+    groups = [
+        {
+            "params": [p for p in adapter if p.ndim >= 2],
+            "weight_decay": config.optim.weight_decay,
+            "group_name": "compacter_decay",
+        },
+        {
+            "params": [p for p in adapter if p.ndim < 2],
+            "weight_decay": 0.0,
+            "group_name": "compacter_no_decay",
+        },
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def adapter_tensors(model: nn.Module, config: JobConfig) -> dict[str, torch.Tensor]:

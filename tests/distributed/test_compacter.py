@@ -1,10 +1,16 @@
-"""Compacter with the real trainer on spawned gloo ranks: data parallelism (FSDP2 and DDP) trains the same adapters
-(shared rules included) and norms as one rank — losses, step-1 gradients and the final trained tensors read back
-from each run's final checkpoint. The layouts train inside the shared per-world spawns (``layouts.py``).
+"""Compacter with the real trainer on spawned gloo ranks: data parallelism (FSDP2 and DDP), tensor parallelism (with
+and without sequence parallelism) and expert parallelism train the same adapters (shared rules included) and norms
+as one rank — losses, step-1 gradients and the final trained tensors read back from each run's final checkpoint.
+
+The model has an MoE layer (0) and a dense layer (1), so under tensor parallelism the adapters follow attention's
+row-parallel output, the dense MLP's and the MoE block's, each ``Shard(1)`` (sequence-parallel: every rank its own
+tokens, the adapter gradients summed over ``tp``) or ``Replicate()`` (every rank the same tokens, the gradients not
+summed: a sum would double them, which the step-1 gradients catch). The layouts train inside the shared per-world
+spawns (``layouts.py``).
 
 Tolerances as in test_parallel_equivalence.py (fp32): step-1 gradients to 1e-5 relative, losses over 5 steps to 1e-3
 relative; final trained tensors to 2e-6 absolute (values of order 0.1-1 moved by ~1e-4 per warm-up step;
-measured 1.5e-8 for both).
+measured 1.5e-8 for dp2, see the test for tp and ep).
 """
 
 from __future__ import annotations
@@ -28,9 +34,13 @@ COMPACTER = (
     "compacter.reduction_factor=8",
     "checkpoint.save_final=true",
 )
+FSDP = "parallel.data=fsdp"
 LAYOUTS = {
-    "compacter-fsdp2": (*COMPACTER, "parallel.data=fsdp"),
+    "compacter-fsdp2": (*COMPACTER, FSDP),
     "compacter-ddp2": (*COMPACTER, "parallel.data=ddp"),
+    "compacter-tp2": (*COMPACTER, FSDP, "parallel.tp=2", "parallel.sequence_parallel=true"),
+    "compacter-tp2-nosp": (*COMPACTER, FSDP, "parallel.tp=2", "parallel.sequence_parallel=false"),
+    "compacter-ep2": (*COMPACTER, FSDP, "parallel.ep=2"),
 }
 register(1, {"compacter-one": COMPACTER})
 register(2, LAYOUTS)
@@ -41,7 +51,7 @@ def _trained(run_dir: Path) -> dict[str, torch.Tensor]:
     return {n: t.detach() for n, t in compacter.adapter_tensors(model, config).items()}
 
 
-def test_data_parallel_trains_the_same_adapters_as_one_rank(
+def test_dp_tp_ep_train_the_same_adapters_as_one_rank(
     trained_layouts: Callable[[int], tuple[dict[str, Any], Path]],
 ) -> None:
     ones, one_root = trained_layouts(1)

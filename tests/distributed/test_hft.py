@@ -1,7 +1,8 @@
-"""HFT with the real trainer on spawned gloo ranks: data parallelism (FSDP2) and expert parallelism (experts cut over
-``ep``, masks on global expert indices) train the same model as one rank — losses, step-1 gradients and the final
-weights read back from each run's final checkpoint — and the weights frozen in every stage are bit-identical to the
-initial ones in every layout.
+"""HFT with the real trainer on spawned gloo ranks: data parallelism (FSDP2), expert parallelism (experts cut over
+``ep``, masks on global expert indices) and tensor parallelism (sequence-parallel, each expert's hidden dimension split
+over ``tp``: the masks act on the local ``[E, ...]`` rows of ``Shard(2)`` weights) train the same model as one rank —
+losses, step-1 gradients and the final weights read back from each run's final checkpoint — and the weights frozen in
+every stage are bit-identical to the initial ones in every layout.
 
 The model has an MoE layer (0) and a dense layer (1); weight decay is on and ``hft.stage_every=3`` gives two stages
 (steps 1-3, 4-5), so the stage change (state dropped, moments zeroed) runs under DTensor parameters too. The layouts
@@ -9,7 +10,7 @@ train inside the shared per-world spawns (``layouts.py``).
 
 Tolerances as in test_parallel_equivalence.py (fp32): step-1 gradients to 1e-5 relative (sums over ranks reorder
 additions), losses over 5 steps to 1e-3 relative; final weights to 2e-6 absolute (weights of order 0.02-1, moved by
-~1e-4 per warm-up step; measured 4e-8 for dp2, 3e-7 for ep2). Frozen weights: exact.
+~1e-4 per warm-up step; measured 4e-8 for dp2, 3e-7 for ep2, 1.8e-7 for tp2). Frozen weights: exact.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ HFT = (
     "checkpoint.save_final=true",
 )
 FSDP = "parallel.data=fsdp"
-LAYOUTS = {"hft-dp2": (*HFT, FSDP), "hft-ep2": (*HFT, FSDP, "parallel.ep=2")}
+LAYOUTS = {
+    "hft-dp2": (*HFT, FSDP),
+    "hft-ep2": (*HFT, FSDP, "parallel.ep=2"),
+    "hft-tp2": (*HFT, FSDP, "parallel.tp=2"),
+}
 register(1, {"hft-one": HFT})
 register(2, LAYOUTS)
 
@@ -50,7 +55,7 @@ def _weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], Transformer]:
     return {n: p.detach() for n, p in model.named_parameters()}, init
 
 
-def test_dp2_and_ep2_train_the_same_model_as_one_rank(
+def test_dp2_ep2_and_tp2_train_the_same_model_as_one_rank(
     trained_layouts: Callable[[int], tuple[dict[str, Any], Path]],
 ) -> None:
     ones, one_root = trained_layouts(1)

@@ -1,7 +1,7 @@
 """The compacter plugin: the PHM weight ``Σ A_i ⊗ s_i t_iᵀ`` against ``torch.kron``, one set of rules shared by every
 adapter, the trainable parameter count against the paper's formula for several n, d, k and both variants, the
-adapter placement and forward formula, the near-identity output at init, the frozen base, bad configs, and the
-export (its own format; peft refused; not mergeable).
+adapter placement and forward formula, the near-identity output at init, the frozen base, the optimizer groups, bad
+configs (tensor parallelism is accepted), and the export (its own format; peft refused; not mergeable).
 
 Tolerances (fp32): the einsum Kronecker sum vs ``torch.kron`` reorders nothing but the summation over i: 1e-6.
 Forward formula (same ops, different grouping): 1e-6. Output at init: the shared rules are N(0, 1e-4²), so each
@@ -169,20 +169,47 @@ def test_base_is_frozen_after_a_real_step() -> None:
     [
         ({"n": 3}, "compacter.n"),
         ({"reduction_factor": 64}, "compacter.reduction_factor"),
-        ({"parallel": {"tp": 2}}, "parallel.tp"),
     ],
 )
 def test_bad_configs_name_the_key(overrides: dict[str, Any], key: str) -> None:
     raw = _raw()
-    if "parallel" in overrides:
-        raw["parallel"] = overrides["parallel"]
-    else:
-        raw["compacter"].update(overrides)
+    raw["compacter"].update(overrides)
     pm = PluginManager(default_registry())
     pm.register_object("compacter", compacter)
     config = resolve(raw, pm.config_sections)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         pm.hook.expertrain_validate_config(config=config, world_size=2)
+
+
+@pytest.mark.parametrize("sequence_parallel", [True, False])
+def test_tensor_parallelism_is_accepted(sequence_parallel: bool) -> None:
+    raw = _raw()
+    raw["parallel"] = {"tp": 2, "sequence_parallel": sequence_parallel}
+    pm = PluginManager(default_registry())
+    pm.register_object("compacter", compacter)
+    config = resolve(raw, pm.config_sections)
+    pm.hook.expertrain_validate_config(
+        config=config, world_size=2
+    )  # tests/distributed/test_compacter.py trains it
+
+
+def test_optimizer_groups_keep_the_core_decay_policy() -> None:
+    raw = _raw()
+    raw["optim"] = {"weight_decay": 0.1}
+    model, _, config, pm = _job(raw)
+    groups = {g["group_name"]: g for g in pm.param_groups(model, config)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups["compacter_decay"]["params"]}
+    no_decay = {names[id(p)] for p in groups["compacter_no_decay"]["params"]}
+    assert (
+        groups["compacter_decay"]["weight_decay"] == 0.1
+        and groups["compacter_no_decay"]["weight_decay"] == 0.0
+    )
+    assert decay | no_decay == set(
+        compacter.adapter_parameter_names(model)
+    )  # the norms stay in the core's groups
+    assert "compacter_rules.rules" in decay and "layers.0.attention_adapter.down.s" in decay
+    assert no_decay == {n for n in decay | no_decay if n.endswith(".bias")}
 
 
 def test_export_writes_its_own_format_and_refuses_peft(tmp_path: Path) -> None:
