@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from framework.config import OptimConfig
 
@@ -45,6 +46,20 @@ def split_expert_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def split_mixed_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Split a group that holds both DTensors and plain tensors in two (plain first; same hyperparameters). The
+    fused and foreach AdamW kernels step a group's tensors together and cannot mix the two kinds, which a plugin
+    with plain adapters next to tensor-parallel weights would otherwise produce. A no-op for uniform groups."""
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        dtensors = [p for p in group["params"] if isinstance(p, DTensor)]
+        plain = [p for p in group["params"] if not isinstance(p, DTensor)]
+        out.extend(
+            [{**group, "params": plain}, {**group, "params": dtensors}] if dtensors and plain else [group]
+        )
+    return out
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, plugin_groups: list[dict[str, Any]], device: torch.device
 ) -> torch.optim.Optimizer:
@@ -52,7 +67,7 @@ def build_optimizer(
     claimed = {id(p) for g in plugin_groups for p in g["params"]}
     rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in claimed]
     groups = [dict(g) for g in plugin_groups] + default_param_groups(rest, cfg.weight_decay)
-    groups = [g for g in split_expert_groups(groups) if g["params"]]
+    groups = [g for g in split_mixed_groups(split_expert_groups(groups)) if g["params"]]
     if not groups:
         raise ValueError(
             "no trainable parameters: every parameter is frozen (check the plugins' trainable sets)"
