@@ -88,7 +88,14 @@ METHODS: tuple[Method, ...] = (
         1e-3,
         "the masked entries are base weights: the full fine-tuning lr (LIFT paper)",
         "lift",
-        {"targets": "all-linear", "r": 16, "filter_rank": 32, "mask_type": "largest", "update_interval": 100},
+        {
+            "targets": "all-linear",
+            "target_experts": True,
+            "r": 16,
+            "filter_rank": 32,
+            "mask_type": "largest",
+            "update_interval": 100,
+        },
     ),
     Method(
         "corda",
@@ -97,14 +104,21 @@ METHODS: tuple[Method, ...] = (
         "corda",
         # kpm: the calibration data is the pretraining corpus (the job's data section), whose knowledge is exactly
         # what the forgetting column measures: the paper's knowledge-preserved setting.
-        {"targets": "all-linear", "r": 8, "alpha": 8, "mode": "kpm", "calibration_samples": 64},
+        {
+            "targets": "all-linear",
+            "target_experts": True,
+            "r": 8,
+            "alpha": 8,
+            "mode": "kpm",
+            "calibration_samples": 64,
+        },
     ),
     Method(
         "soka",
         1e-3,
         "principal Kronecker terms of the base (PiSSA-style init): the full fine-tuning lr",
         "soka",
-        {"targets": "all-linear", "energy": 0.9, "use_elbow": True, "max_rank": 8},
+        {"targets": "all-linear", "target_experts": True, "energy": 0.9, "use_elbow": True, "max_rank": 8},
     ),
     Method(
         "compacter",
