@@ -11,6 +11,14 @@ RoPE is the ``rotate_half`` convention on the rotated parts. DeepSeek's checkpoi
 the even-then-odd reordering of those dimensions, so the HF importer permutes the rows of the projections that
 produce them (``framework.interop.hf.state_map``) and this module needs no second convention. The latent norms use
 eps 1e-6 whatever ``model.norm_eps`` is, as DeepSeek's reference and transformers do.
+
+Under tensor parallelism (:func:`framework.parallel.tensor_parallel.apply_tensor_parallel`) the input is a
+replicated DTensor holding the full sequence. The down projections (``q_a_proj``, ``kv_a_proj_with_mqa``) and the
+latent norms are replicated and run as DTensor ops on every rank; the up projections (``q_proj`` or ``q_b_proj``,
+``kv_b_proj``) are column-parallel over whole heads and return plain local tensors of ``n_heads / tp`` heads, so the
+head count is taken from their outputs; ``o_proj`` is row-parallel. The shared rotated key part is the one place this
+module turns a replicated DTensor into a local tensor itself: each rank uses it for its own heads only, so its
+gradient is marked a pending sum over the ranks (:func:`~framework.models.sharding.local_weight`).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from framework.models.init import normal_
 from framework.models.kv_cache import LayerKVCache, causal_attention
 from framework.models.norms import RMSNorm
 from framework.models.rope import apply_rope
+from framework.models.sharding import local_weight
 
 LATENT_NORM_EPS = 1e-6
 """Epsilon of ``q_a_layernorm`` and ``kv_a_layernorm`` (fixed in DeepSeek's reference code and in transformers)."""
@@ -66,6 +75,8 @@ class MultiHeadLatentAttention(nn.Module):
         attn_mask_B1SS: torch.Tensor | None = None,
         cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
+        """``x [B, S, D] -> [B, S, D]``; ``cos/sin`` are RoPE tables of size ``qk_rope_head_dim``, ``position_ids``
+        optional; ``attn_mask`` / ``cache``: see :func:`~framework.models.kv_cache.causal_attention`."""
         B, S, _ = x_BSD.shape
         if self.q_proj is not None:
             q_BSX = self.q_proj(x_BSD)
@@ -80,6 +91,9 @@ class MultiHeadLatentAttention(nn.Module):
         kv_BHSX = self.kv_b_proj(self.kv_a_layernorm(latent_BSC)).view(B, S, -1, self.nope_dim + self.v_dim)
         k_nope_BHSN, v_BHSV = kv_BHSX.transpose(1, 2).split([self.nope_dim, self.v_dim], dim=-1)
 
+        # Under TP ``k_rot`` is a replicated DTensor; its local copy feeds only this rank's heads, so the gradient
+        # that comes back is this rank's share (a Partial sum), not the whole gradient.
+        k_rot_BSR = local_weight(k_rot_BSR)
         q_rot_BHSR = apply_rope(q_rot_BHSR, cos_SR, sin_SR, position_ids_BS)
         k_rot_B1SR = apply_rope(k_rot_BSR.unsqueeze(1), cos_SR, sin_SR, position_ids_BS)
         H = q_BHSQ.shape[1]

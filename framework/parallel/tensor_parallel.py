@@ -33,25 +33,37 @@ from torch.distributed.tensor.parallel import (
 
 from framework.config.errors import ConfigError
 from framework.config.sections import ModelConfig
+from framework.models.mla import MultiHeadLatentAttention
 
 
 def check_tensor_parallel(model_cfg: ModelConfig, tp: int, seq_len: int, sequence_parallel: bool) -> None:
     """Raise :class:`ConfigError` unless every tensor-parallel split of the model is even.
 
-    Checked: query heads, key/value heads, vocabulary (embedding rows and LM-head columns), dense MLP hidden size,
-    and with ``sequence_parallel`` the training sequence length. ``dim`` itself is never split (row-parallel outputs
-    are full ``dim``), so it has no constraint beyond the ones :meth:`ModelConfig.validate` already makes.
+    Checked: query heads, key/value heads (``gqa``; ``mla`` has one key/value head per query head, so only
+    ``n_heads``), vocabulary (embedding rows and LM-head columns), dense MLP hidden size, and with
+    ``sequence_parallel`` the training sequence length. ``dim`` itself is never split (row-parallel outputs are full
+    ``dim``), nor are mla's latent ranks and shared RoPE key part (replicated), so they have no constraint beyond the
+    ones :meth:`ModelConfig.validate` already makes.
     """
     if tp <= 1:
         return
-    if model_cfg.n_heads % tp:
+    if model_cfg.attention == "mla":
+        if model_cfg.n_heads % tp:
+            raise ConfigError(
+                "model.n_heads",
+                model_cfg.n_heads,
+                f"expected a multiple of parallel.tp={tp} with attention: mla (q_proj / q_b_proj and kv_b_proj are "
+                "column-parallel over whole heads: each tensor-parallel rank holds n_heads / tp query, key and "
+                "value heads; the latent down projections are replicated); change model.n_heads or parallel.tp",
+            )
+    elif model_cfg.n_heads % tp:
         raise ConfigError(
             "model.n_heads",
             model_cfg.n_heads,
             f"expected a multiple of parallel.tp={tp} (each tensor-parallel rank holds n_heads / tp query heads); "
             "change model.n_heads or parallel.tp",
         )
-    if model_cfg.n_kv_heads % tp:
+    if model_cfg.attention != "mla" and model_cfg.n_kv_heads % tp:
         raise ConfigError(
             "model.n_kv_heads",
             model_cfg.n_kv_heads,
@@ -83,10 +95,14 @@ def check_tensor_parallel(model_cfg: ModelConfig, tp: int, seq_len: int, sequenc
 
 
 class _ReplicateParallel(ParallelStyle):
-    """Replicate a norm's parameters over the mesh and keep its input and output replicated DTensors.
+    """Replicate a module's parameters (its submodules' too) over the mesh and keep its input and output replicated
+    DTensors.
 
-    The non-sequence-parallel counterpart of :class:`SequenceParallel`: the residual stream stays a DTensor (so an
-    MoE block gets a DTensor input either way), which needs the norm weight to be a DTensor too.
+    The non-sequence-parallel counterpart of :class:`SequenceParallel` for the norms: the residual stream stays a
+    DTensor (so an MoE block gets a DTensor input either way), which needs the norm weight to be a DTensor too. Also
+    mla's replicated latent down projections and norms, which then run as DTensor ops: the gradient coming back from
+    the column-parallel up projections is a pending ``Partial`` sum, and so are their weight gradients (reduced by
+    the gradient-layout hook or FSDP2).
     """
 
     def __init__(self, *, use_local_output: bool = False) -> None:
@@ -242,15 +258,53 @@ def _replicate_head_norms(attention: nn.Module, mesh: DeviceMesh) -> None:
             _ReplicateParallel._replicate_params(name, norm, mesh)
 
 
+_GQA_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _mla_names(attention: MultiHeadLatentAttention) -> tuple[str, ...]:
+    query = ("q_a_proj", "q_b_proj") if attention.q_lora_rank else ("q_proj",)
+    return (*query, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
 def _check_plan_targets(model: nn.Module) -> None:
     """Fail with a clear message when a plugin swapped a module this plan addresses by name."""
     for i, block in enumerate(model.layers):
-        names = ("q_proj", "k_proj", "v_proj", "o_proj")
-        if not all(isinstance(getattr(block.attention, n, None), nn.Linear) for n in names):
+        attention = block.attention
+        names = _mla_names(attention) if isinstance(attention, MultiHeadLatentAttention) else _GQA_NAMES
+        if not all(isinstance(getattr(attention, n, None), nn.Linear) for n in names):
             raise ValueError(
-                f"layers.{i}.attention ({type(block.attention).__name__}) has no nn.Linear q_proj/k_proj/v_proj/"
-                "o_proj; tensor parallelism supports the built-in 'gqa' attention layout only"
+                f"layers.{i}.attention ({type(attention).__name__}) has no nn.Linear {'/'.join(names)}; tensor "
+                "parallelism supports the built-in 'gqa' and 'mla' attention layouts only"
             )
+
+
+def _attention_plan(attention: nn.Module, act: Placement) -> dict[str, ParallelStyle]:
+    """The plan of one block's attention, by component (keys relative to the block).
+
+    gqa: ``q/k/v_proj`` column-parallel, ``o_proj`` row-parallel. mla (Megatron / DeepSeek): the latent down
+    projections ``q_a_proj`` and ``kv_a_proj_with_mqa`` (whose output includes the shared RoPE key part) and their
+    norms replicated, computed whole on the full sequence by every rank; the up projections ``q_proj`` / ``q_b_proj``
+    and ``kv_b_proj`` column-parallel over whole heads; ``o_proj`` row-parallel.
+    """
+    plan: dict[str, ParallelStyle] = {
+        # (x, cos, sin, position_ids, ...): x gathered to the full sequence; RoPE tables and ids pass unchanged.
+        "attention": _ReplicateInput(act),
+    }
+    if isinstance(attention, MultiHeadLatentAttention):
+        if attention.q_lora_rank:
+            plan["attention.q_a_proj"] = _ReplicateParallel()
+            plan["attention.q_a_layernorm"] = _ReplicateParallel()
+            plan["attention.q_b_proj"] = _ColwiseLinear()
+        else:
+            plan["attention.q_proj"] = _ColwiseLinear()
+        plan["attention.kv_a_proj_with_mqa"] = _ReplicateParallel()
+        plan["attention.kv_a_layernorm"] = _ReplicateParallel()
+        plan["attention.kv_b_proj"] = _ColwiseLinear()
+    else:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            plan[f"attention.{name}"] = _ColwiseLinear()
+    plan["attention.o_proj"] = _RowwiseLinear(output_layouts=act, use_local_output=False)
+    return plan
 
 
 def apply_tensor_parallel(
@@ -267,6 +321,9 @@ def apply_tensor_parallel(
       (``Shard(0)``: whole heads per rank, a q/k/v bias sharded with its rows), ``o_proj`` row-parallel
       (``Shard(1)``, its bias replicated); q/k head norms (``model.qk_norm``) replicated; dense ``gate/up_proj``
       column-parallel, ``down_proj`` row-parallel.
+    - mla attention instead: ``q_a_proj``, ``kv_a_proj_with_mqa`` and the latent norms replicated (computed whole,
+      on the full sequence, by every rank; the shared RoPE key part with them); ``q_proj`` / ``q_b_proj`` and
+      ``kv_b_proj`` column-parallel over whole heads; ``o_proj`` row-parallel.
     - parameters a linear layer holds besides ``weight`` / ``bias`` (a LoRA adapter's ``lora_A`` / ``lora_B``) are
       placed as the layer declares with ``tensor_parallel_placements("colwise" | "rowwise")``.
     - ``norm`` replicated; ``output`` column-parallel (vocabulary, ``Shard(0)``). Tied embeddings stay tied: the
@@ -323,12 +380,7 @@ def apply_tensor_parallel(
     for block in model.layers:
         plan: dict[str, ParallelStyle] = {
             "attention_norm": _norm_style(sequence_parallel),
-            # (x, cos, sin, position_ids): x gathered to the full sequence; RoPE tables and ids pass unchanged.
-            "attention": _ReplicateInput(act),
-            "attention.q_proj": _ColwiseLinear(),
-            "attention.k_proj": _ColwiseLinear(),
-            "attention.v_proj": _ColwiseLinear(),
-            "attention.o_proj": _RowwiseLinear(output_layouts=act, use_local_output=False),
+            **_attention_plan(block.attention, act),
             "ffn_norm": _norm_style(sequence_parallel),
         }
         if not block.is_moe:

@@ -1,6 +1,6 @@
 """A Hugging Face folder through the whole product: ``model.init_from: hf:<folder>`` in a job, training at ep=2 and
-tp=2, ``expertrain export hf`` back to a folder transformers loads, and a LoRA fine-tune whose ``export peft`` adapter
-gives our logits in peft on the transformers model.
+tp=2 (and a deepseek_v3 folder, mla attention, at tp=2), ``expertrain export hf`` back to a folder transformers loads,
+and a LoRA fine-tune whose ``export peft`` adapter gives our logits in peft on the transformers model.
 
 The folder is a tiny random qwen3_moe (q/k norms, 4 experts, norm_topk_prob) whose shape equals the ``TINY`` test
 model, so the job's own model settings agree with it. Tolerances: weights bit-identical (lr = 0 leaves them as
@@ -93,6 +93,68 @@ def test_hf_folder_trains_at_ep2_and_tp2_and_exports_bit_identical(tmp_path: Pat
     # The saved job names the model the checkpoint describes (taken from config.json, not the job's defaults).
     saved = (tmp_path / "ep2" / "config.yaml").read_text()
     assert "qk_norm: true" in saved and "num_experts: 4" in saved
+
+
+def _deepseek_folder(root: Path) -> Path:
+    """A tiny random deepseek_v3 (mla with a low-rank query, interleaved RoPE, sigmoid group-limited routing, a
+    shared expert, a dense first layer) of the ``TINY`` shape, but one key/value head per query head (mla)."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    cfg = DeepseekV3Config(
+        vocab_size=8192,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.ndim > 1 else p.uniform_(0.5, 1.5)
+    folder = root / "hf_deepseek"
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_deepseek_v3_folder_trains_at_tp2_and_exports_bit_identical(tmp_path: Path) -> None:
+    """mla under tensor parallelism from a checkpoint: the replicated latent projections, the head-sharded up
+    projections and the row-parallel output each get their part (step-1 loss equal to one rank's), and the export
+    gathers them back bit for bit (lr = 0; only the aux-free routing bias moves, by the same step as on one rank)."""
+    folder = _deepseek_folder(tmp_path)
+    original = _tensors(folder)
+    common = [f"model.init_from=hf:{folder}", "model.n_kv_heads=4", "optim.lr=0", "train.steps=1"]
+    tp2, one = tmp_path / "tp2", tmp_path / "one"
+    proc = run_training(tp2, [*common, "parallel.data=fsdp", "parallel.tp=2"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _train_in_process(QUICKSTART, [*TINY, *common, f"run.dir={one}", "parallel.data=ddp"])
+    assert _step1_loss(tp2) == pytest.approx(_step1_loss(one), rel=1e-5)
+    exported = {}
+    for name, run_dir in (("tp2", tp2), ("one", one)):
+        out = tmp_path / f"export_{name}"
+        assert cli_main(["export", "hf", "--checkpoint", str(run_dir), "--output", str(out)]) == 0
+        exported[name] = _tensors(out)
+        assert exported[name].keys() == original.keys()
+    moved = [k for k in original if not torch.equal(exported["tp2"][k], original[k])]
+    assert moved == ["model.layers.1.mlp.gate.e_score_correction_bias"], moved
+    different = [k for k in original if not torch.equal(exported["tp2"][k], exported["one"][k])]
+    assert not different, f"tp2 and one rank differ: {different[:5]}"
 
 
 def _train_in_process(config: Path, overrides: list[str]) -> None:
