@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.models.init import normal_
+from framework.models.mlp import swiglu
 from framework.models.sharding import local_weight
 
 
@@ -32,7 +33,7 @@ class SharedExperts(nn.Module):
         self.gate: nn.Linear | None = nn.Linear(dim, 1, bias=False) if gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(_project(self.gate_proj, x)) * _project(self.up_proj, x)
+        h = swiglu(_project(self.gate_proj, x), _project(self.up_proj, x))
         y = _project(self.down_proj, h)
         if self.gate is not None:
             y = torch.sigmoid(_project(self.gate, x)) * y

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.models.init import normal_
+from framework.models.mlp import swiglu
 from framework.models.sharding import local_weight
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,7 +35,7 @@ ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], t
 
 def _swiglu(h_N2I: torch.Tensor) -> torch.Tensor:
     gate_NI, up_NI = h_N2I.chunk(2, dim=-1)
-    return F.silu(gate_NI) * up_NI
+    return swiglu(gate_NI, up_NI)
 
 
 class _ContiguousGrad(torch.autograd.Function):
