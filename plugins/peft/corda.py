@@ -77,6 +77,7 @@ from plugins.peft.targets import (
     claim,
     format_coverage,
     owned_modules,
+    restore_plain_linear,
     select_targets,
 )
 
@@ -642,9 +643,7 @@ def merge_corda(model: nn.Module) -> list[str]:
     merged = []
     for path, m in corda_modules(model):
         m.merge()
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        plain.weight, plain.bias = m.weight, m.bias
-        model.set_submodule(path, plain)
+        restore_plain_linear(model, path, m)
         merged.append(path)
     for path, experts in corda_experts(model):
         experts.merge()

@@ -70,6 +70,8 @@ from plugins.peft.targets import (
     claim,
     format_coverage,
     owned_modules,
+    restore_plain_experts,
+    restore_plain_linear,
     select_targets,
 )
 
@@ -552,22 +554,15 @@ class LIFTPlugin:
         (needs whole weights: a model rebuilt by ``expertrain export``)."""
         merged = []
         for path, module in lift_modules(model):
-            plain: nn.Module
             if isinstance(module, LIFTExperts):
-                with torch.device("meta"):
-                    plain = GroupedExperts(module.num_experts, module.dim, module.hidden, module.impl)
                 with torch.no_grad():
                     for name, weight in module.merged_weights().items():
                         getattr(module, name).copy_(weight)
-                plain.gate_up_proj, plain.down_proj = module.gate_up_proj, module.down_proj
+                restore_plain_experts(model, path, module)
             else:
-                plain = nn.Linear(
-                    module.in_features, module.out_features, bias=module.bias is not None, device="meta"
-                )
                 with torch.no_grad():
                     module.weight.copy_(module.merged_weight())
-                plain.weight, plain.bias = module.weight, module.bias
-            model.set_submodule(path, plain)
+                restore_plain_linear(model, path, module)
             merged.append(path)
         return merged or None
 

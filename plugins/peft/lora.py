@@ -48,6 +48,7 @@ from plugins.peft.targets import (
     format_coverage,
     owned_modules,
     pattern_value,
+    restore_plain_linear,
     select_targets,
 )
 
@@ -317,11 +318,7 @@ def expertrain_merge_adapters(model: nn.Module) -> list[str] | None:
     for path, module in lora_modules(model):
         module.merge()
         if isinstance(module, LoRALinear):
-            plain = nn.Linear(
-                module.in_features, module.out_features, bias=module.bias is not None, device="meta"
-            )
-            plain.weight, plain.bias = module.weight, module.bias
-            model.set_submodule(path, plain)
+            restore_plain_linear(model, path, module)
         else:
             module.lora_gate_up_proj = None
             module.lora_down_proj = None

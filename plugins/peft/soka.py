@@ -56,6 +56,8 @@ from plugins.peft.targets import (
     claim,
     format_coverage,
     owned_modules,
+    restore_plain_experts,
+    restore_plain_linear,
     select_targets,
 )
 
@@ -568,22 +570,15 @@ def expertrain_merge_adapters(model: nn.Module) -> list[str] | None:
     """Fold ``Σ A_k⊗B_k`` into each residual weight and leave plain ``nn.Linear`` / ``GroupedExperts`` modules."""
     merged = []
     for path, module in soka_modules(model):
-        plain = nn.Linear(
-            module.in_features, module.out_features, bias=module.bias is not None, device="meta"
-        )
         with torch.no_grad():
             module.weight.copy_(module.merged_weight())
-        plain.weight, plain.bias = module.weight, module.bias
-        model.set_submodule(path, plain)
+        restore_plain_linear(model, path, module)
         merged.append(path)
     for path, experts in soka_expert_modules(model):
-        with torch.device("meta"):
-            plain_experts = GroupedExperts(experts.num_experts, experts.dim, experts.hidden, experts.impl)
         with torch.no_grad():
             for name, value in experts.merged_weights().items():
                 getattr(experts, name).copy_(value)
-        plain_experts.gate_up_proj, plain_experts.down_proj = experts.gate_up_proj, experts.down_proj
-        model.set_submodule(path, plain_experts)
+        restore_plain_experts(model, path, experts)
         merged.append(path)
     return merged or None
 

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from framework.config import ConfigError
@@ -187,3 +188,18 @@ def owned_modules(model: nn.Module, plugin: str, types: type[M] | tuple[type[M],
         for path, m in model.named_modules()
         if isinstance(m, types) and getattr(m, OWNER_ATTR, None) == plugin
     ]
+
+
+def restore_plain_linear(model: nn.Module, path: str, module: nn.Linear) -> None:
+    """Put a plain ``nn.Linear`` holding ``module``'s (merged) ``weight`` / ``bias`` Parameters at ``path``."""
+    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    plain.weight, plain.bias = module.weight, module.bias
+    model.set_submodule(path, plain)
+
+
+def restore_plain_experts(model: nn.Module, path: str, experts: GroupedExperts) -> None:
+    """Put a plain :class:`GroupedExperts` holding ``experts``' (merged) fused weights at ``path``."""
+    with torch.device("meta"):
+        plain = GroupedExperts(experts.num_experts, experts.dim, experts.hidden, experts.impl)
+    plain.gate_up_proj, plain.down_proj = experts.gate_up_proj, experts.down_proj
+    model.set_submodule(path, plain)
