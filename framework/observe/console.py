@@ -6,29 +6,47 @@ import logging
 import os
 import sys
 import warnings
+from types import ModuleType
 
-from framework.parallel import collectives as C
+
+def _collectives() -> ModuleType | None:
+    """The collectives wrapper once torch is loaded; ``None`` before (a job refused by its config never loads torch:
+    the rank then comes from torchrun's environment)."""
+    if "torch" not in sys.modules:
+        return None
+    from framework.parallel import collectives
+
+    return collectives
+
+
+def _rank() -> int:
+    C = _collectives()
+    return C.rank() if C is not None and C.is_distributed() else int(os.environ.get("RANK", "0"))
+
+
+def _world_size() -> int:
+    C = _collectives()
+    return C.world_size() if C is not None and C.is_distributed() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def info(message: str) -> None:
     """Print on rank 0 only."""
-    if C.rank() == 0:
+    if _rank() == 0:
         print(message, flush=True)
 
 
 def warn(message: str, all_ranks: bool = False) -> None:
     """A warning line on rank 0 (or on every rank, prefixed with its rank, when it is rank-specific)."""
-    if all_ranks and C.world_size() > 1:
-        print(f"[rank {C.rank()}] warning: {message}", file=sys.stderr, flush=True)
-    elif C.rank() == 0:
+    if all_ranks and _world_size() > 1:
+        print(f"[rank {_rank()}] warning: {message}", file=sys.stderr, flush=True)
+    elif _rank() == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def error_line(message: str) -> str:
     """``[rank r] expertrain: error: ...`` under torchrun (before or after the process group exists)."""
-    rank = C.rank() if C.is_distributed() else int(os.environ.get("RANK", "0"))
-    launched = C.world_size() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    prefix = f"[rank {rank}] " if launched else ""
+    launched = _world_size() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    prefix = f"[rank {_rank()}] " if launched else ""
     return f"{prefix}expertrain: error: {message}"
 
 

@@ -1,40 +1,37 @@
-"""From a command line to a finished run: config and plugins first (nothing started on a bad job), then the trainer."""
+"""From a command line to a finished run: config and plugins first (nothing started on a bad job), then the trainer.
+
+The core sections are typed before torch is imported (:func:`read_job`): a mistyped key or value fails on every rank
+in well under a second, not after the seconds torch and the process group take to load.
+"""
 
 from __future__ import annotations
 
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from framework.checkpoint import CheckpointFormatError
 from framework.config import ConfigError, JobConfig, check_world, load_raw, plugin_names, resolve
-from framework.hooks import PluginManager
-from framework.models import default_registry
 from framework.observe import console
-from framework.parallel import collectives as C
-from framework.parallel import watchdog
-from framework.parallel.mesh import ParallelLayout
-from framework.parallel.setup import env_world_size, init_distributed, shutdown
 from framework.train.cli_args import train_parser
 
-# Errors that describe the user's input: one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    CheckpointFormatError,
-    C.RankFailure,
-    FileNotFoundError,
-)
+if TYPE_CHECKING:
+    from framework.hooks import PluginManager
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that describe the user's input: one line, no traceback."""
+    from framework.checkpoint import CheckpointFormatError
     from framework.data import DataError
     from framework.hooks import ComponentError, PluginError, PluginHookError
+    from framework.parallel import collectives as C
     from framework.train.trainer import CheckpointMismatch, TrainingDiverged
 
     return (
-        *USER_ERRORS,
+        ConfigError,
+        CheckpointFormatError,
+        C.RankFailure,
+        FileNotFoundError,
         DataError,
         PluginError,
         PluginHookError,
@@ -44,11 +41,28 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     )
 
 
-def load_job(config_path: str, overrides: Sequence[str]) -> tuple[JobConfig, PluginManager]:
-    """Type the job file and overrides, load the plugins it names, and let them validate it."""
+def read_job(config_path: str, overrides: Sequence[str]) -> dict[str, Any]:
+    """The raw job (file, overrides, a Hugging Face checkpoint's model sections) with its core sections typed and
+    checked; needs no torch. The sections of the plugins it names are typed by :func:`load_job`, once they load."""
     from framework.interop.hf.job import apply_hf_init
 
     raw = apply_hf_init(load_raw(config_path, list(overrides)))
+    plugin_sections = set(plugin_names(raw))
+    resolve({k: v for k, v in raw.items() if k not in plugin_sections}, source=config_path)
+    return raw
+
+
+def load_job(
+    config_path: str, overrides: Sequence[str], raw: dict[str, Any] | None = None
+) -> tuple[JobConfig, PluginManager]:
+    """Type the job file and overrides (or the ``raw`` job :func:`read_job` returned for them), load the plugins it
+    names, and let them validate it."""
+    from framework.hooks import PluginManager
+    from framework.models import default_registry
+    from framework.parallel.mesh import ParallelLayout
+    from framework.parallel.setup import env_world_size
+
+    raw = read_job(config_path, overrides) if raw is None else raw
     names = plugin_names(raw)
     pm = PluginManager(default_registry())
     pm.load(names)
@@ -60,10 +74,14 @@ def load_job(config_path: str, overrides: Sequence[str]) -> tuple[JobConfig, Plu
     return config, pm
 
 
-def train(config_path: str, overrides: Sequence[str]) -> dict:
+def train(config_path: str, overrides: Sequence[str], raw: dict[str, Any] | None = None) -> dict:
+    import torch
+
+    from framework.parallel import watchdog
+    from framework.parallel.setup import init_distributed
     from framework.train.trainer import Trainer
 
-    config, pm = load_job(config_path, overrides)
+    config, pm = load_job(config_path, overrides, raw)
     info = init_distributed(config.train.device, config.parallel.timeout_s)
     watchdog.install(config.parallel.timeout_s, pm)  # names a rank that hangs
     torch.manual_seed(config.train.seed + info.rank)
@@ -74,10 +92,18 @@ def train(config_path: str, overrides: Sequence[str]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
+    try:
+        raw = read_job(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(console.error_line(str(exc)), file=sys.stderr, flush=True)
+        return 1
+    from framework.parallel import watchdog
+    from framework.parallel.setup import shutdown
+
     console.quiet_dependencies()
     succeeded = False
     try:
-        train(args.config, args.overrides)
+        train(args.config, args.overrides, raw)
         succeeded = True
         return 0
     except KeyboardInterrupt:

@@ -5,11 +5,11 @@ losses, step-1 gradients and the final weights read back from each run's final c
 every stage are bit-identical to the initial ones in every layout.
 
 The model has an MoE layer (0) and a dense layer (1); weight decay is on and ``hft.stage_every=3`` gives two stages
-(steps 1-3, 4-5), so the stage change (state dropped, moments zeroed) runs under DTensor parameters too. The layouts
+(steps 1-2, 3), so the stage change (state dropped, moments zeroed) runs under DTensor parameters too. The layouts
 train inside the shared per-world spawns (``layouts.py``).
 
 Tolerances as in test_parallel_equivalence.py (fp32): step-1 gradients to 1e-5 relative (sums over ranks reorder
-additions), losses over 5 steps to 1e-3 relative; final weights to 2e-6 absolute (weights of order 0.02-1, moved by
+additions), losses over 3 steps to 1e-3 relative; final weights to 2e-6 absolute (weights of order 0.02-1, moved by
 ~1e-4 per warm-up step; measured 4e-8 for dp2, 3e-7 for ep2, 1.8e-7 for tp2). Frozen weights: exact.
 """
 
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(900)  # may be the test that trains every share
 HFT = (
     "plugins=[hft]",
     "moe.every=2",
-    "hft.stage_every=3",
+    "hft.stage_every=2",
     "hft.seed=8",  # expert 3 (on the second ep rank) and 4 whole tensors stay frozen in both stages
     "optim.weight_decay=0.1",
     "checkpoint.save_final=true",

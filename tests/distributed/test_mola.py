@@ -31,6 +31,7 @@ MOLA = (
     "mola.dropout=0",
     "mola.aux_loss_coef=0.001",
     "mola.targets=[q_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]",
+    "train.steps=5",  # 3 compared steps, then a resume that trains 2 more
 )
 TOKENS_PER_STEP = 4 * 32  # global batch × seq_len (TINY)
 

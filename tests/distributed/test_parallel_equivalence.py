@@ -9,7 +9,7 @@ Gradients are read through the ``expertrain_after_backward`` hook by a small in-
 gathered from DTensors).
 
 Tolerances (fp32): step-1 gradients to 1e-5 relative (sums over ranks and experts reorder floating-point additions);
-losses over 5 steps to 1e-3 relative (Adam divides by sqrt of tiny second moments and amplifies round-off).
+losses over 3 steps to 1e-3 relative (Adam divides by sqrt of tiny second moments and amplifies round-off).
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ LAYOUTS: dict[int, dict[str, tuple[str, ...]]] = {
         "tp2-ep2-etp1": (FSDP, "parallel.tp=2", "parallel.ep=2", "parallel.etp=1"),
     },
 }
-register(1, {"single": ()})
+# The resharding test trains past its checkpoint for 2 steps, so the restored optimizer state moves a compared loss.
+RESHARD_STEPS = 5
+register(1, {"single": (), "single-5-steps": (f"train.steps={RESHARD_STEPS}",)})
 for _world, _group in LAYOUTS.items():
     register(_world, _group)
 
@@ -111,7 +113,7 @@ def _train_until_crash(rank: int, world: int, run_dir: str, overrides: tuple[str
     from framework.train.trainer import Trainer
 
     config, pm = load_job(str(QUICKSTART), [*TINY, *COMMON, f"run.dir={run_dir}", *overrides])
-    pm.register_object("crash", CrashAt(4))
+    pm.register_object("crash", CrashAt(RESHARD_STEPS - 1))
     trainer = Trainer(config, pm, DistInfo(rank, world, rank, torch.device("cpu")))
     trainer.build()
     with pytest.raises(KeyboardInterrupt):
@@ -119,18 +121,24 @@ def _train_until_crash(rank: int, world: int, run_dir: str, overrides: tuple[str
     return sorted(p.name for p in (Path(run_dir) / "checkpoints").iterdir())
 
 
-def test_checkpoint_reshards_from_ep2_to_ep1_and_dp2(reference: dict[str, Any], tmp_path: Path) -> None:
+def test_checkpoint_reshards_from_ep2_to_ep1_and_dp2(
+    trained_layouts: Callable[[int], tuple[dict[str, Any], Path]], tmp_path: Path
+) -> None:
     """Save at ep=2 (step 3), resume on one rank and at dp=2: steps 4-5 match the uninterrupted run."""
     import shutil
 
+    reference = trained_layouts(1)[0]["single-5-steps"]
+    assert isinstance(reference, dict), f"the one-rank reference failed:\n{reference}"
     saved = tmp_path / "ep2"
-    ckpt = ("checkpoint.every=3", "parallel.data=fsdp")
+    ckpt = (f"train.steps={RESHARD_STEPS}", "checkpoint.every=3", "parallel.data=fsdp")
     names = run_ranks(_train_until_crash, 2, str(saved), (*ckpt, "parallel.ep=2"), timeout=240)[0]
     assert "step_00000003" in names
     for name, world in (("resumed-ep1", 1), ("resumed-dp2", 2)):
         shutil.copytree(saved, tmp_path / name)
         result = _run(tmp_path, name, world, ckpt)
-        assert len(result["losses"]) == STEPS  # steps 1-3 kept from the saved run, 4-5 trained after resuming
+        assert (
+            len(result["losses"]) == RESHARD_STEPS
+        )  # steps 1-3 kept from the saved run, 4-5 trained after resuming
         torch.testing.assert_close(
             torch.tensor(result["losses"][3:]), torch.tensor(reference["losses"][3:]), rtol=1e-3, atol=0
         )

@@ -6,7 +6,7 @@ run's final checkpoint — and both exports (``soka``, ``hf --merge``) of those 
 Both layers are MoE (so the merged model exports to Hugging Face as Mixtral): ``all-linear`` takes attention
 (``q/k/v_proj`` column-parallel, ``o_proj`` row-parallel), ``target_experts`` the routed experts. The layouts train inside the shared per-world spawns
 (``layouts.py``). Tolerances as in test_lora.py (fp32): step-1 gradients to 1e-5 relative (sums over ranks reorder
-additions), losses over 5 steps to 1e-3 relative; final tensors and exports to 2e-6 absolute (weights of order
+additions), losses over 3 steps to 1e-3 relative; final tensors and exports to 2e-6 absolute (weights of order
 0.02-1 moved by ~1e-3 per step).
 """
 

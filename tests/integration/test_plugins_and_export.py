@@ -69,7 +69,7 @@ def test_cli_lists_plugins_and_which_a_config_enables(tmp_path: Path) -> None:
     assert row.split()[1] == "yes" and "after_backward" in row
 
 
-def test_export_native_matches_the_checkpoint(tmp_path: Path) -> None:
+def test_export_native_matches_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from framework.checkpoint.export import load_model
     from framework.config import load_raw, resolve
     from framework.models import Transformer
@@ -111,13 +111,14 @@ def test_export_native_matches_the_checkpoint(tmp_path: Path) -> None:
     with torch.no_grad():
         theirs = AutoModelForCausalLM.from_pretrained(hf_out).eval()(ids).logits
     torch.testing.assert_close(theirs, reference(ids), atol=1e-5, rtol=0)
-    # A format no plugin of the job provides: exit 2, naming it.
-    other = subprocess.run(
-        [sys.executable, "-m", "framework.cli", "export", "sparse-mask", "--checkpoint", str(run_dir),
-         "--output", str(tmp_path / "x")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert other.returncode == 2 and "not available" in other.stderr
+    # A format no plugin of the job provides: exit 2, naming it, and no output folder left behind.
+    capsys.readouterr()
+    assert (
+        cli_main(["export", "sparse-mask", "--checkpoint", str(run_dir), "--output", str(tmp_path / "x")])
+        == 2
+    )
+    assert "export format 'sparse-mask' is not available" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_bf16_autocast_with_activation_checkpointing(tmp_path: Path) -> None:

@@ -16,32 +16,21 @@ Families and the fields each refuses: :mod:`framework.interop.hf.config_map`; te
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from framework.config.job import JobConfig
-from framework.config.schema import build_section
-from framework.hooks import PluginError, PluginManager
-from framework.interop.hf.config_map import (
-    ARCHITECTURES,
-    MOE_PLUGIN,
-    HFConfigError,
-    HFModelSpec,
-    hf_config_from_spec,
-    spec_from_hf_config,
-)
-from framework.interop.hf.state_map import HFCheckpointError, Layout, hf_to_native, native_to_hf, rules_for
-from framework.models import Transformer, default_registry
+if TYPE_CHECKING:
+    from framework.interop.hf.config_map import HFConfigError, HFModelSpec
+    from framework.interop.hf.folders import (
+        HFLoad,
+        from_pretrained,
+        hf_config_to_job_sections,
+        load_hf_weights,
+        load_pretrained,
+        read_hf_config,
+        save_pretrained,
+        spec_from_model,
+    )
+    from framework.interop.hf.state_map import HFCheckpointError
 
 __all__ = [
     "HFCheckpointError",
@@ -57,286 +46,11 @@ __all__ = [
     "spec_from_model",
 ]
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-"""transformers' default shard size (5 GB)."""
 
+def __getattr__(name: str) -> Any:
+    # Loaded on first use: the package also holds job.py, which the launcher imports before torch to type a job.
+    if name in __all__:
+        from framework.interop.hf import folders
 
-def read_hf_config(path: str | os.PathLike[str]) -> HFModelSpec:
-    """The folder's ``config.json`` as an :class:`HFModelSpec` (raises :class:`HFConfigError` naming a field)."""
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise HFCheckpointError(f"'{path}' has no {CONFIG_FILE}: expected a Hugging Face model folder")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise HFCheckpointError(f"'{file}' is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise HFCheckpointError(f"'{file}' is not a JSON object")
-    return spec_from_hf_config(raw)
-
-
-def hf_config_to_job_sections(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``plugins``, ``model``, ``moe`` and plugin sections describing the folder's model, for a job file."""
-    return read_hf_config(path).job_sections()
-
-
-@dataclass
-class HFLoad:
-    """What :func:`load_pretrained` returns."""
-
-    model: Transformer
-    spec: HFModelSpec
-    config: JobConfig
-    """A job config holding the model sections (other sections at their defaults)."""
-    plugin_manager: PluginManager
-    """With the plugins the model needs enabled (``plugin_manager.plugin_names()``)."""
-
-
-def load_pretrained(
-    path: str | os.PathLike[str],
-    *,
-    dtype: torch.dtype = torch.float32,
-    plugin_manager: PluginManager | None = None,
-    max_seq_len: int | None = None,
-) -> HFLoad:
-    """Build the folder's model and load its weights (on the CPU, in ``dtype``; router biases stay fp32).
-
-    ``plugin_manager``: where the plugins the family needs are enabled (a fresh one on the core registry by
-    default). ``max_seq_len`` overrides ``max_position_embeddings`` (the size of our RoPE tables).
-    """
-    spec = read_hf_config(path)
-    if max_seq_len is not None:
-        spec.model = dataclasses.replace(spec.model, max_seq_len=max_seq_len)
-    pm = plugin_manager if plugin_manager is not None else PluginManager(default_registry())
-    config = _job_config(spec, pm)
-    model = Transformer(config.model, config.moe, pm.registry)
-    load_hf_weights(model, path, spec)
-    model.hf_rope_interleave = spec.rope_interleave  # read back by save_pretrained
-    model.to(dtype)
-    model.eval()
-    return HFLoad(model, spec, config, pm)
-
-
-def from_pretrained(
-    path: str | os.PathLike[str],
-    *,
-    dtype: torch.dtype = torch.float32,
-    registry: Any = None,
-    max_seq_len: int | None = None,
-) -> Transformer:
-    """Our model from a Hugging Face folder. ``registry``: the component registry to build from (the core one by
-    default); the plugins a family needs register their components into it."""
-    pm = PluginManager(registry if registry is not None else default_registry())
-    return load_pretrained(path, dtype=dtype, plugin_manager=pm, max_seq_len=max_seq_len).model
-
-
-def _job_config(spec: HFModelSpec, pm: PluginManager) -> JobConfig:
-    """Enable the plugins ``spec`` needs, type their sections and let them validate the job."""
-    for name in spec.plugins:
-        if name in pm:
-            continue
-        try:
-            pm.enable_builtin(name, f"the {spec.family} checkpoint's MoE layers need its block")
-        except PluginError as exc:
-            raise PluginError(f"loading a {spec.family} checkpoint needs plugin '{name}': {exc}") from exc
-    sections = {
-        name: build_section(pm.config_sections[name], spec.plugin_sections.get(name, {}), name)
-        for name in spec.plugins
-    }
-    config = JobConfig(model=spec.model, moe=spec.moe, plugins=list(spec.plugins), plugin_sections=sections)
-    if spec.plugins:
-        for name in spec.plugins:
-            pm.call_plugin(name, "expertrain_validate_config", config=config, world_size=1)
-    return config
-
-
-# --------------------------------------------------------------------------------------------------- weights
-
-
-@contextmanager
-def _open_tensors(path: Path) -> Iterator[dict[str, Callable[[], torch.Tensor]]]:
-    """key -> loader over the folder's safetensors (one file or the shards of an index)."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise HFCheckpointError(f"'{index}' is not a safetensors index ({exc})") from None
-        files = sorted(set(weight_map.values()))
-    elif (path / WEIGHTS_FILE).is_file():
-        weight_map, files = None, [WEIGHTS_FILE]
-    else:
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = f" ({', '.join(pickles)} are pickles, which expertrain never loads)" if pickles else ""
-        raise HFCheckpointError(
-            f"'{path}' has no {WEIGHTS_FILE} or {INDEX_FILE}{hint}; save it as safetensors"
-        )
-    handles = {}
-    try:
-        for name in files:
-            if not (path / name).is_file():
-                raise HFCheckpointError(f"shard '{name}' listed in {INDEX_FILE} is missing from '{path}'")
-            handles[name] = safe_open(str(path / name), framework="pt")
-        loaders: dict[str, Callable[[], torch.Tensor]] = {}
-        for name, handle in handles.items():
-            for key in handle.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
-                if weight_map is not None and weight_map.get(key) != name:
-                    continue  # the index names the shard that holds the tensor
-                loaders[key] = lambda h=handle, k=key: h.get_tensor(k)
-        if weight_map is not None:
-            lost = sorted(set(weight_map) - set(loaders))
-            if lost:
-                raise HFCheckpointError(f"tensor '{lost[0]}' is listed in {INDEX_FILE} but not in its shard")
-        yield loaders
-    finally:
-        handles.clear()
-
-
-def _layout(model: Transformer, spec: HFModelSpec) -> Layout:
-    n_experts = {i: block.ffn.experts.num_experts for i, block in enumerate(model.layers) if block.is_moe}
-    m = spec.model
-    return Layout(
-        family=spec.family,
-        n_experts=n_experts,
-        rope_interleave=spec.rope_interleave,
-        n_heads=m.n_heads,
-        qk_nope_head_dim=m.qk_nope_head_dim,
-        qk_rope_head_dim=m.qk_rope_head_dim,
-        kv_lora_rank=m.kv_lora_rank,
-    )
-
-
-@torch.no_grad()
-def load_hf_weights(
-    model: Transformer, path: str | os.PathLike[str], spec: HFModelSpec | None = None
-) -> None:
-    """Copy the folder's weights into ``model`` (built from ``spec``'s sections; plain tensors, any dtype).
-
-    Raises :class:`HFCheckpointError` naming a missing, surplus or misshapen tensor."""
-    folder = Path(path)
-    spec = spec or read_hf_config(folder)
-    state = model.state_dict()
-    tied = model.model_cfg.tie_embeddings
-    rules = rules_for(state, _layout(model, spec), tied)
-    expected = {k: v.shape for k, v in state.items()}
-    with _open_tensors(folder) as tensors:
-        converted = hf_to_native(
-            tensors, rules, expected, spec.family, tied_to="model.embed_tokens.weight" if tied else None
-        )
-    for key, value in converted.items():
-        state[key].copy_(value)
-    model.tie_weights()
-
-
-# --------------------------------------------------------------------------------------------------- writing
-
-
-def spec_from_model(model: Transformer, family: str | None = None) -> HFModelSpec:
-    """The :class:`HFModelSpec` of one of our models: its sections plus the shared-expert options read from its
-    MoE blocks; ``family`` inferred when not given (mla -> deepseek_v3, gated shared experts -> qwen2_moe, q/k
-    norms -> qwen3_moe, other MoE -> mixtral, q/k/v biases -> qwen2, else llama)."""
-    m, moe = model.model_cfg, model.moe_cfg
-    blocks = model.moe_layers()
-    plugins: list[str] = []
-    sections: dict[str, dict[str, Any]] = {}
-    shared = getattr(blocks[0], "shared_experts", None) if blocks else None
-    if blocks and moe.block != "moe":
-        if moe.block != MOE_PLUGIN:
-            raise HFConfigError("moe.block", moe.block, f"expected 'moe' or '{MOE_PLUGIN}' to export")
-        first = blocks[0]
-        moe = dataclasses.replace(
-            moe, num_experts=first.num_experts, top_k=first.top_k, expert_hidden=first.experts.hidden
-        )
-        plugins = [MOE_PLUGIN]
-        sections[MOE_PLUGIN] = {
-            "segments": 1,
-            "isolate_shared": False,
-            "n_shared_experts": 1 if shared is not None else 0,
-            "shared_expert_hidden": shared.hidden if shared is not None else 0,
-            "shared_expert_gate": shared is not None and shared.gate is not None,
-        }
-    if family is None:
-        family = _infer_family(m, moe, shared)
-    if family == "deepseek_v3" and shared is not None:
-        if shared.hidden % moe.expert_hidden:
-            raise HFConfigError(
-                "deepseek_moe.shared_expert_hidden",
-                shared.hidden,
-                f"expected a multiple of moe.expert_hidden={moe.expert_hidden} (deepseek_v3 n_shared_experts)",
-            )
-        sections[MOE_PLUGIN].update(
-            n_shared_experts=shared.hidden // moe.expert_hidden, shared_expert_hidden=0
-        )
-    interleave = bool(getattr(model, "hf_rope_interleave", family == "deepseek_v3"))
-    return HFModelSpec(family, m, moe, plugins, sections, rope_interleave=interleave)
-
-
-def _infer_family(m: Any, moe: Any, shared: Any) -> str:
-    if m.attention == "mla":
-        return "deepseek_v3"
-    if moe.num_experts:
-        if shared is not None:
-            return "qwen2_moe"
-        return "qwen3_moe" if m.qk_norm else "mixtral"
-    return "qwen2" if m.qkv_bias and not m.o_bias else "llama"
-
-
-def save_pretrained(
-    model: Transformer,
-    path: str | os.PathLike[str],
-    *,
-    family: str | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    tokenizer: Any = None,
-) -> list[str]:
-    """Write ``model`` as a Hugging Face folder: ``config.json`` and ``model.safetensors`` (or shards of at most
-    ``max_shard_bytes`` plus ``model.safetensors.index.json``); ``tokenizer`` (anything with ``save(folder)``,
-    e.g. :class:`~framework.data.tokenizer.Tokenizer`) is written beside them. Returns the file names written.
-
-    ``family``: the ``model_type`` to write (one of ``ARCHITECTURES``); inferred by default
-    (:func:`spec_from_model`). Raises :class:`HFConfigError` naming the field the family cannot hold."""
-    if family is not None and family not in ARCHITECTURES:
-        raise HFConfigError("model_type", family, f"expected one of {', '.join(ARCHITECTURES)}")
-    spec = spec_from_model(model, family)
-    dtype = next(p.dtype for p in model.parameters())
-    config = hf_config_from_spec(spec, dtype=str(dtype).removeprefix("torch."))
-    rules = rules_for(model.state_dict(), _layout(model, spec), model.model_cfg.tie_embeddings)
-    tensors = native_to_hf(model.state_dict(), rules)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    written = _write_shards(tensors, out, max_shard_bytes)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    written.insert(0, CONFIG_FILE)
-    if tokenizer is not None:
-        before = {p.name for p in out.iterdir()}
-        tokenizer.save(out)
-        written += sorted({p.name for p in out.iterdir()} - before)
-    return written
-
-
-def _write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> list[str]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, value in tensors.items():
-        nbytes = value.numel() * value.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = value
-        size += nbytes
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(out / WEIGHTS_FILE), metadata=metadata)
-        return [WEIGHTS_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        save_file(shard, str(out / name), metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return [*names, INDEX_FILE]
+        return getattr(folders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
