@@ -58,7 +58,12 @@ LAYOUTS: dict[int, dict[str, tuple[str, ...]]] = {
     4: {
         "dp2-ep2": (FSDP, "parallel.ep=2"),
         "tp2-dp2": (FSDP, "parallel.tp=2"),
-        "tp2-ep2": (FSDP, "parallel.tp=2", "parallel.ep=2"),
+        "tp2-ep2": (
+            FSDP,
+            "parallel.tp=2",
+            "parallel.ep=2",
+            "checkpoint.save_final=true",
+        ),  # test_export_sharded.py
         "tp2-ep2-etp1": (FSDP, "parallel.tp=2", "parallel.ep=2", "parallel.etp=1"),
     },
 }
