@@ -85,21 +85,41 @@ def _ep_layer(rank: int, world: int, tokens: int, cfg: MoEConfig) -> dict[str, o
     }
 
 
-@pytest.mark.parametrize(
-    "world, overrides",
-    [
-        (2, {}),
-        (4, {}),
-        (2, {"capacity_factor": 1.0}),
-        (2, {"capacity_factor": 1.0, "drop_policy": "position"}),
-    ],
-    ids=["ep2-dropless", "ep4-dropless", "ep2-capacity-probs", "ep2-capacity-position"],
-)
-def test_ep_layer_matches_single_rank(world: int, overrides: dict[str, object]) -> None:
-    tokens = 24
+LAYER_CASES: dict[str, tuple[int, dict[str, object]]] = {
+    "ep2-dropless": (2, {}),
+    "ep4-dropless": (4, {}),
+    "ep2-capacity-probs": (2, {"capacity_factor": 1.0}),
+    "ep2-capacity-position": (2, {"capacity_factor": 1.0, "drop_policy": "position"}),
+}
+SKEWED_CASES = ("one_expert", "rank1_sends_nothing", "idle_experts")
+TOKENS = 24
+
+
+def _two_rank_cases(rank: int, world: int) -> dict[str, dict[str, object]]:
+    """Every two-rank case in one spawn (process start-up and imports are most of a case's time)."""
+    out = {
+        name: _ep_layer(rank, world, TOKENS, _moe_cfg(**overrides))
+        for name, (case_world, overrides) in LAYER_CASES.items()
+        if case_world == world
+    }
+    out.update({case: _skewed(rank, world, case) for case in SKEWED_CASES})
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict[str, dict[str, object]]]:
+    return run_ranks(_two_rank_cases, 2, timeout=120)
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_ep_layer_matches_single_rank(case: str, request: pytest.FixtureRequest) -> None:
+    world, overrides = LAYER_CASES[case]
     cfg = _moe_cfg(**overrides)
-    ref_out, ref_grads = _reference(world, tokens, cfg)
-    results = run_ranks(_ep_layer, world, tokens, cfg)
+    ref_out, ref_grads = _reference(world, TOKENS, cfg)
+    if world == 2:
+        results = [by_case[case] for by_case in request.getfixturevalue("two_ranks")]
+    else:
+        results = run_ranks(_ep_layer, world, TOKENS, cfg)
     for rank, res in enumerate(results):
         torch.testing.assert_close(res["y"], ref_out[rank], rtol=1e-5, atol=1e-6)
         keep = expert_slice(cfg.num_experts, rank, world)
@@ -108,10 +128,10 @@ def test_ep_layer_matches_single_rank(world: int, overrides: dict[str, object]) 
             torch.testing.assert_close(res["grads"][name], expected, rtol=1e-5, atol=1e-6, msg=name)
         if not overrides:
             # Dropless moves exactly the routed (token, expert) rows: T * k, no padding.
-            assert res["rows_sent"] == tokens * cfg.top_k
+            assert res["rows_sent"] == TOKENS * cfg.top_k
             assert res["dropped"] == 0.0
         else:
-            assert res["rows_sent"] < tokens * cfg.top_k  # capacity 1.0 drops before the exchange
+            assert res["rows_sent"] < TOKENS * cfg.top_k  # capacity 1.0 drops before the exchange
     assert sum(r["rows_sent_remote"] for r in results) > 0
 
 
@@ -144,9 +164,11 @@ def _skewed(rank: int, world: int, case: str) -> dict[str, object]:
     return {"y": y.detach(), "y_ref": y_ref.detach(), "counts": counts.tolist(), "x_grad": x.grad}
 
 
-@pytest.mark.parametrize("case", ["one_expert", "rank1_sends_nothing", "idle_experts"])
-def test_skewed_routing_does_not_hang_and_is_exact(case: str) -> None:
-    results = run_ranks(_skewed, 2, case, timeout=60)
+@pytest.mark.parametrize("case", SKEWED_CASES)
+def test_skewed_routing_does_not_hang_and_is_exact(
+    case: str, two_ranks: list[dict[str, dict[str, object]]]
+) -> None:
+    results = [by_case[case] for by_case in two_ranks]
     for res in results:
         torch.testing.assert_close(res["y"], res["y_ref"], rtol=1e-5, atol=1e-6)
         assert res["x_grad"] is not None and torch.isfinite(res["x_grad"]).all()
