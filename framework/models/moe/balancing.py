@@ -29,8 +29,13 @@ def _sum_over(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
 
 
 def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Exact int64 histogram of the routed (token, expert) pairs: ``counts[i] = #{(t, j): topk_ids[t, j] == i}``."""
-    return torch.bincount(topk_ids_TK.reshape(-1), minlength=num_experts).to(torch.int64)
+    """Exact int64 histogram of the routed (token, expert) pairs: ``counts[i] = #{(t, j): topk_ids[t, j] == i}``.
+
+    A scatter-add into ``num_experts`` bins rather than ``bincount``, whose output size depends on the data: this one
+    traces under ``torch.compile`` without a graph break."""
+    ids_S = topk_ids_TK.reshape(-1).to(torch.int64)
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=ids_S.device)
+    return counts_E.scatter_add_(0, ids_S, torch.ones_like(ids_S))
 
 
 def load_balance_loss(

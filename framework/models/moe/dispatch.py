@@ -19,6 +19,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
+from framework.models.moe.balancing import expert_counts
 from framework.parallel import collectives as C
 
 
@@ -87,7 +88,7 @@ class LocalDispatcher:
         E = self.num_experts
         with torch.no_grad():
             ids_S = topk_ids_TK.reshape(-1)  # S = T*K slots, slot s belongs to token s // K
-            counts_E = torch.bincount(ids_S, minlength=E)
+            counts_E = expert_counts(topk_ids_TK, E)
             if self.capacity_factor > 0 and self.drop_policy == "probs":
                 # Highest weight first inside each expert: sort by -weight, then stably by expert.
                 by_weight_S = torch.sort(

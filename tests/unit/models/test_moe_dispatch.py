@@ -75,3 +75,26 @@ def test_gradients_flow_to_input_and_weights() -> None:
     d.combine(x_ND * 2, ctx).sum().backward()
     torch.testing.assert_close(x.grad, 2 * w.detach().sum(-1, keepdim=True).expand(5, 3))
     torch.testing.assert_close(w.grad, 2 * x.detach().sum(-1, keepdim=True).expand(5, 2))
+
+
+def test_local_dropless_dispatch_traces_without_a_graph_break() -> None:
+    """torch.compile takes the whole local dropless dispatch as one graph: the expert counts have a fixed shape (a
+    scatter-add into E bins; ``bincount``'s data-dependent size broke the graph there)."""
+    import torch._dynamo
+
+    E, T, K = 4, 10, 2
+    ids = torch.randint(0, E, (T, K), generator=torch.Generator().manual_seed(0))
+    weights = torch.rand(T, K)
+    x = torch.randn(T, 3)
+    d = LocalDispatcher(E)
+
+    def dispatch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_MD, counts_E, _ = d.dispatch(x, ids, weights)
+        return x_MD, counts_E
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(dispatch)(x, ids, weights)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    x_MD, counts_E = dispatch(x, ids, weights)
+    assert torch.equal(counts_E, torch.bincount(ids.reshape(-1), minlength=E))
+    assert x_MD.shape == (T * K, 3)
