@@ -88,7 +88,9 @@ def test_local_dropless_dispatch_traces_without_a_graph_break() -> None:
     x = torch.randn(T, 3)
     d = LocalDispatcher(E)
 
-    def dispatch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def dispatch(
+        x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x_MD, counts_E, _ = d.dispatch(x, ids, weights)
         return x_MD, counts_E
 
