@@ -45,8 +45,7 @@ def warn(message: str, all_ranks: bool = False) -> None:
 
 def error_line(message: str) -> str:
     """``[rank r] expertrain: error: ...`` under torchrun (before or after the process group exists)."""
-    launched = _world_size() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    prefix = f"[rank {_rank()}] " if launched else ""
+    prefix = f"[rank {_rank()}] " if _world_size() > 1 else ""
     return f"{prefix}expertrain: error: {message}"
 
 

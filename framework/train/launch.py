@@ -44,12 +44,16 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 def read_job(config_path: str, overrides: Sequence[str]) -> dict[str, Any]:
     """The raw job (file, overrides, a Hugging Face checkpoint's model sections) with its core sections typed and
     checked; needs no torch. The sections of the plugins it names are typed by :func:`load_job`, once they load."""
-    from framework.interop.hf.job import apply_hf_init
-
-    raw = apply_hf_init(load_raw(config_path, list(overrides)))
+    raw = _raw_job(config_path, overrides)
     plugin_sections = set(plugin_names(raw))
     resolve({k: v for k, v in raw.items() if k not in plugin_sections}, source=config_path)
     return raw
+
+
+def _raw_job(config_path: str, overrides: Sequence[str]) -> dict[str, Any]:
+    from framework.interop.hf.job import apply_hf_init
+
+    return apply_hf_init(load_raw(config_path, list(overrides)))
 
 
 def load_job(
@@ -62,7 +66,7 @@ def load_job(
     from framework.parallel.mesh import ParallelLayout
     from framework.parallel.setup import env_world_size
 
-    raw = read_job(config_path, overrides) if raw is None else raw
+    raw = _raw_job(config_path, overrides) if raw is None else raw
     names = plugin_names(raw)
     pm = PluginManager(default_registry())
     pm.load(names)

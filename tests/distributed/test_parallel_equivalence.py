@@ -58,12 +58,8 @@ LAYOUTS: dict[int, dict[str, tuple[str, ...]]] = {
     4: {
         "dp2-ep2": (FSDP, "parallel.ep=2"),
         "tp2-dp2": (FSDP, "parallel.tp=2"),
-        "tp2-ep2": (
-            FSDP,
-            "parallel.tp=2",
-            "parallel.ep=2",
-            "checkpoint.save_final=true",
-        ),  # test_export_sharded.py
+        # Keeps its final checkpoint for test_export_sharded.py.
+        "tp2-ep2": (FSDP, "parallel.tp=2", "parallel.ep=2", "checkpoint.save_final=true"),
         "tp2-ep2-etp1": (FSDP, "parallel.tp=2", "parallel.ep=2", "parallel.etp=1"),
     },
 }
@@ -141,9 +137,8 @@ def test_checkpoint_reshards_from_ep2_to_ep1_and_dp2(
     for name, world in (("resumed-ep1", 1), ("resumed-dp2", 2)):
         shutil.copytree(saved, tmp_path / name)
         result = _run(tmp_path, name, world, ckpt)
-        assert (
-            len(result["losses"]) == RESHARD_STEPS
-        )  # steps 1-3 kept from the saved run, 4-5 trained after resuming
+        # Steps 1-3 kept from the saved run, 4-5 trained after resuming.
+        assert len(result["losses"]) == RESHARD_STEPS
         torch.testing.assert_close(
             torch.tensor(result["losses"][3:]), torch.tensor(reference["losses"][3:]), rtol=1e-3, atol=0
         )
