@@ -277,6 +277,11 @@ class TrainConfig:
     eval_batches: int = option(8, doc="Micro-batches per evaluation.", min=1)
     sample_tokens: int = option(48, doc="Tokens of generated text shown at the end (0 = none).", min=0)
     device: Literal["auto", "cpu", "cuda"] = option("auto", doc="Where to train; auto = cuda when available.")
+    deterministic: bool = option(
+        False,
+        doc="Deterministic kernels (torch.use_deterministic_algorithms, a fixed cuBLAS workspace, MoE sums in a fixed "
+        "order): a resumed run repeats the uninterrupted one bit for bit on CUDA too (docs/gpu.md). Slower.",
+    )
     engine: Literal["native", "deepspeed"] = option(
         "native",
         doc="Who reduces gradients and steps the optimizer: native = DDP/FSDP2 (parallel.*), deepspeed = DeepSpeed "

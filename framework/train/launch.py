@@ -86,7 +86,7 @@ def train(config_path: str, overrides: Sequence[str], raw: dict[str, Any] | None
     from framework.train.trainer import Trainer
 
     config, pm = load_job(config_path, overrides, raw)
-    info = init_distributed(config.train.device, config.parallel.timeout_s)
+    info = init_distributed(config.train.device, config.parallel.timeout_s, config.train.deterministic)
     watchdog.install(config.parallel.timeout_s, pm)  # names a rank that hangs
     torch.manual_seed(config.train.seed + info.rank)
     trainer = Trainer(config, pm, info)
