@@ -28,12 +28,28 @@ def _sum_over(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     return C.all_reduce_sum(t.detach().clone(), group)
 
 
+def deterministic_sums() -> bool:
+    """Whether the MoE sums take their fixed-order paths: torch's deterministic algorithms are on
+    (``train.deterministic``). Read at call time; ``torch.compile`` guards on it and recompiles when it changes."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def one_hot_counts(ids: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """``counts[..., i] = #{j: ids[..., j] == i}`` by comparing with every expert id and summing the matches: a
+    reduction, so it has no atomics whose order could vary (uses ``ids.numel() * num_experts`` booleans)."""
+    experts = torch.arange(num_experts, device=ids.device, dtype=ids.dtype)
+    return (ids.unsqueeze(-1) == experts).sum(dim=-2, dtype=dtype)
+
+
 def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Exact int64 histogram of the routed (token, expert) pairs: ``counts[i] = #{(t, j): topk_ids[t, j] == i}``.
 
     A scatter-add into ``num_experts`` bins rather than ``bincount``, whose output size depends on the data: this one
-    traces under ``torch.compile`` without a graph break."""
+    traces under ``torch.compile`` without a graph break. With :func:`deterministic_sums`, a one-hot sum: the same
+    integers without a scatter kernel (on CUDA, atomic adds in no fixed order)."""
     ids_S = topk_ids_TK.reshape(-1).to(torch.int64)
+    if deterministic_sums():
+        return one_hot_counts(ids_S.unsqueeze(0), num_experts, torch.int64)[0]
     counts_E = torch.zeros(num_experts, dtype=torch.int64, device=ids_S.device)
     return counts_E.scatter_add_(0, ids_S, torch.ones_like(ids_S))
 
@@ -67,9 +83,13 @@ def sequence_load_balance_loss(
     With ``group`` every rank holds a slice of each sequence; counts per sequence are summed over it."""
     B, S, K = topk_ids_BSK.shape
     S_total = S * (C.group_size(group) if group is not None else 1)
-    one_hot_BSE = torch.zeros(B, S, num_experts, dtype=probs_BSE.dtype, device=probs_BSE.device)
-    one_hot_BSE.scatter_add_(2, topk_ids_BSK, torch.ones_like(topk_ids_BSK, dtype=probs_BSE.dtype))
-    counts_BE = _sum_over(one_hot_BSE.sum(dim=1), group)
+    if deterministic_sums():
+        counts_BE = one_hot_counts(topk_ids_BSK.reshape(B, S * K), num_experts, probs_BSE.dtype)
+    else:
+        one_hot_BSE = torch.zeros(B, S, num_experts, dtype=probs_BSE.dtype, device=probs_BSE.device)
+        one_hot_BSE.scatter_add_(2, topk_ids_BSK, torch.ones_like(topk_ids_BSK, dtype=probs_BSE.dtype))
+        counts_BE = one_hot_BSE.sum(dim=1)
+    counts_BE = _sum_over(counts_BE, group)
     mean_probs_BE = probs_BSE.sum(dim=1) / S_total
     return (num_experts / (K * S_total) * (counts_BE * mean_probs_BE).sum(dim=-1)).mean()
 

@@ -19,7 +19,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
-from framework.models.moe.balancing import expert_counts
+from framework.models.moe.balancing import deterministic_sums, expert_counts
 from framework.parallel import collectives as C
 
 
@@ -39,6 +39,8 @@ class DispatchContext:
     """Number of (token, expert) pairs before dropping (``T * k``)."""
     out_dtype: torch.dtype
     """dtype of the dispatched input; ``combine`` returns this dtype."""
+    slot_N: torch.Tensor | None = None
+    """(token, expert) slot ``t * k + j`` of every dispatched row (int64); the fixed-order combine needs it."""
 
 
 @runtime_checkable
@@ -107,16 +109,36 @@ class LocalDispatcher:
                 tokens_per_expert_E = counts_E
             dropped = ids_S.numel() - tokens_per_expert_E.sum()
             token_idx_N = order_S // K
-        x_ND = x_TD.index_select(0, token_idx_N)
+        if deterministic_sums():
+            # Gather from a copy per slot: every index is unique, so the backward adds each token's k gradients
+            # by a reduction over k instead of an index_add with repeated indices.
+            x_ND = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, -1).index_select(0, order_S)
+        else:
+            x_ND = x_TD.index_select(0, token_idx_N)
         weights_N = topk_weights_TK.reshape(-1).index_select(0, order_S)
-        ctx = DispatchContext(token_idx_N, weights_N, T, dropped, ids_S.numel(), x_TD.dtype)
+        ctx = DispatchContext(token_idx_N, weights_N, T, dropped, ids_S.numel(), x_TD.dtype, order_S)
         return x_ND, tokens_per_expert_E, ctx
 
     def combine(self, y_ND: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
         weighted_ND = y_ND.float() * ctx.weights_N.float().unsqueeze(-1)
+        if deterministic_sums() and ctx.slot_N is not None:
+            return _sum_slots_per_token(weighted_ND, ctx.slot_N, ctx.num_tokens, ctx.routed_N).to(
+                ctx.out_dtype
+            )
         out_TD = weighted_ND.new_zeros(ctx.num_tokens, y_ND.shape[-1])
         out_TD.index_add_(0, ctx.token_idx_N, weighted_ND)
         return out_TD.to(ctx.out_dtype)
+
+
+def _sum_slots_per_token(
+    rows_ND: torch.Tensor, slot_N: torch.Tensor, num_tokens: int, num_slots: int
+) -> torch.Tensor:
+    """Each token's rows summed in slot order (``index_add_``'s result without its atomics): rows are copied to
+    their unique slots ``t * k + j`` (dropped slots stay 0) and the ``k`` slots of each token summed."""
+    slots_SD = rows_ND.new_zeros(num_slots, rows_ND.shape[-1]).index_copy(0, slot_N, rows_ND)
+    if num_tokens == 0:
+        return slots_SD  # [0, D], still in the graph of the rows
+    return slots_SD.view(num_tokens, num_slots // num_tokens, -1).sum(dim=1)
 
 
 @dataclass
