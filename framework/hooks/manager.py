@@ -602,6 +602,17 @@ class PluginManager:
             out[name] = float(value)
         return out
 
+    def transforms_needing_weights(self) -> list[str]:
+        """Plugins whose ``expertrain_transform_model`` needs the model's real weights: those that implement it
+        without ``expertrain_init_weights`` (see the hook specifications). Empty when the model can be transformed
+        and parallelised on the meta device."""
+        return [
+            name
+            for name in self.plugin_names
+            if "expertrain_transform_model" in (hooks := self.hooks_implemented(name))
+            and "expertrain_init_weights" not in hooks
+        ]
+
     def trainable_names(self, model: Any, config: Any) -> set[str]:
         """The names of the parameters to train, from ``expertrain_trainable_parameters``.
 

@@ -10,7 +10,8 @@ first, then the job's ``plugins`` list in order. An exception inside a hook stop
 Lifecycle of one job::
 
     expertrain_config_sections ─ expertrain_register_components ─ expertrain_validate_config
-    build model ─ expertrain_transform_model ─ expertrain_trainable_parameters ─ parallelize
+    build model (meta) ─ expertrain_transform_model ─ expertrain_trainable_parameters ─ parallelize
+    ─ materialise local shards, init, load model.init_from ─ expertrain_init_weights
     ─ expertrain_after_parallelize ─ expertrain_optimizer_param_groups ─ expertrain_after_optimizer
     per step: expertrain_step_begin ─ (forward: expertrain_extra_losses) ─ expertrain_after_backward
               ─ optimizer.step ─ expertrain_after_optimizer_step ─ expertrain_metrics
@@ -77,9 +78,35 @@ def expertrain_validate_config(config: JobConfig, world_size: int) -> None:
 def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
     """Transform the freshly built model in place (inject adapters, swap modules).
 
-    When: after the model is built and its weights initialised (or loaded), before the trainable set is decided,
-    before parallelisation and before the optimizer exists. Plugins run in the order they are listed in ``plugins``.
-    May change: the model's modules and parameters.
+    When: after the model is built, before the trainable set is decided, before parallelisation and before the
+    optimizer exists. Plugins run in the order they are listed in ``plugins``. Where the model is then:
+
+    - on the **meta device** (no values, nothing allocated) when every plugin that transforms the model also
+      implements :func:`expertrain_init_weights`: such a plugin changes structure here and sets its parameters' values
+      there. The model is parallelised on meta and each rank then allocates only its shards: what a model larger than
+      one device needs;
+    - with **real, whole weights** (initialised, ``model.init_from`` loaded) on every rank otherwise: a plugin whose
+      transform reads weights (e.g. an SVD of the base) and has no ``expertrain_init_weights`` gets them, at the cost
+      of every rank holding the whole model until it is sharded (the job's log says which plugin caused it).
+
+    May change: the model's modules and parameters (new parameters on the model's device, meta included).
+    Returns: nothing.
+    """
+
+
+@hookspec
+def expertrain_init_weights(model: nn.Module, config: JobConfig, init: Any) -> None:
+    """Set the values of the parameters this plugin added (adapters, gates), on this rank's shards.
+
+    When: once the model's parameters exist on this rank: after parallelisation, materialisation of the local
+    shards, the core's initialisation and the load of ``model.init_from`` into the base weights (so base values are
+    final here), before ``expertrain_after_parallelize``. Also on resume, before the checkpoint overwrites the values.
+    Implementing this hook declares that the plugin's ``expertrain_transform_model`` only changes structure (see
+    there). Parameters may be DTensor shards: fill them with :func:`framework.models.init.normal_` /
+    :func:`~framework.models.init.uniform_` passing ``init`` (a :class:`framework.models.init.KeyedInit`), which
+    gives every element the value it has on one rank, whatever the layout; a plugin with a seed of its own builds
+    ``KeyedInit(seed, model.named_parameters())``. Constant fills (``zero_()``, ``fill_()``) work on shards as they are.
+    May change: values of the plugin's own parameters and buffers, in place.
     Returns: nothing.
     """
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from framework.config.sections import ModelConfig, MoEConfig
 from framework.hooks.registry import ComponentRegistry
-from framework.models.init import normal_
+from framework.models.init import KeyedInit, normal_
 from framework.models.kv_cache import KVCache, LayerKVCache
 from framework.models.masking import document_causal_mask
 from framework.models.mlp import FeedForward
@@ -192,15 +192,19 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def init_weights(self, seed: int | torch.Generator = 0) -> None:
-        """Deterministic init (same values on any device, and after a meta-device build + ``to_empty``).
+    def init_weights(self, seed: int | KeyedInit | torch.Generator = 0) -> None:
+        """Deterministic init: the same values on any device and any parallel layout (see
+        :mod:`framework.models.init`), also after a meta-device build + ``to_empty`` and on sharded parameters.
 
         Weights ``N(0, init_std)``; output projections (attention ``o_proj``, MLP / expert ``down_proj``)
         ``N(0, init_std / sqrt(2 · n_layers))``; norms 1; router ``N(0, init_std)``, expert bias 0. Also rebuilds the
         RoPE tables (non-persistent buffers are garbage after ``to_empty``) and re-ties tied embeddings.
+
+        ``seed``: an int (values keyed by parameter name), a :class:`KeyedInit`, or a ``torch.Generator`` (values
+        drawn in order: whole, unsharded parameters only).
         """
         self.tie_weights()
-        generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+        generator = KeyedInit.for_model(seed, self) if isinstance(seed, int) else seed
         std = self.model_cfg.init_std
         out_std = std / math.sqrt(2 * self.model_cfg.n_layers)
         normal_(self.tok_embeddings.weight, std, generator)

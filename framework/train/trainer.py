@@ -24,14 +24,12 @@ from framework.config.job import save_resolved
 from framework.data import MicroBatchStream, build_pretrain_datasets, load_tokenizer, unigram_entropy
 from framework.engines import Engine, NativeEngine
 from framework.hooks import PluginManager
-from framework.models import Transformer
 from framework.observe import console
 from framework.observe.metrics import MetricsWriter, read_metrics
 from framework.observe.mfu import mfu, peak_tflops
 from framework.observe.progress import ProgressBar
 from framework.parallel import collectives as C
-from framework.parallel.data_parallel import rescale_expert_gradients, wrap_data_parallel
-from framework.parallel.expert_parallel import apply_expert_parallel, parallelize_moe
+from framework.parallel.data_parallel import rescale_expert_gradients
 from framework.parallel.grad_clip import clip_grad_norm_
 from framework.parallel.grads import reduce_pending_gradients
 from framework.parallel.mesh import ParallelLayout, build_meshes
@@ -227,51 +225,16 @@ class Trainer:
         )
 
     def _build_model(self) -> None:
-        cfg = self.config
-        with torch.device("meta"):
-            model = Transformer(cfg.model, cfg.moe, self.pm.registry)
-        model.to_empty(device=self.device)
-        model.init_weights(cfg.train.seed)
-        if cfg.model.init_from and self.resume_from is None:
-            from framework.checkpoint.warm_start import load_model_weights
+        from framework.train.assembly import assemble_model, describe
 
-            source = C.run_agreed(
-                "loading model.init_from", lambda: load_model_weights(cfg.model.init_from, model)
-            )
-            console.info(f"model weights from {source}")
-        self.raw_model = model
-        self.pm.hook.expertrain_transform_model(model=model, config=cfg)
-        trainable = self.pm.trainable_names(model, cfg)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in trainable)
-        if cfg.train.activation_checkpointing:
-            model.enable_activation_checkpointing()
-        # Counted on the whole model, before sharding.
-        counts = model.param_counts()
-        self.param_counts = counts
-        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
-        if self.meshes.tp is not None:
-            from framework.parallel.tensor_parallel import apply_tensor_parallel
-
-            apply_tensor_parallel(model, self.meshes.tp, self.layout.sequence_parallel)
-        if cfg.train.engine == "native":
-            parallelize_moe(model, self.meshes)
-        elif self.meshes.ep is not None:  # DeepSpeed reduces plain expert slices itself (tp is 1 there)
-            apply_expert_parallel(model, self.meshes.ep, as_dtensor=False)
-        if cfg.train.compile:
-            for i, block in enumerate(model.layers):
-                model.layers[i] = torch.compile(block)
-        self.model = (
-            wrap_data_parallel(model, cfg.parallel.data, self.device, self.meshes)
-            if cfg.train.engine == "native"
-            else model  # DeepSpeed wraps it in build(), with the optimizer
+        assembled = assemble_model(
+            self.config, self.pm, self.meshes, self.device, resuming=self.resume_from is not None
         )
-        self.peak_tflops = peak_tflops(self.device, cfg.train.dtype)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        console.info(
-            f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active_per_token'] / 1e6:.2f}M active per token, "
-            f"{n_train / 1e6:.2f}M trainable; {self.flops_per_token / 1e6:.1f} MFLOPs per token (train)"
-        )
+        self.raw_model, self.model = assembled.raw, assembled.model
+        self.param_counts = assembled.param_counts
+        self.flops_per_token = assembled.flops_per_token
+        self.peak_tflops = peak_tflops(self.device, self.config.train.dtype)
+        console.info(describe(assembled))
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
 

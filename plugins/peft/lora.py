@@ -29,6 +29,7 @@ from torch import nn
 
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import hookimpl
+from framework.models.init import KeyedInit
 from framework.observe import console
 from plugins.peft.low_rank import (
     ExpertsLoRA,
@@ -120,17 +121,17 @@ def _check_patterns(cfg: LoRAConfig) -> None:
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, plugin: str = SECTION) -> Targets:
-    """Wrap every module ``cfg`` targets (in place) and initialise the adapters from ``cfg.seed`` (same values on
-    every rank). Returns the selected modules (the originals, by path); raises ``ConfigError`` if a target part
-    matches nothing or a module is already adapted by another plugin."""
+    """Wrap every module ``cfg`` targets (in place). Returns the selected modules (the originals, by path); raises
+    ``ConfigError`` if a target part matches nothing or a module is already adapted by another plugin.
+
+    On a model with real weights the adapters are initialised at once (:func:`init_adapters`); on the meta device
+    they get their values from :func:`init_adapters` once the (sharded) parameters exist."""
     targets = select_targets(model, cfg.targets, cfg.target_experts, section=SECTION)
-    generator = torch.Generator().manual_seed(cfg.seed)
     for path, base in targets.linears:
         claim(base, plugin, path)
         r = pattern_value(cfg.rank_pattern, path, cfg.r)
         alpha = pattern_value(cfg.alpha_pattern, path, cfg.alpha)
         module = LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora)
-        module.lora.reset_parameters(cfg.init, generator)
         claim(module, plugin, path)
         model.set_submodule(path, module)
     for path, experts in targets.experts:
@@ -141,13 +142,25 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, plugin: str = SECTION) -> Targ
         for name, (d_in, d_out) in (("gate_up_proj", (H, 2 * hidden)), ("down_proj", (hidden, H))):
             r = pattern_value(cfg.rank_pattern, f"{path}.{name}", cfg.r)
             alpha = pattern_value(cfg.alpha_pattern, f"{path}.{name}", cfg.alpha)
-            lora = ExpertsLoRA(E, d_in, d_out, r, alpha, 0.0, cfg.use_rslora, device=w.device, dtype=w.dtype)
-            lora.reset_parameters(cfg.init, generator)
-            adapters[f"lora_{name}"] = lora
+            adapters[f"lora_{name}"] = ExpertsLoRA(
+                E, d_in, d_out, r, alpha, 0.0, cfg.use_rslora, device=w.device, dtype=w.dtype
+            )
         module = LoRAExperts(experts, **adapters)
         claim(module, plugin, path)
         model.set_submodule(path, module)
+    if not any(p.is_meta for p in model.parameters()):
+        init_adapters(model, cfg, plugin)
     return targets
+
+
+def init_adapters(model: nn.Module, cfg: LoRAConfig, plugin: str = SECTION) -> None:
+    """``A`` per ``cfg.init`` and ``B = 0`` for every adapter of ``plugin``, keyed by ``cfg.seed`` and the
+    parameter's name: the same values on every rank and layout, sharded or whole."""
+    init = KeyedInit(cfg.seed, model.named_parameters())
+    for _, m in lora_modules(model, plugin):
+        deltas = [m.lora] if isinstance(m, LoRALinear) else list(m.adapters().values())
+        for delta in deltas:
+            delta.reset_parameters(cfg.init, init)
 
 
 def lora_modules(model: nn.Module, plugin: str = SECTION) -> list[tuple[str, LoRALinear | LoRAExperts]]:
@@ -210,6 +223,11 @@ def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
     if cfg.rank_pattern or cfg.alpha_pattern:
         detail += f", rank_pattern={cfg.rank_pattern}, alpha_pattern={cfg.alpha_pattern}"
     console.info(format_coverage(SECTION, model, targets, trainable, detail))
+
+
+@hookimpl
+def expertrain_init_weights(model: nn.Module, config: JobConfig) -> None:
+    init_adapters(model, getattr(config, SECTION))
 
 
 @hookimpl

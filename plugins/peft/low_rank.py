@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
+from framework.models.init import InitSource, normal_, uniform_
 from framework.models.moe.experts import EXPERT_IMPLS, GroupedExperts, resolve_impl
 from framework.models.sharding import local_weight
 
@@ -62,13 +63,12 @@ def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
 
 
 @torch.no_grad()
-def linear_init_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def linear_init_(weight: torch.Tensor, generator: InitSource = None) -> torch.Tensor:
     """Fill ``weight [..., out, in]`` in place like ``nn.Linear``'s default init of every ``[out, in]`` matrix:
     Kaiming-uniform with ``a=√5``, i.e. ``U(-1/√in, 1/√in)``, drawn in fp32 on the CPU from ``generator``."""
     # Computed here because torch's fan-in of a 3-D tensor would count the expert axis as receptive field.
     bound = 1.0 / math.sqrt(weight.shape[-1])
-    values = torch.empty(weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-    return weight.copy_(values)
+    return uniform_(weight, -bound, bound, generator)
 
 
 @torch.no_grad()
@@ -76,17 +76,14 @@ def init_lora_(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     init: LoRAInit = "kaiming",
-    generator: torch.Generator | None = None,
+    generator: InitSource = None,
 ) -> None:
     """Initialise ``A [..., r, in]`` in place (every ``[r, in]`` slice like its own ``nn.Linear(in, r)``) and zero
     ``B [..., out, r]``, so ``ΔW = 0``. Values are drawn in fp32 on the CPU from ``generator`` and copied over."""
     if init == "kaiming":
         linear_init_(lora_A, generator)
     elif init == "gaussian":
-        r = lora_A.shape[-2]
-        lora_A.copy_(
-            torch.empty(lora_A.shape, dtype=torch.float32).normal_(0.0, 1.0 / r, generator=generator)
-        )
+        normal_(lora_A, 1.0 / lora_A.shape[-2], generator)
     else:
         raise ValueError(f"unknown LoRA init {init!r}; expected 'kaiming' or 'gaussian'")
     lora_B.zero_()
@@ -120,7 +117,7 @@ class _LoRADelta(nn.Module):
     lora_B: nn.Parameter
     scaling: float
 
-    def reset_parameters(self, init: LoRAInit = "kaiming", generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self, init: LoRAInit = "kaiming", generator: InitSource = None) -> None:
         """``A`` per ``init`` (every expert's, when stacked), ``B = 0``."""
         init_lora_(self.lora_A, self.lora_B, init, generator)
 

@@ -57,6 +57,12 @@ class Every:
         model.every_scale = torch.nn.Parameter(torch.ones(()))
 
     @hookimpl
+    def expertrain_init_weights(self, model, config, init):
+        self.calls.append("expertrain_init_weights")
+        with torch.no_grad():
+            model.every_scale.fill_(1.5)
+
+    @hookimpl
     def expertrain_trainable_parameters(self, model, config):
         return ["every_scale"]
 
@@ -164,6 +170,8 @@ def test_every_hook_through_the_manager(tmp_path: Path):
     assert trainable == {"every_scale"}
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
+    pm.hook.expertrain_init_weights(model=model, config=config, init=None)
+    assert model.every_scale.item() == 1.5
     pm.hook.expertrain_after_parallelize(model=model, config=config, resumed=False)
     assert every.resumed is False and model.every_scale.item() == 2.0
     groups = pm.param_groups(model, config)
@@ -254,3 +262,20 @@ def test_two_every_plugins_collide_where_the_specs_say_they_must():
     assert pm.trainable_names(model, config) == {
         "every_scale"
     }  # the same name from two plugins is fine: a union
+
+
+class TransformOnly:
+    """Transforms the model without an init hook: its transform is taken to read real weights."""
+
+    @hookimpl
+    def expertrain_transform_model(self, model, config):
+        model.scaled = torch.nn.Parameter(model.weight.detach() * 2)
+
+
+def test_a_transform_without_an_init_hook_is_reported_as_needing_real_weights():
+    pm = PluginManager()
+    pm.register_object("every", Every())
+    assert pm.transforms_needing_weights() == []  # transform + init hook: structure only, meta is fine
+    pm.register_object("transform_only", TransformOnly())
+    pm.register_object("other", Other())  # no transform at all
+    assert pm.transforms_needing_weights() == ["transform_only"]
