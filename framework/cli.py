@@ -39,7 +39,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "native":
         files = export_native(args.checkpoint, args.output)
     elif args.format == "hf":
-        files = export_hf(args.checkpoint, args.output, merge=args.merge)
+        files = export_hf(
+            args.checkpoint, args.output, merge=args.merge, max_shard_bytes=args.max_shard_bytes
+        )
     else:
         try:
             files = export_plugin_format(args.checkpoint, args.output, args.format)
@@ -100,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge",
         action="store_true",
         help="hf only: fold mergeable adapters (LoRA, ...) into the base weights",
+    )
+    p.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=None,
+        help="hf only: the largest safetensors file; more weights go to further shards (default 5 GB)",
     )
     p.set_defaults(func=_cmd_export)
 

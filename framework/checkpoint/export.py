@@ -1,19 +1,43 @@
-"""Rebuild a model from a checkpoint in one process; ``expertrain export native`` and the formats plugins provide."""
+"""Exports of a checkpoint: ``expertrain export native|hf`` and the formats plugins provide.
+
+When no plugin of the checkpoint's job changes the built model or exports from it (:func:`streams_tensors`: the
+core model, or plugins that only provide blocks or observe training, like ``deepseek_moe`` and the watchdog), the
+model is never built: its tensors are read from the checkpoint one at a time and written to their safetensors files
+as they come (:mod:`framework.checkpoint.stream`), so peak memory is about one tensor. Otherwise (adapters, ``--merge``
+with a merging plugin, plugin formats) :func:`load_model` rebuilds the whole model in one process, as a training
+rank would, and the export is written from it. Both give the same bytes.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from safetensors.torch import save_file
 
 from framework.checkpoint.store import CheckpointStore
+from framework.checkpoint.stream import CheckpointTensors, SafetensorsWriter, TensorEntry
 from framework.config import JobConfig, resolve
 from framework.hooks import PluginManager
 from framework.models import default_registry
+
+EXPORT_DTYPE = torch.float32
+"""The dtype of exported floating-point tensors: the one :func:`load_model` builds the model in."""
+NATIVE_WEIGHTS = "model.safetensors"
+NATIVE_METADATA = {"format": "expertrain-native"}
+MODEL_HOOKS = frozenset(
+    {
+        "expertrain_transform_model",
+        "expertrain_load_state_dict",
+        "expertrain_merge_adapters",
+        "expertrain_export",
+    }
+)
+"""Hooks that need the built model at export time: a plugin implementing one keeps the export on :func:`load_model`."""
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -30,18 +54,32 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, JobConfig, PluginManager, Path]:
-    """The trained model (fp32, CPU) of a checkpoint, with the plugins of its job re-applied."""
-    from framework.models import Transformer
-
+def load_job(checkpoint: str | Path) -> tuple[JobConfig, PluginManager, Path]:
+    """The checkpoint folder's job config, with its plugins loaded and the job validated by them (as in training,
+    with the saved world size)."""
     path = resolve_checkpoint(checkpoint)
     meta = CheckpointStore.read_meta(path)
     raw = meta["config"]
     pm = PluginManager(default_registry())
     pm.load(list(raw.get("plugins", [])))
     config = resolve(raw, pm.config_sections, source=str(path))
-    # Plugins keep what their blocks need when they validate the job (as in training, with the saved world size).
+    # Plugins keep what their blocks need when they validate the job.
     pm.hook.expertrain_validate_config(config=config, world_size=int(meta.get("world_size", 1)))
+    return config, pm, path
+
+
+def streams_tensors(pm: PluginManager) -> bool:
+    """Whether the checkpoint's model tensors are the model, so an export may stream them without building it:
+    no enabled plugin implements one of :data:`MODEL_HOOKS`."""
+    return not any(MODEL_HOOKS.intersection(pm.hooks_implemented(name)) for name in pm.plugin_names)
+
+
+def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, JobConfig, PluginManager, Path]:
+    """The trained model (fp32, CPU) of a checkpoint, with the plugins of its job re-applied. Builds the whole model
+    in this process."""
+    from framework.models import Transformer
+
+    config, pm, path = load_job(checkpoint)
     model = Transformer(config.model, config.moe, pm.registry)
     # Every value is overwritten from the checkpoint; initialised weights keep the plugins' decompositions in the
     # transform (SVDs of the base) on finite numbers.
@@ -55,24 +93,66 @@ def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, JobConfig, Plug
     return model, config, pm, path
 
 
+class _StreamedModel:
+    """A checkpoint's model tensors as an export sees them: names, shapes and dtypes in saved order (as
+    ``model.state_dict()`` has them), each loaded on demand in :data:`EXPORT_DTYPE`."""
+
+    def __init__(self, path: Path, config: JobConfig) -> None:
+        self._tensors = CheckpointTensors(path)
+        self.shapes = self._tensors.shapes
+        self.dtypes = {
+            name: EXPORT_DTYPE if dtype.is_floating_point else dtype
+            for name, dtype in self._tensors.dtypes.items()
+        }
+        self._aliases: dict[str, str] = {}
+        if config.model.tie_embeddings and "output.weight" not in self.shapes:
+            # A state dict lists the tied head under both names; a checkpoint may hold it once.
+            self._aliases["output.weight"] = "tok_embeddings.weight"
+            self.shapes["output.weight"] = self.shapes["tok_embeddings.weight"]
+            self.dtypes["output.weight"] = self.dtypes["tok_embeddings.weight"]
+
+    def load(self, name: str) -> torch.Tensor:
+        stored = self._aliases.get(name, name)
+        return self._tensors.load([stored], EXPORT_DTYPE)[stored]
+
+
+def _write_native_weights(out: Path, path: Path, config: JobConfig) -> None:
+    """``model.safetensors`` from the checkpoint, tensor by tensor (the bytes ``save_file`` of the state dict gives)."""
+    source = _StreamedModel(path, config)
+    entries = [TensorEntry(name, source.dtypes[name], tuple(shape)) for name, shape in source.shapes.items()]
+    with SafetensorsWriter(out / NATIVE_WEIGHTS, entries, NATIVE_METADATA) as writer:
+        for entry in entries:
+            writer.write(entry.name, source.load(entry.name))
+
+
 def export_native(checkpoint: str | Path, output: str | Path) -> list[str]:
-    """Write ``model.safetensors`` + ``config.yaml`` (+ the run's tokenizer) to ``output``."""
-    model, config, pm, path = load_model(checkpoint)
+    """Write ``model.safetensors`` + ``config.yaml`` (+ the run's tokenizer, + what plugins export) to ``output``.
+
+    Streamed from the checkpoint when :func:`streams_tensors`; else from the model :func:`load_model` rebuilds."""
+    config, pm, path = load_job(checkpoint)
+    model = None
+    if not streams_tensors(pm):
+        model, config, pm, path = load_model(path)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "expertrain-native"})
+    if model is None:
+        _write_native_weights(out, path, config)
+    else:
+        tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(tensors, str(out / NATIVE_WEIGHTS), metadata=NATIVE_METADATA)
+        del tensors
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    written = ["model.safetensors", "config.yaml"]
+    written = [NATIVE_WEIGHTS, "config.yaml"]
     tokenizer_dir = path.parent.parent / "tokenizer"
     if tokenizer_dir.is_dir():
         for f in tokenizer_dir.iterdir():
             shutil.copy2(f, out / f.name)
             written.append(f.name)
-    for result in pm.hook.expertrain_export(
-        model=model, config=config, output_dir=out, export_format="native"
-    ):
-        written.extend(result or [])
+    if model is not None:
+        for result in pm.hook.expertrain_export(
+            model=model, config=config, output_dir=out, export_format="native"
+        ):
+            written.extend(result or [])
     (out / "export.json").write_text(
         json.dumps({"checkpoint": path.name, "files": written}, indent=1), encoding="utf-8"
     )
@@ -115,17 +195,29 @@ def export_plugin_format(checkpoint: str | Path, output: str | Path, export_form
     return written
 
 
-def export_hf(checkpoint: str | Path, output: str | Path, *, merge: bool = False) -> list[str]:
+def export_hf(
+    checkpoint: str | Path, output: str | Path, *, merge: bool = False, max_shard_bytes: int | None = None
+) -> list[str]:
     """``expertrain export hf``: the checkpoint's model as a folder ``transformers.AutoModelForCausalLM`` loads
     (``config.json``, safetensors, the run's tokenizer). ``merge``: plugins first fold their adapters into the base
     weights (``expertrain_merge_adapters``). Written to a temporary sibling and renamed, so a failed export leaves no
-    half-written folder and an existing ``output`` is replaced only by a complete one."""
+    half-written folder and an existing ``output`` is replaced only by a complete one. ``max_shard_bytes``: the
+    largest safetensors file (transformers' 5 GB by default).
+
+    Streamed from the checkpoint, shard file by shard file, when :func:`streams_tensors`; else written from the
+    model :func:`load_model` rebuilds (same bytes)."""
     from framework.data.errors import DataError
     from framework.interop.hf import HFCheckpointError, HFConfigError, save_pretrained
+    from framework.interop.hf.folders import DEFAULT_MAX_SHARD_BYTES
     from framework.interop.hf.tokenizer import load_hf_tokenizer
 
-    model, config, pm, path = load_model(checkpoint)
-    merged = pm.call_per_plugin("expertrain_merge_adapters", model=model, config=config) if merge else {}
+    config, pm, path = load_job(checkpoint)
+    model = None
+    merged: dict[str, Any] = {}
+    if not streams_tensors(pm):
+        model, config, pm, path = load_model(path)
+        if merge:
+            merged = pm.call_per_plugin("expertrain_merge_adapters", model=model, config=config)
     tokenizer_dir = path.parent.parent / "tokenizer"
     tokenizer = None
     if tokenizer_dir.is_dir():
@@ -137,7 +229,11 @@ def export_hf(checkpoint: str | Path, output: str | Path, *, merge: bool = False
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        written = save_pretrained(model, staging, tokenizer=tokenizer)
+        shard = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
+        if model is not None:
+            written = save_pretrained(model, staging, tokenizer=tokenizer, max_shard_bytes=shard)
+        else:
+            written = _write_hf_streamed(path, config, staging, tokenizer, shard)
     except (HFCheckpointError, HFConfigError) as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if config.plugins and not merge:
@@ -145,6 +241,9 @@ def export_hf(checkpoint: str | Path, output: str | Path, *, merge: bool = False
                 f"{exc} (the job's plugins {', '.join(config.plugins)} may add tensors: pass --merge to fold "
                 "mergeable adapters into the base weights, or export the adapters with their own format)"
             ) from None
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     (staging / "export.json").write_text(
         json.dumps(
@@ -158,3 +257,22 @@ def export_hf(checkpoint: str | Path, output: str | Path, *, merge: bool = False
         shutil.rmtree(out)
     staging.rename(out)
     return written
+
+
+def _write_hf_streamed(
+    path: Path, config: JobConfig, out: Path, tokenizer: Any, max_shard_bytes: int
+) -> list[str]:
+    """:func:`~framework.interop.hf.save_pretrained` of the checkpoint's model without building it."""
+    from framework.interop.hf.folders import spec_from_job, write_pretrained
+
+    source = _StreamedModel(path, config)
+    return write_pretrained(
+        spec_from_job(config, source.shapes),
+        source.shapes,
+        source.dtypes,
+        source.load,
+        out,
+        dtype=EXPORT_DTYPE,
+        max_shard_bytes=max_shard_bytes,
+        tokenizer=tokenizer,
+    )

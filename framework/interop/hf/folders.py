@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from framework.config.job import JobConfig
 from framework.config.schema import build_section
@@ -26,7 +26,8 @@ from framework.interop.hf.config_map import (
     hf_config_from_spec,
     spec_from_hf_config,
 )
-from framework.interop.hf.state_map import HFCheckpointError, Layout, hf_to_native, native_to_hf, rules_for
+from framework.interop.hf.state_map import HFCheckpointError, Layout, hf_to_native, rules_for
+from framework.interop.hf.stream import group_shards, plan_hf_tensors, write_hf_tensors
 from framework.models import Transformer, default_registry
 
 CONFIG_FILE = "config.json"
@@ -210,50 +211,119 @@ def spec_from_model(model: Transformer, family: str | None = None) -> HFModelSpe
     """The :class:`HFModelSpec` of one of our models: its sections plus the shared-expert options read from its
     MoE blocks; ``family`` inferred when not given (mla -> deepseek_v3, gated shared experts -> qwen2_moe, q/k
     norms -> qwen3_moe, other MoE -> mixtral, q/k/v biases -> qwen2, else llama)."""
-    m, moe = model.model_cfg, model.moe_cfg
     blocks = model.moe_layers()
+    first = blocks[0] if blocks else None
+    shared = getattr(first, "shared_experts", None)
+    return _spec(
+        model.model_cfg,
+        model.moe_cfg,
+        _RoutedExperts(first.num_experts, first.top_k, first.experts.hidden) if first is not None else None,
+        shared.hidden if shared is not None else 0,
+        shared is not None and shared.gate is not None,
+        family,
+        getattr(model, "hf_rope_interleave", None),
+    )
+
+
+def spec_from_job(
+    config: JobConfig, shapes: Mapping[str, Sequence[int]], family: str | None = None
+) -> HFModelSpec:
+    """:func:`spec_from_model` of the model ``config`` builds, without building it: the routed and shared experts'
+    sizes from our tensors' ``shapes`` (a checkpoint's), the routed top-k from the ``moe`` section and, for a
+    ``deepseek_moe`` block, its segmentation options."""
+    moe_layers = sorted(i for i in _moe_layer_experts(shapes))
+    if not moe_layers:
+        return _spec(config.model, config.moe, None, 0, False, family, None)
+    prefix = f"layers.{moe_layers[0]}.ffn."
+    experts, _, hidden, _ = shapes[prefix + "experts.gate_up_proj"]
+    top_k = config.moe.top_k
+    if config.moe.block == MOE_PLUGIN:
+        # The deepseek_moe block routes segments*top_k fine-grained experts, less the shared ones it isolates.
+        section = config.plugin_sections[MOE_PLUGIN]
+        top_k = section.segments * top_k - (section.n_shared_experts if section.isolate_shared else 0)
+    shared = shapes.get(prefix + "shared_experts.gate_proj.weight")
+    return _spec(
+        config.model,
+        config.moe,
+        _RoutedExperts(experts, top_k, hidden),
+        shared[0] if shared is not None else 0,
+        prefix + "shared_experts.gate.weight" in shapes,
+        family,
+        None,
+    )
+
+
+@dataclass(frozen=True)
+class _RoutedExperts:
+    """What a model's first MoE block routes over: ``num_experts``, ``top_k``, each expert's ``hidden``."""
+
+    num_experts: int
+    top_k: int
+    hidden: int
+
+
+def _spec(
+    m: Any,
+    moe: Any,
+    routed: _RoutedExperts | None,
+    shared_hidden: int,
+    shared_gate: bool,
+    family: str | None,
+    rope_interleave: bool | None,
+) -> HFModelSpec:
     plugins: list[str] = []
     sections: dict[str, dict[str, Any]] = {}
-    shared = getattr(blocks[0], "shared_experts", None) if blocks else None
-    if blocks and moe.block != "moe":
+    if routed is not None and moe.block != "moe":
         if moe.block != MOE_PLUGIN:
             raise HFConfigError("moe.block", moe.block, f"expected 'moe' or '{MOE_PLUGIN}' to export")
-        first = blocks[0]
         moe = dataclasses.replace(
-            moe, num_experts=first.num_experts, top_k=first.top_k, expert_hidden=first.experts.hidden
+            moe, num_experts=routed.num_experts, top_k=routed.top_k, expert_hidden=routed.hidden
         )
         plugins = [MOE_PLUGIN]
         sections[MOE_PLUGIN] = {
             "segments": 1,
             "isolate_shared": False,
-            "n_shared_experts": 1 if shared is not None else 0,
-            "shared_expert_hidden": shared.hidden if shared is not None else 0,
-            "shared_expert_gate": shared is not None and shared.gate is not None,
+            "n_shared_experts": 1 if shared_hidden else 0,
+            "shared_expert_hidden": shared_hidden,
+            "shared_expert_gate": shared_gate,
         }
     if family is None:
-        family = _infer_family(m, moe, shared)
-    if family == "deepseek_v3" and shared is not None:
-        if shared.hidden % moe.expert_hidden:
+        family = _infer_family(m, moe, shared_hidden, shared_gate)
+    if family == "deepseek_v3" and shared_hidden:
+        if shared_hidden % moe.expert_hidden:
             raise HFConfigError(
                 "deepseek_moe.shared_expert_hidden",
-                shared.hidden,
+                shared_hidden,
                 f"expected a multiple of moe.expert_hidden={moe.expert_hidden} (deepseek_v3 n_shared_experts)",
             )
         sections[MOE_PLUGIN].update(
-            n_shared_experts=shared.hidden // moe.expert_hidden, shared_expert_hidden=0
+            n_shared_experts=shared_hidden // moe.expert_hidden, shared_expert_hidden=0
         )
-    interleave = bool(getattr(model, "hf_rope_interleave", family == "deepseek_v3"))
+    interleave = family == "deepseek_v3" if rope_interleave is None else bool(rope_interleave)
     return HFModelSpec(family, m, moe, plugins, sections, rope_interleave=interleave)
 
 
-def _infer_family(m: Any, moe: Any, shared: Any) -> str:
+def _infer_family(m: Any, moe: Any, shared_hidden: int, shared_gate: bool) -> str:
     if m.attention == "mla":
         return "deepseek_v3"
     if moe.num_experts:
-        if shared is not None:
+        if shared_hidden:
             return "qwen2_moe"
         return "qwen3_moe" if m.qk_norm else "mixtral"
     return "qwen2" if m.qkv_bias and not m.o_bias else "llama"
+
+
+def _moe_layer_experts(shapes: Mapping[str, Sequence[int]]) -> dict[int, int]:
+    """MoE layer index -> routed experts, from our tensors' shapes (``layers.<i>.ffn.experts.gate_up_proj``)."""
+    out = {}
+    for key, shape in shapes.items():
+        match = _EXPERTS_KEY.fullmatch(key)
+        if match:
+            out[int(match.group(1))] = int(shape[0])
+    return out
+
+
+_EXPERTS_KEY = re.compile(r"layers\.(\d+)\.ffn\.experts\.gate_up_proj")
 
 
 def save_pretrained(
@@ -269,17 +339,71 @@ def save_pretrained(
     e.g. :class:`~framework.data.tokenizer.Tokenizer`) is written beside them. Returns the file names written.
 
     ``family``: the ``model_type`` to write (one of ``ARCHITECTURES``); inferred by default
-    (:func:`spec_from_model`). Raises :class:`HFConfigError` naming the field the family cannot hold."""
+    (:func:`spec_from_model`). Raises :class:`HFConfigError` naming the field the family cannot hold. The files are
+    written tensor by tensor (no second copy of the model in memory)."""
+    _check_family(family)
+    spec = spec_from_model(model, family)
+    state = model.state_dict()
+    dtype = next(p.dtype for p in model.parameters())
+    return write_pretrained(
+        spec,
+        {k: v.shape for k, v in state.items()},
+        {k: v.dtype for k, v in state.items()},
+        lambda name: state[name],
+        path,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        tokenizer=tokenizer,
+    )
+
+
+def _check_family(family: str | None) -> None:
     if family is not None and family not in ARCHITECTURES:
         raise HFConfigError("model_type", family, f"expected one of {', '.join(ARCHITECTURES)}")
-    spec = spec_from_model(model, family)
-    dtype = next(p.dtype for p in model.parameters())
+
+
+def write_pretrained(
+    spec: HFModelSpec,
+    shapes: Mapping[str, Sequence[int]],
+    dtypes: Mapping[str, torch.dtype],
+    load: Callable[[str], torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer: Any = None,
+) -> list[str]:
+    """:func:`save_pretrained` of a model known by its tensors: ``shapes`` and ``dtypes`` of our state dict (in
+    its order), ``load(name)`` giving one tensor at a time (from a live model or a checkpoint, see
+    :mod:`framework.interop.hf.stream`). ``dtype`` is the one config.json names. Every check (config fields,
+    tensors without a HF counterpart) runs before anything is written."""
     config = hf_config_from_spec(spec, dtype=str(dtype).removeprefix("torch."))
-    rules = rules_for(model.state_dict(), _layout(model, spec), model.model_cfg.tie_embeddings)
-    tensors = native_to_hf(model.state_dict(), rules)
+    layout = Layout(
+        family=spec.family,
+        n_experts=_moe_layer_experts(shapes),
+        rope_interleave=spec.rope_interleave,
+        n_heads=spec.model.n_heads,
+        qk_nope_head_dim=spec.model.qk_nope_head_dim,
+        qk_rope_head_dim=spec.model.qk_rope_head_dim,
+        kv_lora_rank=spec.model.kv_lora_rank,
+    )
+    rules = rules_for(shapes, layout, spec.model.tie_embeddings)
+    shards = group_shards(plan_hf_tensors(rules, shapes, dtypes), max_shard_bytes)
+    names = (
+        [WEIGHTS_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    written = _write_shards(tensors, out, max_shard_bytes)
+    write_hf_tensors(rules, shards, [out / name for name in names], load)
+    written = list(names)
+    if len(shards) > 1:
+        weight_map = {entry.name: name for name, shard in zip(names, shards) for entry in shard}
+        total = sum(entry.nbytes for shard in shards for entry in shard)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        written.append(INDEX_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     written.insert(0, CONFIG_FILE)
     if tokenizer is not None:
@@ -287,28 +411,3 @@ def save_pretrained(
         tokenizer.save(out)
         written += sorted({p.name for p in out.iterdir()} - before)
     return written
-
-
-def _write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> list[str]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, value in tensors.items():
-        nbytes = value.numel() * value.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = value
-        size += nbytes
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(out / WEIGHTS_FILE), metadata=metadata)
-        return [WEIGHTS_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        save_file(shard, str(out / name), metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return [*names, INDEX_FILE]

@@ -257,14 +257,22 @@ def _pick_form(rule: Rule, available: set[str]) -> Form:
     )
 
 
+def rule_to_hf(rule: Rule, value: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The HF tensors (key, tensor) that ``rule`` writes for our tensor ``value``, in the order they are written.
+
+    Views of ``value`` where the layout allows (renames, experts unbound from their stack); a ``meta`` tensor gives
+    their shapes without any data."""
+    form = rule.forms[0]
+    return list(zip(form.hf_keys, form.to_hf(value.detach()), strict=True))
+
+
 def native_to_hf(state: Mapping[str, torch.Tensor], rules: list[Rule]) -> dict[str, torch.Tensor]:
     """HF tensors (the first form of every rule) from our state dict; each is its own contiguous copy."""
-    out: dict[str, torch.Tensor] = {}
-    for rule in rules:
-        form = rule.forms[0]
-        for key, value in zip(form.hf_keys, form.to_hf(state[rule.native].detach()), strict=True):
-            out[key] = value.contiguous().clone()
-    return out
+    return {
+        key: value.contiguous().clone()
+        for rule in rules
+        for key, value in rule_to_hf(rule, state[rule.native])
+    }
 
 
 def _names(keys: tuple[str, ...]) -> str:
