@@ -184,6 +184,7 @@ def resolve(
 def check_job(job: JobConfig) -> None:
     """Cross-section rules that do not depend on the world size."""
     check_engine(job)
+    check_fsdp_options(job)
     if job.data.seq_len > job.model.max_seq_len:
         raise ConfigError(
             "data.seq_len", job.data.seq_len, f"expected at most model.max_seq_len={job.model.max_seq_len}"
@@ -241,8 +242,55 @@ def check_engine(job: JobConfig) -> None:
         )
 
 
+def check_fsdp_options(job: JobConfig) -> None:
+    """``parallel.param_dtype`` / ``reduce_dtype`` / ``cpu_offload`` are FSDP2 policies: refused where FSDP2 does not
+    shard (the DeepSpeed engine, DDP) and where offloading means nothing (a CPU job). docs/parallelism.md."""
+    options = job.parallel.fsdp_options()
+    if not options:
+        return
+    name, (value, default) = next(iter(options.items()))
+    key, expected = f"parallel.{name}", f"expected {yaml_scalar(default)}"
+    if job.train.engine == "deepspeed":
+        raise ConfigError(
+            key,
+            value,
+            f"{expected} with train.engine=deepspeed: an FSDP2 option (DeepSpeed keeps fp32 weights, gradients and "
+            "reductions, bf16 compute is train.dtype=bf16; docs/deepspeed.md); or use train.engine=native",
+        )
+    if job.parallel.data == "ddp":
+        raise ConfigError(
+            key, value, f"{expected} with parallel.data=ddp: an FSDP2 option; or use parallel.data=fsdp"
+        )
+    if job.parallel.cpu_offload and job.train.device == "cpu":
+        raise ConfigError(
+            "parallel.cpu_offload",
+            True,
+            "expected false with train.device=cpu (weights and optimizer state are in host memory already); "
+            "offloading is for train.device=cuda",
+        )
+
+
+def check_fsdp_ranks(job: JobConfig, dp_size: int) -> None:
+    """The FSDP2 policies apply only where FSDP2 shards: on 2 or more data-parallel ranks (one rank is not wrapped)."""
+    options = job.parallel.fsdp_options()
+    if options and dp_size < 2:
+        name, (value, default) = next(iter(options.items()))
+        raise ConfigError(
+            f"parallel.{name}",
+            value,
+            f"expected {yaml_scalar(default)} with {dp_size} data-parallel rank: an FSDP2 option, and FSDP2 does not "
+            "shard one rank; use train.dtype=bf16 (autocast) for bf16 compute, or launch with more data-parallel ranks",
+        )
+
+
+def yaml_scalar(value: object) -> str:
+    """``value`` as a user writes it in a job file (``false``, not ``False``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def check_world(job: JobConfig, dp_size: int) -> int:
     """Gradient-accumulation steps for ``dp_size`` data-parallel ranks, or a clear error if the layout cannot work."""
+    check_fsdp_ranks(job, dp_size)
     per_step = dp_size * job.train.micro_batch_size
     if job.train.global_batch_size % per_step:
         raise ConfigError(

@@ -5,6 +5,7 @@ Plugins add their own top-level sections through the ``expertrain_config_section
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -174,6 +175,10 @@ class MoEConfig:
             )
 
 
+FSDP_OPTION_NAMES = ("param_dtype", "reduce_dtype", "cpu_offload")
+"""The ``parallel`` keys that are FSDP2 policies (docs/parallelism.md, Precision and offload)."""
+
+
 @dataclass
 class ParallelConfig:
     """How ranks are used: ``world = dp_replicate x dp_shard x tp``; expert parallelism borrows ``ep`` ranks from
@@ -200,10 +205,36 @@ class ParallelConfig:
     timeout_s: int = option(
         600, doc="Collective timeout in seconds: a rank that hangs fails the job after this.", min=1
     )
+    param_dtype: Literal["fp32", "bf16"] = option(
+        "fp32",
+        doc="FSDP2 mixed precision: dtype of the all-gathered (unsharded) weights, so of the blocks' compute and the "
+        "parameter all-gather. The sharded master weights, their gradients and the optimizer state stay fp32. "
+        "fsdp on 2+ data-parallel ranks only (docs/parallelism.md, Precision and offload).",
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = option(
+        "fp32",
+        doc="FSDP2 gradient reduce-scatter dtype (also of gradient accumulation between reductions); fp32 keeps "
+        "the sum exact to fp32 round-off, bf16 halves the traffic. fsdp on 2+ data-parallel ranks only.",
+    )
+    cpu_offload: bool = option(
+        False,
+        doc="FSDP2 CPU offload: sharded weights, gradients and optimizer state live in host memory and the "
+        "optimizer steps on the CPU; each block's shard is copied to the GPU for its all-gather. For few GPUs; "
+        "needs train.device cuda or auto, fsdp on 2+ data-parallel ranks.",
+    )
 
     @property
     def resolved_etp(self) -> int:
         return self.tp if self.etp == 0 else self.etp
+
+    def fsdp_options(self) -> dict[str, tuple[object, object]]:
+        """The FSDP2 precision and offload keys set away from their defaults: name -> (value, default). Empty means
+        plain fp32 FSDP2."""
+        return {
+            f.name: (getattr(self, f.name), f.default)
+            for f in dataclasses.fields(self)
+            if f.name in FSDP_OPTION_NAMES and getattr(self, f.name) != f.default
+        }
 
     def validate(self, prefix: str) -> None:
         if self.etp not in (0, 1, self.tp):

@@ -4,41 +4,100 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from framework.config.sections import ParallelConfig
 from framework.parallel.mesh import ParallelLayout, ParallelMeshes
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""Config names of the FSDP2 precision options (``parallel.param_dtype`` / ``parallel.reduce_dtype``)."""
+
+
+@dataclass(frozen=True)
+class FSDPPolicy:
+    """FSDP2's memory and precision options, passed to every ``fully_shard`` call (blocks, root, experts).
+
+    The sharded parameters, their gradients and the optimizer state always stay fp32 (the master weights):
+    ``param_dtype`` is the dtype of the unsharded (all-gathered) parameters, hence of the blocks' compute and of the
+    parameter all-gather; ``reduce_dtype`` that of the gradient reduce-scatter (and of gradient accumulation across
+    micro-batches that skip the reduction); ``cpu_offload`` keeps the sharded parameters, gradients and optimizer
+    state in host memory (FSDP2's ``CPUOffloadPolicy``), copying each block's shard to the device for its all-gather.
+    """
+
+    param_dtype: torch.dtype = torch.float32
+    reduce_dtype: torch.dtype = torch.float32
+    cpu_offload: bool = False
+
+    @classmethod
+    def from_config(cls, parallel: ParallelConfig) -> FSDPPolicy:
+        """The policy of ``parallel.param_dtype`` / ``reduce_dtype`` / ``cpu_offload``."""
+        return cls(DTYPES[parallel.param_dtype], DTYPES[parallel.reduce_dtype], parallel.cpu_offload)
+
+    @property
+    def is_default(self) -> bool:
+        """Plain fp32 FSDP2 with everything on the device: nothing to pass to ``fully_shard``."""
+        return self == FSDPPolicy()
+
+    def fully_shard_kwargs(self, device: torch.device) -> dict[str, Any]:
+        """``mp_policy`` and ``offload_policy`` for ``fully_shard`` on ``device`` (none for the default policy).
+
+        An fp32 ``param_dtype`` is passed as ``None``: with a dtype, FSDP2 would also cast every wrapped module's
+        floating-point inputs to it. Host memory is pinned only for a CUDA device (pinning needs an accelerator)."""
+        if self.is_default:
+            return {}
+        param_dtype = None if self.param_dtype == torch.float32 else self.param_dtype
+        offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if self.cpu_offload else OffloadPolicy()
+        return {
+            "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=self.reduce_dtype),
+            "offload_policy": offload,
+        }
 
 
 def wrap_data_parallel(
-    model: nn.Module, mode: Literal["ddp", "fsdp"], device: torch.device, meshes: ParallelMeshes
+    model: nn.Module,
+    mode: Literal["ddp", "fsdp"],
+    device: torch.device,
+    meshes: ParallelMeshes,
+    *,
+    policy: FSDPPolicy | None = None,
 ) -> nn.Module:
     """Return the model wrapped for its data-parallel ranks (unchanged when there is only one).
 
     FSDP2: every block, then the root, sharded over ``meshes.dp`` (2-D for HSDP); under expert parallelism each MoE
     layer's experts first, over ``meshes.efsdp``. FSDP averages expert gradients over that mesh only, which is ``ep``
-    times smaller than the data-parallel size: :func:`rescale_expert_gradients` finishes the average.
+    times smaller than the data-parallel size: :func:`rescale_expert_gradients` finishes the average. ``policy``
+    (FSDP2 only; default plain fp32): mixed precision and CPU offload, the same for every ``fully_shard`` call.
     DDP: only for pure data parallelism (the config refuses it with tp or ep).
     """
+    policy = policy or FSDPPolicy()
     layout = meshes.layout
+    if not policy.is_default and (mode != "fsdp" or meshes.dp is None):
+        raise ValueError(
+            f"FSDP2 precision/offload options need parallel.data=fsdp over 2 or more data-parallel ranks "
+            f"(got parallel.data={mode}, {layout.dp} data-parallel rank(s)); leave parallel.param_dtype, "
+            "reduce_dtype and cpu_offload at their defaults"
+        )
     if mode == "ddp":
         if layout.dp == 1:
             return model
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    kwargs = policy.fully_shard_kwargs(device)
     if meshes.efsdp is not None:
         for layer in model.moe_layers():  # type: ignore[attr-defined]
             experts = getattr(layer, "experts", None)
             if experts is not None:
-                fully_shard(experts, mesh=meshes.efsdp)
+                fully_shard(experts, mesh=meshes.efsdp, **kwargs)
     if meshes.dp is None:
         return model
     for block in getattr(model, "layers", []):
-        fully_shard(block, mesh=meshes.dp)
-    fully_shard(model, mesh=meshes.dp)
+        fully_shard(block, mesh=meshes.dp, **kwargs)
+    fully_shard(model, mesh=meshes.dp, **kwargs)
     return model
 
 
