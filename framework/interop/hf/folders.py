@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch.distributed.tensor import DTensor
 
 from framework.config.job import JobConfig
 from framework.config.schema import build_section
@@ -26,9 +28,17 @@ from framework.interop.hf.config_map import (
     hf_config_from_spec,
     spec_from_hf_config,
 )
-from framework.interop.hf.state_map import HFCheckpointError, Layout, hf_to_native, rules_for
+from framework.interop.hf.state_map import (
+    HFCheckpointError,
+    Layout,
+    NativeTarget,
+    Rule,
+    hf_to_native,
+    rules_for,
+)
 from framework.interop.hf.stream import group_shards, plan_hf_tensors, write_hf_tensors
 from framework.models import Transformer, default_registry
+from framework.models.sharding import local_box, local_part
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -129,9 +139,49 @@ def _job_config(spec: HFModelSpec, pm: PluginManager) -> JobConfig:
 # --------------------------------------------------------------------------------------------------- weights
 
 
+@dataclass
+class HFReadStats:
+    """What a load read from a folder's safetensors files: tensor data only (file headers aside)."""
+
+    bytes_read: int = 0
+    """Bytes of the tensor slices read (a tensor read twice counts twice)."""
+    folder_bytes: int = 0
+    """Bytes of every tensor the folder holds."""
+    reads: int = 0
+    """Slices read."""
+
+
+_DTYPE_BYTES = {
+    **dict.fromkeys(("BOOL", "U8", "I8", "F8_E4M3", "F8_E5M2"), 1),
+    **dict.fromkeys(("U16", "I16", "F16", "BF16"), 2),
+    **dict.fromkeys(("U32", "I32", "F32"), 4),
+    **dict.fromkeys(("U64", "I64", "F64"), 8),
+}
+"""Bytes per element of safetensors' dtypes."""
+
+
+class _FileTensor:
+    """One tensor of an open safetensors file (a :class:`~framework.interop.hf.state_map.StoredTensor`): its shape
+    from the header; a read takes only the requested box's bytes (``get_slice``) and counts them."""
+
+    def __init__(self, handle: Any, key: str, stats: HFReadStats) -> None:
+        self._handle, self._key, self._stats = handle, key, stats
+        header = handle.get_slice(key)
+        self.shape = tuple(header.get_shape())
+        self.nbytes = math.prod(self.shape) * _DTYPE_BYTES.get(header.get_dtype(), 0)
+
+    def read(self, box: tuple[slice, ...] | None = None) -> torch.Tensor:
+        whole = box is None or not self.shape
+        value = self._handle.get_tensor(self._key) if whole else self._handle.get_slice(self._key)[box]
+        self._stats.bytes_read += value.numel() * value.element_size()
+        self._stats.reads += 1
+        return value
+
+
 @contextmanager
-def _open_tensors(path: Path) -> Iterator[dict[str, Callable[[], torch.Tensor]]]:
-    """key -> loader over the folder's safetensors (one file or the shards of an index)."""
+def _open_tensors(path: Path, stats: HFReadStats) -> Iterator[dict[str, _FileTensor]]:
+    """key -> tensor on disk over the folder's safetensors (one file or the shards of an index); nothing is read
+    but the headers (``stats.folder_bytes``)."""
     index = path / INDEX_FILE
     if index.is_file():
         try:
@@ -153,17 +203,18 @@ def _open_tensors(path: Path) -> Iterator[dict[str, Callable[[], torch.Tensor]]]
             if not (path / name).is_file():
                 raise HFCheckpointError(f"shard '{name}' listed in {INDEX_FILE} is missing from '{path}'")
             handles[name] = safe_open(str(path / name), framework="pt")
-        loaders: dict[str, Callable[[], torch.Tensor]] = {}
+        tensors: dict[str, _FileTensor] = {}
         for name, handle in handles.items():
             for key in handle.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
                 if weight_map is not None and weight_map.get(key) != name:
                     continue  # the index names the shard that holds the tensor
-                loaders[key] = lambda h=handle, k=key: h.get_tensor(k)
+                tensors[key] = _FileTensor(handle, key, stats)
         if weight_map is not None:
-            lost = sorted(set(weight_map) - set(loaders))
+            lost = sorted(set(weight_map) - set(tensors))
             if lost:
                 raise HFCheckpointError(f"tensor '{lost[0]}' is listed in {INDEX_FILE} but not in its shard")
-        yield loaders
+        stats.folder_bytes = sum(t.nbytes for t in tensors.values())
+        yield tensors
     finally:
         handles.clear()
 
@@ -184,24 +235,75 @@ def _layout(model: Transformer, spec: HFModelSpec) -> Layout:
 
 @torch.no_grad()
 def load_hf_weights(
-    model: Transformer, path: str | os.PathLike[str], spec: HFModelSpec | None = None
-) -> None:
-    """Copy the folder's weights into ``model`` (built from ``spec``'s sections; plain tensors, any dtype).
+    model: Transformer,
+    path: str | os.PathLike[str],
+    spec: HFModelSpec | None = None,
+    keys: Collection[str] | None = None,
+) -> HFReadStats:
+    """Copy the folder's weights into ``model`` (built from ``spec``'s sections; any dtype).
 
-    Raises :class:`HFCheckpointError` naming a missing, surplus or misshapen tensor."""
+    The model's tensors may be plain (a whole model: each is read whole) or DTensors of any parallel layout (TP,
+    EP, expert TP, FSDP2, HSDP): each rank then reads from the files only the box of each tensor it holds
+    (:func:`~framework.models.sharding.local_box`) and writes it into its local shard, one tensor at a time, so it
+    never holds more than its shards plus one tensor's slices (see :func:`~framework.interop.hf.state_map.
+    hf_to_native` for what each conversion reads). ``keys``: our state-dict names to fill (default: all of the
+    model's); the others, e.g. adapters a plugin added, are left as they are and not reported missing.
+
+    Raises :class:`HFCheckpointError` naming a missing, surplus or misshapen tensor before any data is read.
+    Returns the bytes read."""
     folder = Path(path)
     spec = spec or read_hf_config(folder)
-    state = model.state_dict()
-    tied = model.model_cfg.tie_embeddings
-    rules = rules_for(state, _layout(model, spec), tied)
-    expected = {k: v.shape for k, v in state.items()}
-    with _open_tensors(folder) as tensors:
-        converted = hf_to_native(
-            tensors, rules, expected, spec.family, tied_to="model.embed_tokens.weight" if tied else None
-        )
-    for key, value in converted.items():
-        state[key].copy_(value)
-    model.tie_weights()
+    state = {_plain_name(k): v for k, v in model.state_dict().items()}
+    wanted = _wanted(state, keys)
+    layout, tied = _layout(model, spec), model.model_cfg.tie_embeddings
+    rules = rules_for(wanted, layout, tied)
+    if tied and "output.weight" in wanted and _separate_sharded_head(state):
+        rules.append(Rule("output.weight", rules_for(["tok_embeddings.weight"], layout, tied)[0].forms))
+    targets = {
+        r.native: NativeTarget(state[r.native].shape, local_box(state[r.native]), local_part(state[r.native]))
+        for r in rules
+    }
+    skipped = _hf_keys_of(set(state) - set(wanted), layout, tied)
+    stats = HFReadStats()
+    with _open_tensors(folder, stats) as stored:
+        embedding = "model.embed_tokens.weight" if tied else None
+        hf_to_native(stored, rules, targets, spec.family, tied_to=embedding, skipped=skipped)
+    if not any(isinstance(v, DTensor) for v in state.values()):
+        model.tie_weights()
+    return stats
+
+
+def _plain_name(key: str) -> str:
+    """A state-dict key without the ``_orig_mod.`` that ``torch.compile`` puts in front of a compiled block's."""
+    return key.replace("._orig_mod.", ".")
+
+
+def _wanted(state: Mapping[str, torch.Tensor], keys: Collection[str] | None) -> list[str]:
+    if keys is None:
+        return list(state)
+    unknown = sorted(set(keys) - set(state))
+    if unknown:
+        raise HFCheckpointError(f"asked to load '{unknown[0]}', which the model does not have")
+    return [k for k in state if k in keys]
+
+
+def _separate_sharded_head(state: Mapping[str, torch.Tensor]) -> bool:
+    """Tied embeddings whose head is a DTensor of its own (``to_empty`` unties them, and re-tying a sharded model
+    is not the loader's business): the head is then filled from the embedding's HF tensor too."""
+    head, embedding = state.get("output.weight"), state["tok_embeddings.weight"]
+    return isinstance(head, DTensor) and local_part(head).data_ptr() != local_part(embedding).data_ptr()
+
+
+def _hf_keys_of(natives: Collection[str], layout: Layout, tied: bool) -> set[str]:
+    """HF keys of parameters the caller does not fill (those with no HF counterpart have none)."""
+    keys: set[str] = set()
+    for native in natives:
+        try:
+            rules = rules_for([native], layout, tied)
+        except HFCheckpointError:
+            continue
+        keys.update(k for rule in rules for form in rule.forms for k in form.hf_keys)
+    return keys
 
 
 # --------------------------------------------------------------------------------------------------- writing

@@ -13,14 +13,22 @@ accepts any of them:
   exactly DeepSeek's interleaved rotation (see :mod:`framework.models.mla`); the writer restores the order.
 
 Nothing is dropped silently: a checkpoint tensor no rule consumes, a parameter of ours no rule fills, a missing
-tensor and a shape mismatch each raise :class:`HFCheckpointError` naming the tensor.
+tensor and a shape mismatch each raise :class:`HFCheckpointError` naming the tensor; these checks read names and
+header shapes only.
+
+Reading (:func:`hf_to_native`) fills a *box* of each of our tensors (a rank's shard, or the whole tensor) and reads
+only the stored slices that box needs: a rename reads the box itself, stacked experts read only the box's experts
+(each in the box's rows and columns), transformers' fused ``gate_up_proj`` the box's rows of each half, and a RoPE
+row reordering the span of rows its heads hold.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
 
 import torch
 
@@ -31,6 +39,25 @@ class HFCheckpointError(CheckpointFormatError):
     """A Hugging Face checkpoint whose tensors do not match the model its config describes."""
 
 
+Box = tuple[slice, ...]
+"""A global index box, one ``slice(start, stop)`` per dimension (:func:`framework.models.sharding.local_box`)."""
+
+
+class StoredTensor(Protocol):
+    """One tensor of a checkpoint on disk: its shape from the file's header, and reads of index boxes."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def read(self, box: Box | None = None) -> torch.Tensor:
+        """The values in ``box`` (the whole tensor when None), reading only those bytes."""
+        ...
+
+
+Reader = Callable[[Sequence[StoredTensor], Box, torch.Tensor], None]
+"""Fills ``out`` with our tensor's values in ``box`` from the stored HF tensors of a form."""
+
+
 @dataclass(frozen=True)
 class Form:
     """One way HF stores a parameter: the HF keys and the conversions to and from our tensor."""
@@ -38,6 +65,16 @@ class Form:
     hf_keys: tuple[str, ...]
     to_native: Callable[[list[torch.Tensor]], torch.Tensor]
     to_hf: Callable[[torch.Tensor], list[torch.Tensor]]
+    read_box: Reader | None = None
+    """Reads only the slices of the HF tensors that a box of our tensor needs; None: read them whole, convert,
+    cut the box (the smallest whole unit, for conversions that do not map boxes to boxes)."""
+
+    def fill(self, stored: Sequence[StoredTensor], box: Box, out: torch.Tensor) -> None:
+        """Copy our tensor's values in ``box`` (slices with explicit start and stop) into ``out``."""
+        if self.read_box is not None:
+            self.read_box(stored, box, out)
+        else:
+            out.copy_(self.to_native([s.read() for s in stored])[box])
 
 
 @dataclass(frozen=True)
@@ -48,18 +85,52 @@ class Rule:
     forms: tuple[Form, ...]
 
 
+def _span(s: slice) -> range:
+    return range(s.start, s.stop)
+
+
 def _copy(key: str) -> Form:
-    return Form((key,), lambda ts: ts[0], lambda t: [t])
+    return Form((key,), lambda ts: ts[0], lambda t: [t], _read_copy)
+
+
+def _read_copy(stored: Sequence[StoredTensor], box: Box, out: torch.Tensor) -> None:
+    out.copy_(stored[0].read(box))
 
 
 def _permuted(key: str, perm: torch.Tensor) -> Form:
     inverse = torch.argsort(perm)
-    return Form((key,), lambda ts: ts[0][perm], lambda t: [t[inverse]])
+    return Form((key,), lambda ts: _rows(ts[0], perm), lambda t: [t[inverse]], partial(_read_rows, perm))
+
+
+def _rows(value: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    if value.shape[0] != len(perm):
+        raise RuntimeError(f"expected {len(perm)} rows to reorder")
+    return value[perm]
+
+
+def _read_rows(perm: torch.Tensor, stored: Sequence[StoredTensor], box: Box, out: torch.Tensor) -> None:
+    """Rows ``perm[box[0]]``, read as runs of consecutive stored rows (one run per head when the box holds whole
+    heads: the RoPE reordering stays inside each head), so exactly the box's bytes are read."""
+    rows, order = torch.sort(perm[box[0]])
+    if not len(rows):
+        return
+    starts = [0, *(torch.nonzero(rows.diff() != 1).flatten() + 1).tolist(), len(rows)]
+    runs = [
+        stored[0].read((slice(int(rows[a]), int(rows[b - 1]) + 1), *box[1:]))
+        for a, b in zip(starts, starts[1:])
+    ]
+    out.copy_(torch.cat(runs)[torch.argsort(order)])
 
 
 def _stacked(keys: list[str]) -> Form:
     """``E`` per-expert matrices <-> one ``[E, ...]`` tensor."""
-    return Form(tuple(keys), lambda ts: torch.stack(ts), lambda t: list(t.unbind(0)))
+    return Form(tuple(keys), lambda ts: torch.stack(ts), lambda t: list(t.unbind(0)), _read_stacked)
+
+
+def _read_stacked(stored: Sequence[StoredTensor], box: Box, out: torch.Tensor) -> None:
+    """Only the box's experts are read, each only in the box's rows and columns."""
+    for j, e in enumerate(_span(box[0])):
+        out[j].copy_(stored[e].read(box[1:]))
 
 
 def _stacked_gate_up(gate_keys: list[str], up_keys: list[str]) -> Form:
@@ -69,7 +140,16 @@ def _stacked_gate_up(gate_keys: list[str], up_keys: list[str]) -> Form:
         tuple(gate_keys + up_keys),
         lambda ts: torch.stack((torch.stack(ts[:E]), torch.stack(ts[E:])), dim=1),
         lambda t: list(t[:, 0].unbind(0)) + list(t[:, 1].unbind(0)),
+        _read_stacked_gate_up,
     )
+
+
+def _read_stacked_gate_up(stored: Sequence[StoredTensor], box: Box, out: torch.Tensor) -> None:
+    """``stored``: the ``E`` gate matrices, then the ``E`` up matrices; the box's experts, halves, rows, columns."""
+    E = len(stored) // 2
+    for h, half in enumerate(_span(box[1])):
+        for j, e in enumerate(_span(box[0])):
+            out[j, h].copy_(stored[half * E + e].read(box[2:]))
 
 
 def _fused_gate_up(key: str) -> Form:
@@ -78,7 +158,16 @@ def _fused_gate_up(key: str) -> Form:
         (key,),
         lambda ts: ts[0].unflatten(1, (2, ts[0].shape[1] // 2)),
         lambda t: [t.flatten(1, 2)],
+        _read_fused_gate_up,
     )
+
+
+def _read_fused_gate_up(stored: Sequence[StoredTensor], box: Box, out: torch.Tensor) -> None:
+    hidden = stored[0].shape[1] // 2
+    experts, halves, rows, cols = box
+    for h, half in enumerate(_span(halves)):
+        offset = half * hidden
+        out[:, h].copy_(stored[0].read((experts, slice(offset + rows.start, offset + rows.stop), cols)))
 
 
 def _rope_rows_perm(groups: int, group_size: int, rope_offset: int, rope_dim: int) -> torch.Tensor:
@@ -196,43 +285,63 @@ def _attention_forms(key: str, layout: Layout) -> tuple[Form, ...]:
 # --------------------------------------------------------------------------------------------------- conversion
 
 
+@dataclass(frozen=True)
+class NativeTarget:
+    """Where one of our tensors is loaded: its global ``shape``, the ``box`` of it this rank holds (the whole
+    tensor unless it is sharded) and ``out``, the local tensor of the box's shape to write."""
+
+    shape: torch.Size
+    box: Box
+    out: torch.Tensor
+
+
 def hf_to_native(
-    tensors: Mapping[str, Callable[[], torch.Tensor]],
-    rules: list[Rule],
-    expected: Mapping[str, torch.Size],
+    stored: Mapping[str, StoredTensor],
+    rules: Sequence[Rule],
+    targets: Mapping[str, NativeTarget],
     family: str,
     tied_to: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Our state dict from the HF tensors ``tensors`` (key -> loader, so shards are read one tensor at a time).
+    skipped: Collection[str] = (),
+) -> None:
+    """Fill each rule's target from the HF tensors ``stored`` (key -> tensor on disk), reading only its box.
 
-    ``expected``: our parameter shapes. ``tied_to``: with tied embeddings, the HF key the LM head shares; a stored
-    ``lm_head.weight`` is then accepted only if it equals it. Every HF tensor must be consumed.
+    Every check runs first, on names and header shapes alone: each rule needs a form whose tensors are all there
+    and convert to the target's shape, and every HF tensor must be used by a rule or listed in ``skipped`` (the
+    tensors of parameters the caller chose not to fill). ``tied_to``: with tied embeddings, the HF key the LM head
+    shares; a stored ``lm_head.weight`` is then accepted only if it equals it (compared in the embedding's box).
     """
-    left = set(tensors)
-    out: dict[str, torch.Tensor] = {}
-    for rule in rules:
-        form = _pick_form(rule, left)
-        values = [tensors[k]() for k in form.hf_keys]
-        try:
-            value = form.to_native(values)
-        except RuntimeError as exc:
-            raise HFCheckpointError(
-                f"checkpoint tensors {_names(form.hf_keys)} cannot form '{rule.native}' {tuple(expected[rule.native])}: "
-                f"shapes {[tuple(v.shape) for v in values]} ({exc})"
-            ) from None
-        if value.shape != expected[rule.native]:
-            raise HFCheckpointError(
-                f"checkpoint tensor {_names(form.hf_keys)} has shape {_shapes(values)}, which gives "
-                f"{tuple(value.shape)} for '{rule.native}'; the config describes {tuple(expected[rule.native])}"
-            )
-        out[rule.native] = value
-        left.difference_update(form.hf_keys)
-    if tied_to is not None and "lm_head.weight" in left:
-        if not torch.equal(tensors["lm_head.weight"](), tensors[tied_to]()):
+    shapes = {name: target.shape for name, target in targets.items()}
+    forms = check_hf_tensors(stored, rules, shapes, family, tied_to, skipped)
+    for rule, form in zip(rules, forms):
+        target = targets[rule.native]
+        form.fill([stored[k] for k in form.hf_keys], target.box, target.out)
+    if tied_to is not None and "lm_head.weight" in stored:
+        box = next((targets[r.native].box for r, f in zip(rules, forms) if f.hf_keys == (tied_to,)), None)
+        if not torch.equal(stored["lm_head.weight"].read(box), stored[tied_to].read(box)):
             raise HFCheckpointError(
                 "checkpoint tensor 'lm_head.weight' differs from the embedding while config.json says "
                 "tie_word_embeddings: true; set it to false or drop the tensor"
             )
+
+
+def check_hf_tensors(
+    stored: Mapping[str, StoredTensor],
+    rules: Sequence[Rule],
+    expected: Mapping[str, Sequence[int]],
+    family: str,
+    tied_to: str | None = None,
+    skipped: Collection[str] = (),
+) -> list[Form]:
+    """The form each rule reads, after checking names and shapes (see :func:`hf_to_native`); reads no data."""
+    available = set(stored).difference(skipped)
+    left = set(available)
+    forms = []
+    for rule in rules:
+        form = _pick_form(rule, available)
+        _check_shape(rule, form, [stored[k].shape for k in form.hf_keys], tuple(expected[rule.native]))
+        left.difference_update(form.hf_keys)
+        forms.append(form)
+    if tied_to is not None:
         left.discard("lm_head.weight")
     if left:
         extra = sorted(left)
@@ -242,7 +351,24 @@ def hf_to_native(
             + "; the config does not describe it (a layer or expert beyond the config, or a module expertrain "
             "lacks), so loading would drop it"
         )
-    return out
+    return forms
+
+
+def _check_shape(rule: Rule, form: Form, shapes: list[tuple[int, ...]], expected: tuple[int, ...]) -> None:
+    """The conversion run on ``meta`` tensors of the stored shapes must give ``expected``."""
+    metas = [torch.empty(s, device="meta") for s in shapes]
+    try:
+        shape = tuple(form.to_native(metas).shape)
+    except RuntimeError as exc:
+        raise HFCheckpointError(
+            f"checkpoint tensors {_names(form.hf_keys)} cannot form '{rule.native}' {expected}: "
+            f"shapes {[tuple(s) for s in shapes]} ({exc})"
+        ) from None
+    if shape != expected:
+        raise HFCheckpointError(
+            f"checkpoint tensor {_names(form.hf_keys)} has shape {_shapes(metas)}, which gives {shape} for "
+            f"'{rule.native}'; the config describes {expected}"
+        )
 
 
 def _pick_form(rule: Rule, available: set[str]) -> Form:

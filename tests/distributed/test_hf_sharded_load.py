@@ -1,0 +1,140 @@
+"""Sharded Hugging Face load: on 4 gloo ranks each rank reads from the folder only the slices of each tensor it
+holds, and the sharded model equals the one-process load bit for bit.
+
+Folders: tiny random qwen3_moe (fused experts from per-expert keys, q/k norms), llama untied and tied (dense), and
+deepseek_v3 (mla with interleaved RoPE rows reordered on load, a shared expert, a dense first layer, the router's
+correction bias), saved by transformers itself. Each is loaded into our model placed by the real parallel functions
+(:func:`~framework.parallel.parallelize.parallelize_model`: TP -> EP/ETP -> FSDP2) for every layout below, every
+tensor first filled with NaN so that an element the loader misses cannot pass; every tensor is then gathered with
+``full_tensor()`` and compared with ``torch.equal`` (a copy: no round-off to allow for).
+
+Bytes read (``HFReadStats.bytes_read``, the tensor data of the slices read): each rank must read at most
+``folder_bytes / 4 + replicated_bytes``, where ``replicated_bytes`` sums (in full) the stored bytes of every tensor
+that rank holds more than a quarter of (replicated over tp, a plain buffer, or an uneven FSDP2 shard). The read
+is in fact exact: the bytes of the rank's own shards, nothing more (renames, stacked experts, fused halves, and the
+RoPE row reordering, read as runs of consecutive rows even where FSDP2 cuts a head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from tests.distributed.spawn import run_ranks  # noqa: E402
+from tests.unit.interop.test_hf_families import _saved  # noqa: E402
+
+WORLD = 4
+SEQ = 16
+FSDP = {"data": "fsdp"}
+MOE_LAYOUTS = {
+    "fsdp4-ep2": {**FSDP, "ep": 2},
+    "tp2-fsdp2-etp2": {**FSDP, "tp": 2},
+    "tp2-ep2-etp2": {**FSDP, "tp": 2, "ep": 2},
+}
+DENSE_LAYOUTS = {"fsdp4": FSDP, "tp2-fsdp2": {**FSDP, "tp": 2}}
+FOLDERS = {
+    "qwen3_moe": ("qwen3_moe", {}, MOE_LAYOUTS),
+    "llama": ("llama", {}, DENSE_LAYOUTS),
+    "llama_tied": ("llama", {"tie_word_embeddings": True}, DENSE_LAYOUTS),
+    "deepseek_v3": ("deepseek_v3", {}, MOE_LAYOUTS),
+}
+
+
+def _load_sharded(folder: str, parallel: dict[str, Any]) -> dict[str, Any]:
+    """Build the folder's model, place it on this rank's share of ``parallel``, NaN it, load; gather everything."""
+    from torch.distributed.tensor import DTensor
+
+    from framework.config.sections import ParallelConfig
+    from framework.interop.hf import load_pretrained
+    from framework.interop.hf.folders import load_hf_weights
+    from framework.models import Transformer
+    from framework.models.sharding import local_part
+    from framework.parallel.mesh import ParallelLayout, build_meshes
+    from framework.parallel.parallelize import parallelize_model
+
+    whole = load_pretrained(folder)  # the folder's sections and validated plugins (and the reference's load)
+    cfg = dataclasses.replace(whole.config, parallel=ParallelConfig(**parallel))
+    model = Transformer(cfg.model, cfg.moe, whole.plugin_manager.registry)
+    layout = ParallelLayout.from_config(cfg.parallel, WORLD, cfg.model, cfg.moe, SEQ)
+    parallelize_model(model, cfg, build_meshes(layout, torch.device("cpu")), torch.device("cpu"))
+    state = model.state_dict()
+    with torch.no_grad():
+        for value in state.values():
+            local_part(value).fill_(math.nan)
+    stats = load_hf_weights(model, folder)
+    stored = [k for k in state if not (k == "output.weight" and cfg.model.tie_embeddings)]
+    own = {k: local_part(state[k]).numel() * 4 for k in stored}  # the folders are fp32
+    whole = {k: state[k].numel() * 4 for k in stored}
+    gathered = {
+        k: v.full_tensor() if isinstance(v, DTensor) else v.detach().clone() for k, v in state.items()
+    }
+    return {
+        "params": gathered if torch.distributed.get_rank() == 0 else {},
+        "bytes_read": stats.bytes_read,
+        "folder_bytes": stats.folder_bytes,
+        "own_bytes": sum(own.values()),
+        "replicated_bytes": sum(whole[k] for k in stored if own[k] * WORLD > whole[k]),
+    }
+
+
+def _all_layouts(rank: int, world: int, folders: dict[str, str]) -> dict[str, dict[str, Any]]:
+    return {
+        f"{name}/{layout}": _load_sharded(folders[name], parallel)
+        for name, (_, _, layouts) in FOLDERS.items()
+        for layout, parallel in layouts.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf-sharded")
+    out = {}
+    for name, (family, extra, _) in FOLDERS.items():
+        (root / name).mkdir()
+        out[name] = _saved(root / name, family, **extra)[1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_ranks(folders: dict[str, Path]) -> list[dict[str, dict[str, Any]]]:
+    return run_ranks(_all_layouts, WORLD, {k: str(v) for k, v in folders.items()}, timeout=600)
+
+
+CASES = [f"{name}/{layout}" for name, (_, _, layouts) in FOLDERS.items() for layout in layouts]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_load_equals_one_process_load_bit_for_bit(
+    case: str, folders: dict[str, Path], four_ranks: list[dict[str, dict[str, Any]]]
+) -> None:
+    from framework.interop.hf import load_pretrained
+
+    reference = load_pretrained(folders[case.split("/")[0]]).model.state_dict()
+    got = four_ranks[0][case]["params"]
+    assert got.keys() == reference.keys()
+    different = [k for k in reference if not torch.equal(got[k], reference[k])]
+    assert not different, f"{case}: {different[:5]}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_rank_reads_only_its_own_slices_within_a_quarter_of_the_folder_plus_replicated(
+    case: str, folders: dict[str, Path], four_ranks: list[dict[str, dict[str, Any]]]
+) -> None:
+    name = case.split("/")[0]
+    tensors = load_file(str(folders[name] / "model.safetensors"))
+    folder_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    for rank, results in enumerate(four_ranks):
+        r = results[case]
+        assert r["folder_bytes"] == folder_bytes
+        bound = folder_bytes / WORLD + r["replicated_bytes"]
+        assert r["bytes_read"] <= bound, f"{case} rank {rank}: read {r['bytes_read']} > bound {bound:.0f}"
+        assert r["bytes_read"] == r["own_bytes"], f"{case} rank {rank}: not exactly its own slices"
