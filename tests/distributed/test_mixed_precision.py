@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
@@ -172,8 +173,6 @@ def _train_case(rank: int, ep: int, policy: FSDPPolicy, autocast: bool) -> dict[
 
 
 def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
     dist.all_reduce(value)
     return value / WORLD
 
