@@ -2,10 +2,11 @@
 
 When no plugin of the checkpoint's job changes the built model or exports from it (:func:`streams_tensors`: the
 core model, or plugins that only provide blocks or observe training, like ``deepseek_moe`` and the watchdog), the
-model is never built: its tensors are read from the checkpoint one at a time and written to their safetensors files
-as they come (:mod:`framework.checkpoint.stream`), so peak memory is about one tensor. Otherwise (adapters, ``--merge``
-with a merging plugin, plugin formats) :func:`load_model` rebuilds the whole model in one process, as a training
-rank would, and the export is written from it. Both give the same bytes.
+model's weights are never materialised: the model is built on the ``meta`` device (names, shapes, dtypes and the
+modules the HF config is read from, no data), its tensors are read from the checkpoint one at a time and written to
+their safetensors files as they come (:mod:`framework.checkpoint.stream`), so peak memory is about one tensor.
+Otherwise (adapters, ``--merge`` with a merging plugin, plugin formats) :func:`load_model` rebuilds the whole model
+in one process, as a training rank would, and the export is written from it. Both give the same bytes.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from framework.checkpoint.safe_reader import CheckpointFormatError
 from framework.checkpoint.store import CheckpointStore
 from framework.checkpoint.stream import CheckpointTensors, SafetensorsWriter, TensorEntry
 from framework.config import JobConfig, resolve
 from framework.hooks import PluginManager
 from framework.models import default_registry
 
-EXPORT_DTYPE = torch.float32
-"""The dtype of exported floating-point tensors: the one :func:`load_model` builds the model in."""
 NATIVE_WEIGHTS = "model.safetensors"
 NATIVE_METADATA = {"format": "expertrain-native"}
 MODEL_HOOKS = frozenset(
@@ -94,31 +94,41 @@ def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, JobConfig, Plug
 
 
 class _StreamedModel:
-    """A checkpoint's model tensors as an export sees them: names, shapes and dtypes in saved order (as
-    ``model.state_dict()`` has them), each loaded on demand in :data:`EXPORT_DTYPE`."""
+    """A checkpoint's model as an export sees it, without its weights in memory: the job's model built on the
+    ``meta`` device (its ``state_dict`` names in order, shapes, dtypes and modules, all an export reads besides the
+    values) and each tensor's values loaded from the checkpoint on demand."""
 
-    def __init__(self, path: Path, config: JobConfig) -> None:
+    def __init__(self, path: Path, config: JobConfig, pm: PluginManager) -> None:
+        from framework.models import Transformer
+
+        with torch.device("meta"):
+            self.skeleton = Transformer(config.model, config.moe, pm.registry)
+        state = self.skeleton.state_dict()
+        self.shapes = {name: t.shape for name, t in state.items()}
+        self.dtypes = {name: t.dtype for name, t in state.items()}
         self._tensors = CheckpointTensors(path)
-        self.shapes = self._tensors.shapes
-        self.dtypes = {
-            name: EXPORT_DTYPE if dtype.is_floating_point else dtype
-            for name, dtype in self._tensors.dtypes.items()
-        }
+        stored = self._tensors.shapes
         self._aliases: dict[str, str] = {}
-        if config.model.tie_embeddings and "output.weight" not in self.shapes:
-            # A state dict lists the tied head under both names; a checkpoint may hold it once.
-            self._aliases["output.weight"] = "tok_embeddings.weight"
-            self.shapes["output.weight"] = self.shapes["tok_embeddings.weight"]
-            self.dtypes["output.weight"] = self.dtypes["tok_embeddings.weight"]
+        if config.model.tie_embeddings and "output.weight" not in stored:
+            self._aliases["output.weight"] = "tok_embeddings.weight"  # the tied head, saved once
+        for name, shape in self.shapes.items():
+            source = self._aliases.get(name, name)
+            if stored.get(source) != shape:
+                found = f"shape {tuple(stored[source])}" if source in stored else "no such tensor"
+                raise CheckpointFormatError(
+                    f"{path} does not hold the model its job describes: '{source}' should be {tuple(shape)}, "
+                    f"found {found}; export the checkpoint with the job config it was saved with"
+                )
 
     def load(self, name: str) -> torch.Tensor:
-        stored = self._aliases.get(name, name)
-        return self._tensors.load([stored], EXPORT_DTYPE)[stored]
+        """Our tensor ``name``, whole, in the dtype the model has it."""
+        source = self._aliases.get(name, name)
+        return self._tensors.load([source], self.dtypes[name])[source]
 
 
-def _write_native_weights(out: Path, path: Path, config: JobConfig) -> None:
+def _write_native_weights(out: Path, path: Path, config: JobConfig, pm: PluginManager) -> None:
     """``model.safetensors`` from the checkpoint, tensor by tensor (the bytes ``save_file`` of the state dict gives)."""
-    source = _StreamedModel(path, config)
+    source = _StreamedModel(path, config, pm)
     entries = [TensorEntry(name, source.dtypes[name], tuple(shape)) for name, shape in source.shapes.items()]
     with SafetensorsWriter(out / NATIVE_WEIGHTS, entries, NATIVE_METADATA) as writer:
         for entry in entries:
@@ -136,7 +146,7 @@ def export_native(checkpoint: str | Path, output: str | Path) -> list[str]:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
-        _write_native_weights(out, path, config)
+        _write_native_weights(out, path, config, pm)
     else:
         tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(tensors, str(out / NATIVE_WEIGHTS), metadata=NATIVE_METADATA)
@@ -233,7 +243,7 @@ def export_hf(
         if model is not None:
             written = save_pretrained(model, staging, tokenizer=tokenizer, max_shard_bytes=shard)
         else:
-            written = _write_hf_streamed(path, config, staging, tokenizer, shard)
+            written = _write_hf_streamed(path, config, pm, staging, tokenizer, shard)
     except (HFCheckpointError, HFConfigError) as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if config.plugins and not merge:
@@ -260,19 +270,19 @@ def export_hf(
 
 
 def _write_hf_streamed(
-    path: Path, config: JobConfig, out: Path, tokenizer: Any, max_shard_bytes: int
+    path: Path, config: JobConfig, pm: PluginManager, out: Path, tokenizer: Any, max_shard_bytes: int
 ) -> list[str]:
-    """:func:`~framework.interop.hf.save_pretrained` of the checkpoint's model without building it."""
-    from framework.interop.hf.folders import spec_from_job, write_pretrained
+    """:func:`~framework.interop.hf.save_pretrained` of the checkpoint's model, its weights streamed."""
+    from framework.interop.hf.folders import spec_from_model, write_pretrained
 
-    source = _StreamedModel(path, config)
+    source = _StreamedModel(path, config, pm)
     return write_pretrained(
-        spec_from_job(config, source.shapes),
+        spec_from_model(source.skeleton),
         source.shapes,
         source.dtypes,
         source.load,
         out,
-        dtype=EXPORT_DTYPE,
+        dtype=next(p.dtype for p in source.skeleton.parameters()),
         max_shard_bytes=max_shard_bytes,
         tokenizer=tokenizer,
     )

@@ -22,6 +22,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from framework.cli import main as cli_main  # noqa: E402
 from tests.integration.launch import QUICKSTART, REPO, TINY, run_training  # noqa: E402
+from tests.unit.checkpoint.test_export_streamed import assert_streamed_exports_match  # noqa: E402
 
 SFT_LORA = REPO / "examples" / "configs" / "sft_lora.yaml"
 
@@ -84,6 +85,8 @@ def test_hf_folder_trains_at_ep2_and_tp2_and_exports_bit_identical(tmp_path: Pat
         different = [k for k in original if not torch.equal(exported[k], original[k])]
         assert not different, f"changed on the way through {name}: {different[:5]}"
         assert (out / "tokenizer.json").is_file(), "the run's tokenizer travels with the export"
+        # The streamed export of this parallel-layout checkpoint equals the in-memory export's bytes.
+        assert_streamed_exports_match(run_dir, tmp_path / f"streamed_{name}")
     # One rank in this process: the same step-1 loss as both layouts (each placed every shard where it belongs).
     one = tmp_path / "one"
     _train_in_process(QUICKSTART, [*TINY, *common, f"run.dir={one}", "parallel.data=ddp"])
@@ -151,6 +154,7 @@ def test_deepseek_v3_folder_trains_at_tp2_and_exports_bit_identical(tmp_path: Pa
         assert cli_main(["export", "hf", "--checkpoint", str(run_dir), "--output", str(out)]) == 0
         exported[name] = _tensors(out)
         assert exported[name].keys() == original.keys()
+        assert_streamed_exports_match(run_dir, tmp_path / f"streamed_{name}")
     moved = [k for k in original if not torch.equal(exported["tp2"][k], original[k])]
     assert moved == ["model.layers.1.mlp.gate.e_score_correction_bias"], moved
     different = [k for k in original if not torch.equal(exported["tp2"][k], exported["one"][k])]

@@ -313,103 +313,47 @@ def spec_from_model(model: Transformer, family: str | None = None) -> HFModelSpe
     """The :class:`HFModelSpec` of one of our models: its sections plus the shared-expert options read from its
     MoE blocks; ``family`` inferred when not given (mla -> deepseek_v3, gated shared experts -> qwen2_moe, q/k
     norms -> qwen3_moe, other MoE -> mixtral, q/k/v biases -> qwen2, else llama)."""
+    m, moe = model.model_cfg, model.moe_cfg
     blocks = model.moe_layers()
-    first = blocks[0] if blocks else None
-    shared = getattr(first, "shared_experts", None)
-    return _spec(
-        model.model_cfg,
-        model.moe_cfg,
-        _RoutedExperts(first.num_experts, first.top_k, first.experts.hidden) if first is not None else None,
-        shared.hidden if shared is not None else 0,
-        shared is not None and shared.gate is not None,
-        family,
-        getattr(model, "hf_rope_interleave", None),
-    )
-
-
-def spec_from_job(
-    config: JobConfig, shapes: Mapping[str, Sequence[int]], family: str | None = None
-) -> HFModelSpec:
-    """:func:`spec_from_model` of the model ``config`` builds, without building it: the routed and shared experts'
-    sizes from our tensors' ``shapes`` (a checkpoint's), the routed top-k from the ``moe`` section and, for a
-    ``deepseek_moe`` block, its segmentation options."""
-    moe_layers = sorted(i for i in _moe_layer_experts(shapes))
-    if not moe_layers:
-        return _spec(config.model, config.moe, None, 0, False, family, None)
-    prefix = f"layers.{moe_layers[0]}.ffn."
-    experts, _, hidden, _ = shapes[prefix + "experts.gate_up_proj"]
-    top_k = config.moe.top_k
-    if config.moe.block == MOE_PLUGIN:
-        # The deepseek_moe block routes segments*top_k fine-grained experts, less the shared ones it isolates.
-        section = config.plugin_sections[MOE_PLUGIN]
-        top_k = section.segments * top_k - (section.n_shared_experts if section.isolate_shared else 0)
-    shared = shapes.get(prefix + "shared_experts.gate_proj.weight")
-    return _spec(
-        config.model,
-        config.moe,
-        _RoutedExperts(experts, top_k, hidden),
-        shared[0] if shared is not None else 0,
-        prefix + "shared_experts.gate.weight" in shapes,
-        family,
-        None,
-    )
-
-
-@dataclass(frozen=True)
-class _RoutedExperts:
-    """What a model's first MoE block routes over: ``num_experts``, ``top_k``, each expert's ``hidden``."""
-
-    num_experts: int
-    top_k: int
-    hidden: int
-
-
-def _spec(
-    m: Any,
-    moe: Any,
-    routed: _RoutedExperts | None,
-    shared_hidden: int,
-    shared_gate: bool,
-    family: str | None,
-    rope_interleave: bool | None,
-) -> HFModelSpec:
     plugins: list[str] = []
     sections: dict[str, dict[str, Any]] = {}
-    if routed is not None and moe.block != "moe":
+    shared = getattr(blocks[0], "shared_experts", None) if blocks else None
+    if blocks and moe.block != "moe":
         if moe.block != MOE_PLUGIN:
             raise HFConfigError("moe.block", moe.block, f"expected 'moe' or '{MOE_PLUGIN}' to export")
+        first = blocks[0]
         moe = dataclasses.replace(
-            moe, num_experts=routed.num_experts, top_k=routed.top_k, expert_hidden=routed.hidden
+            moe, num_experts=first.num_experts, top_k=first.top_k, expert_hidden=first.experts.hidden
         )
         plugins = [MOE_PLUGIN]
         sections[MOE_PLUGIN] = {
             "segments": 1,
             "isolate_shared": False,
-            "n_shared_experts": 1 if shared_hidden else 0,
-            "shared_expert_hidden": shared_hidden,
-            "shared_expert_gate": shared_gate,
+            "n_shared_experts": 1 if shared is not None else 0,
+            "shared_expert_hidden": shared.hidden if shared is not None else 0,
+            "shared_expert_gate": shared is not None and shared.gate is not None,
         }
     if family is None:
-        family = _infer_family(m, moe, shared_hidden, shared_gate)
-    if family == "deepseek_v3" and shared_hidden:
-        if shared_hidden % moe.expert_hidden:
+        family = _infer_family(m, moe, shared)
+    if family == "deepseek_v3" and shared is not None:
+        if shared.hidden % moe.expert_hidden:
             raise HFConfigError(
                 "deepseek_moe.shared_expert_hidden",
-                shared_hidden,
+                shared.hidden,
                 f"expected a multiple of moe.expert_hidden={moe.expert_hidden} (deepseek_v3 n_shared_experts)",
             )
         sections[MOE_PLUGIN].update(
-            n_shared_experts=shared_hidden // moe.expert_hidden, shared_expert_hidden=0
+            n_shared_experts=shared.hidden // moe.expert_hidden, shared_expert_hidden=0
         )
-    interleave = family == "deepseek_v3" if rope_interleave is None else bool(rope_interleave)
+    interleave = bool(getattr(model, "hf_rope_interleave", family == "deepseek_v3"))
     return HFModelSpec(family, m, moe, plugins, sections, rope_interleave=interleave)
 
 
-def _infer_family(m: Any, moe: Any, shared_hidden: int, shared_gate: bool) -> str:
+def _infer_family(m: Any, moe: Any, shared: Any) -> str:
     if m.attention == "mla":
         return "deepseek_v3"
     if moe.num_experts:
-        if shared_hidden:
+        if shared is not None:
             return "qwen2_moe"
         return "qwen3_moe" if m.qk_norm else "mixtral"
     return "qwen2" if m.qkv_bias and not m.o_bias else "llama"
