@@ -38,6 +38,7 @@ from torch import nn
 
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import PluginError, hookimpl
+from framework.models.init import InitSource, KeyedInit
 from framework.observe import console
 from framework.parallel import collectives as C
 from plugins.peft.low_rank import (
@@ -183,7 +184,7 @@ class MoLALinear(nn.Linear):
         self._counts_N: torch.Tensor | None = None
         self._balance: torch.Tensor | None = None
 
-    def reset_adapters(self, init: LoRAInit = "kaiming", generator: torch.Generator | None = None) -> None:
+    def reset_adapters(self, init: LoRAInit = "kaiming", generator: InitSource = None) -> None:
         """Router Kaiming-uniform (the ``nn.Linear`` default, as in the reference), every ``A`` per ``init``,
         every ``B = 0`` (so the layer starts as the base layer)."""
         linear_init_(self.router.weight, generator)
@@ -257,11 +258,11 @@ def _adapter_seed(config: JobConfig) -> int:
 
 
 def apply_mola(model: nn.Module, cfg: MoLAConfig, seed: int) -> list[str]:
-    """Replace every targeted ``nn.Linear`` inside ``model.layers`` by a :class:`MoLALinear` (in place) and
-    initialise the adapters from ``seed``. Returns the adapted module paths (empty if nothing matched)."""
+    """Replace every targeted ``nn.Linear`` inside ``model.layers`` by a :class:`MoLALinear` (in place). Returns the
+    adapted module paths (empty if nothing matched). On real weights the adapters are initialised at once from
+    ``seed``; on the meta device by :func:`init_adapters` once they exist."""
     counts = resolve_experts(cfg, len(model.layers))
     targets = set(cfg.targets)
-    generator = torch.Generator().manual_seed(seed)
     adapted: list[str] = []
     for layer_id, block in enumerate(model.layers):
         found = [
@@ -286,12 +287,21 @@ def apply_mola(model: nn.Module, cfg: MoLAConfig, seed: int) -> list[str]:
                 layer_id=layer_id,
                 proj=leaf if leaf_uses[leaf] == 1 else path,
             )
-            module.reset_adapters(cfg.init, generator)
             module.track_balance = cfg.aux_loss_coef > 0
             claim(module, SECTION, f"layers.{layer_id}.{path}")
             setattr(block.get_submodule(parent_path) if parent_path else block, leaf, module)
             adapted.append(f"layers.{layer_id}.{path}")
+    if not any(p.is_meta for p in model.parameters()):
+        init_adapters(model, cfg, seed)
     return adapted
+
+
+def init_adapters(model: nn.Module, cfg: MoLAConfig, seed: int) -> None:
+    """Every router Kaiming-uniform, ``A`` per ``cfg.init``, ``B = 0``, keyed by ``seed`` and the parameter's name:
+    the same values on every rank and layout."""
+    init = KeyedInit(seed, model.named_parameters())
+    for _, module in mola_modules(model):
+        module.reset_adapters(cfg.init, init)
 
 
 def _coverage_line(model: nn.Module, cfg: MoLAConfig, adapted: list[str], experts: list[int]) -> str:
@@ -383,6 +393,11 @@ def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
             "shared experts have no gate/up/down_proj modules); they are not adapted"
         )
     console.info(_coverage_line(model, cfg, adapted, resolve_experts(cfg, len(model.layers))))
+
+
+@hookimpl
+def expertrain_init_weights(model: nn.Module, config: JobConfig) -> None:
+    init_adapters(model, getattr(config, SECTION), _adapter_seed(config))
 
 
 @hookimpl

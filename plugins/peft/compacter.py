@@ -53,6 +53,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import PluginError, hookimpl
+from framework.models.init import InitSource, KeyedInit, normal_, uniform_
 from framework.models.norms import RMSNorm
 from framework.models.sharding import local_weight
 from framework.observe import console
@@ -137,18 +138,15 @@ class SharedRules(nn.Module):
         self.n = n
         self.rules = nn.Parameter(torch.zeros(n, n, n, device=device, dtype=dtype))
 
-    def reset_parameters(self, std: float, generator: torch.Generator | None = None) -> None:
-        with torch.no_grad():
-            values = torch.randn(self.rules.shape, generator=generator) * std
-            self.rules.copy_(values.to(self.rules.dtype))
+    def reset_parameters(self, std: float, generator: InitSource = None) -> None:
+        normal_(self.rules, std, generator)
 
 
-def _glorot_uniform_(t: torch.Tensor, fan_in: int, fan_out: int, generator: torch.Generator | None) -> None:
+def _glorot_uniform_(t: torch.Tensor, fan_in: int, fan_out: int, generator: InitSource) -> None:
     bound = math.sqrt(2.0) * math.sqrt(
         6.0 / (fan_in + fan_out)
     )  # xavier_uniform_ with gain √2, as the reference
-    with torch.no_grad():
-        t.copy_((torch.rand(t.shape, generator=generator) * 2 - 1).mul_(bound).to(t.dtype))
+    uniform_(t, -bound, bound, generator)
 
 
 class PHMLinear(nn.Module):
@@ -177,7 +175,7 @@ class PHMLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         object.__setattr__(self, "_rules", rules)
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self, generator: InitSource = None) -> None:
         """``t`` and ``s`` Glorot-uniform with the reference's fans (``W_left [n, in/n, 1]``: fan_in ``in/n``,
         fan_out ``n``; ``W_right [n, 1, out/n]``: fan_in ``out/n``, fan_out ``out``); bias 0."""
         n = self.n
@@ -213,7 +211,7 @@ class CompacterAdapter(nn.Module):
         self.up = PHMLinear(bottleneck, dim, rules)
         self.nonlinearity = nonlinearity
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self, generator: InitSource = None) -> None:
         self.down.reset_parameters(generator)
         self.up.reset_parameters(generator)
 
@@ -265,14 +263,12 @@ def _gradient_summed_over(mesh: DeviceMesh, params: list[torch.Tensor]) -> list[
 
 def apply_compacter(model: nn.Module, cfg: CompacterConfig) -> list[str]:
     """Register the shared rules on ``model`` (``compacter_rules.rules``) and an adapter after every adapted sublayer
-    (``layers.<i>.attention_adapter``, ``layers.<i>.ffn_adapter``), initialised from ``cfg.seed``. Returns the adapter
-    module paths."""
+    (``layers.<i>.attention_adapter``, ``layers.<i>.ffn_adapter``). Returns the adapter module paths. On real
+    weights the adapters are initialised at once; on the meta device by :func:`init_adapters` once they exist."""
     dim = model.model_cfg.dim
     k = bottleneck_size(dim, cfg)
     ref = model.tok_embeddings.weight
     rules = SharedRules(cfg.n, device=ref.device, dtype=ref.dtype)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    rules.reset_parameters(cfg.rules_std, generator)
     model.add_module(RULES_MODULE, rules)
     sites = ["ffn"] if cfg.variant == "compacter++" else ["attention", "ffn"]
     paths: list[str] = []
@@ -286,11 +282,21 @@ def apply_compacter(model: nn.Module, cfg: CompacterConfig) -> list[str]:
             )
         for site in sites:
             adapter = CompacterAdapter(dim, k, rules, cfg.nonlinearity).to(device=ref.device, dtype=ref.dtype)
-            adapter.reset_parameters(generator)
             block.add_module(ADAPTER_SITES[site], adapter)
             getattr(block, site).register_forward_hook(adapter.residual_hook)
             paths.append(f"layers.{i}.{ADAPTER_SITES[site]}")
+    if not ref.is_meta:
+        init_adapters(model, cfg)
     return paths
+
+
+def init_adapters(model: nn.Module, cfg: CompacterConfig) -> None:
+    """The shared rules ``N(0, rules_std)`` and every adapter's ``s``/``t`` Glorot-uniform (bias 0), keyed by
+    ``cfg.seed`` and the parameter's name: the same values on every rank and layout."""
+    init = KeyedInit(cfg.seed, model.named_parameters())
+    model.get_submodule(RULES_MODULE).reset_parameters(cfg.rules_std, init)
+    for _, adapter in compacter_modules(model):
+        adapter.reset_parameters(init)
 
 
 def compacter_modules(model: nn.Module) -> list[tuple[str, CompacterAdapter]]:
@@ -357,6 +363,11 @@ def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
         f"{n_adapter:,} adapter parameters + {n_norms:,} norm weights trained = "
         f"{100 * (n_adapter + n_norms) / max(total, 1):.3f}% of {total:,}"
     )
+
+
+@hookimpl
+def expertrain_init_weights(model: nn.Module, config: JobConfig) -> None:
+    init_adapters(model, getattr(config, SECTION))
 
 
 @hookimpl

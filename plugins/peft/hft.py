@@ -277,6 +277,10 @@ class HFTPlugin:
         self.selection = select(model, cfg.seed, 0, cfg.train_router)
         console.info(self._summary(model, cfg))
 
+    @hookimpl
+    def expertrain_init_weights(self, model: nn.Module) -> None:
+        """HFT adds no parameters and its selection reads names only: the transform may run on the meta device."""
+
     def _summary(self, model: nn.Module, cfg: HFTConfig) -> str:
         assert self.selection is not None
         sel = self.selection
