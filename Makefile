@@ -9,7 +9,7 @@ export DS_BUILD_OPS := 0
 # DeepSpeed's JIT-compiled ops are cached inside the venv so one compile serves the whole suite.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: train test bench lint format clean-venv
+.PHONY: train test test-gpu bench lint format clean-venv
 
 $(VENV)/.installed: pyproject.toml constraints/torch-cpu.txt examples/third_party_plugin/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# The CUDA tests (docs/gpu.md); skipped as one line without a GPU.
+test-gpu: $(VENV)/.installed
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS) tests/gpu
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/moe_layer.py

@@ -17,6 +17,12 @@ CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 """cuBLAS is only deterministic with a fixed workspace (CUDA >= 10.2); torch checks this variable when
 ``torch.use_deterministic_algorithms(True)`` is on and a cuBLAS call runs."""
 
+NCCL_ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+NCCL_CLEAN_UP_ONLY = "2"
+"""A timed-out NCCL collective: torch's default (3) ends the process from NCCL's watchdog thread, before Python sees an
+error, so no rank could be named; 2 aborts the communicators and lets the next collective raise in Python, where
+:func:`framework.parallel.watchdog.explain` turns it into one line naming the rank that hung."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -121,6 +127,8 @@ def init_distributed(device_choice: str, timeout_s: int, deterministic: bool = F
     if launch.world_size > 1 and not dist.is_initialized():
         # On GPUs, CPU tensors (exact int64 routing counts, agreed error messages) still need a backend: gloo.
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            os.environ.setdefault(NCCL_ERROR_HANDLING_ENV, NCCL_CLEAN_UP_ONLY)
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(seconds=timeout_s),

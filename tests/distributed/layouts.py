@@ -64,7 +64,10 @@ class GradCapture:
             self.grads[name] = g.detach().clone()
 
 
-def train_once(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) -> dict[str, Any]:
+def train_once(
+    rank: int, world: int, run_dir: str, overrides: tuple[str, ...], device: str = "cpu"
+) -> dict[str, Any]:
+    """One job on this rank (``device="cuda"``: on ``cuda:rank``, tests/gpu)."""
     from framework.parallel.setup import DistInfo
     from framework.train.launch import load_job
     from framework.train.trainer import Trainer
@@ -73,7 +76,8 @@ def train_once(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) 
     capture = GradCapture()
     pm.register_object("grad-capture", capture)
     torch.manual_seed(config.train.seed + rank)
-    trainer = Trainer(config, pm, DistInfo(rank, world, rank, torch.device("cpu")))
+    on = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+    trainer = Trainer(config, pm, DistInfo(rank, world, rank, on))
     trainer.build()
     trainer.run()
     records = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
@@ -85,7 +89,7 @@ def train_once(rank: int, world: int, run_dir: str, overrides: tuple[str, ...]) 
 
 
 def train_layouts(
-    rank: int, world: int, root: str, layouts: dict[str, tuple[str, ...]]
+    rank: int, world: int, root: str, layouts: dict[str, tuple[str, ...]], device: str = "cpu"
 ) -> dict[str, dict[str, Any] | str]:
     """Train every layout in turn on the same ranks (one spawn: imports and data preparation are paid once).
     A layout that fails reports its traceback instead of stopping the others."""
@@ -96,7 +100,7 @@ def train_layouts(
     out: dict[str, dict[str, Any] | str] = {}
     for name, overrides in layouts.items():
         try:
-            out[name] = train_once(rank, world, str(Path(root) / name), overrides)
+            out[name] = train_once(rank, world, str(Path(root) / name), overrides, device)
         except Exception:  # noqa: BLE001 - reported per layout
             out[name] = traceback.format_exc()
             dist.barrier()  # the layouts after this one start together; a failed collective has timed out by now

@@ -50,7 +50,9 @@ def _restore(obj: Any) -> Any:
     return _map_tree(lambda v: v.restore() if isinstance(v, _Array) else v, obj)
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+def _worker(
+    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any, device: str = "cpu"
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -60,7 +62,13 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
     )
     torch.set_num_threads(1)  # as torchrun does (OMP_NUM_THREADS=1): ranks share the machine's cores
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        if device == "cuda":  # one GPU per rank (run_ranks checks there are enough); CPU tensors keep gloo
+            torch.cuda.set_device(rank)
+            dist.init_process_group(
+                "cpu:gloo,cuda:nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank)
+            )
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world)
         result = fn(rank, world, *args)
         queue.put((rank, "ok", _portable(result)))
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -70,12 +78,19 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120) -> list[Any]:
-    """Results of ``fn(rank, world, *args)`` per rank; raises with the failing rank's traceback."""
+def run_ranks(
+    fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120, device: str = "cpu"
+) -> list[Any]:
+    """Results of ``fn(rank, world, *args)`` per rank; raises with the failing rank's traceback. ``device="cuda"``:
+    rank ``r`` on ``cuda:r`` over NCCL (tests/gpu), never two ranks on one GPU."""
+    if device == "cuda" and world > torch.cuda.device_count():
+        raise ValueError(f"{world} NCCL ranks need {world} GPUs; {torch.cuda.device_count()} visible")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, device)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
