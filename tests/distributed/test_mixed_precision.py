@@ -2,17 +2,19 @@
 ranks, against the same model in fp32 on one rank (no FSDP, no autocast) and under fp32 FSDP2.
 
 A real :class:`~framework.models.Transformer` (2 blocks of 4 experts, aux losses on; dense FSDP over both ranks, and
-one case with ep=2) is wrapped by :func:`wrap_data_parallel` with a :class:`FSDPPolicy`, then trained for a few steps the way the trainer does:
-backward, ``rescale_expert_gradients``, the project's global-norm clipping (active: ``max_norm`` is below the norm),
-the project's fused AdamW. Every rank trains on its own micro-batch; the reference sums the per-rank losses / world.
+one case with ep=2) is wrapped by :func:`wrap_data_parallel` with a :class:`FSDPPolicy`, then trained for a few steps
+the way the trainer does: 2 micro-batches per step (the first accumulates without reducing, ``gradient_sync``),
+autocast (where asked) around the forward only, ``rescale_expert_gradients``, the project's global-norm clipping
+(active: ``max_norm`` is below the norm), the project's fused AdamW. The reference sees every rank's micro-batches.
 
 Tolerances. bf16 keeps 8 significant bits: unit round-off u = 2^-8 ≈ 3.9e-3. Weights, matmul inputs and outputs
 inside the blocks are each rounded once per op (the matmuls accumulate in fp32; norms, router, SwiGLU and loss
-upcast), so each gradient is off by a few u in relative 2-norm: asserted < 3e-2 per parameter (measured ≤ 9.7e-3,
-fp32 FSDP: 0). Not vacuous: the largest bf16 gradient error is above 1e-3, where fp32 FSDP matches the reference to
-1e-5. The loss of the fresh model sits near ln 64 and moves far less: the first batch's within 1e-3 relative
-(measured 6e-6), and over 3 AdamW steps (clipping active) within 1e-3 (measured ≤ 3.4e-5). A bf16 gradient
-reduce-scatter (``reduce_dtype=bf16``) rounds once more (same bounds, measured ≤ 9.7e-3).
+upcast), so each gradient is off by a few u in relative 2-norm: asserted < 3e-2 per parameter (measured ≤ 9.4e-3;
+fp32 FSDP: ≤ 7.8e-8). Not vacuous: the largest bf16 gradient error is above 1e-3, where fp32 FSDP matches the
+reference to 1e-5. The loss of the fresh model sits near ln 64 and moves far less: the first step's within 1e-3
+relative (measured 1.1e-5), and over 3 AdamW steps within 1e-3 (measured ≤ 1.5e-5). A bf16 gradient reduce-scatter
+(``reduce_dtype=bf16``) rounds once more (same bounds, measured ≤ 9.4e-3). Autocast on top of the bf16 policy finds
+nothing left to cast: bit-identical to the policy alone.
 
 CPU offload on a CPU device keeps every tensor where it already is (host memory), so it must change no number: the
 offloaded run equals fp32 FSDP bit for bit; the test checks the policy is applied (every sharded parameter is marked
@@ -32,7 +34,12 @@ from torch.distributed.tensor import DTensor
 
 from framework.config.sections import ModelConfig, MoEConfig, OptimConfig, ParallelConfig
 from framework.models import Transformer
-from framework.parallel.data_parallel import FSDPPolicy, rescale_expert_gradients, wrap_data_parallel
+from framework.parallel.data_parallel import (
+    FSDPPolicy,
+    gradient_sync,
+    rescale_expert_gradients,
+    wrap_data_parallel,
+)
 from framework.parallel.expert_parallel import parallelize_moe
 from framework.parallel.grad_clip import clip_grad_norm_
 from framework.parallel.mesh import ParallelLayout, build_meshes
@@ -41,8 +48,11 @@ from tests.distributed.spawn import run_ranks
 
 WORLD = 2
 STEPS = 3
+MICRO = (
+    2  # micro-batches per step: the first accumulates without reducing, as the trainer's gradient_sync does
+)
 BATCH, SEQ, VOCAB = 2, 16, 64
-MAX_NORM = 0.5  # below the step-1 gradient norm (1.01), so clipping scales the steps
+MAX_NORM = 0.5  # below the step-1 gradient norm (0.73), so clipping scales the steps
 MODEL = ModelConfig(
     vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=SEQ
 )
@@ -64,11 +74,10 @@ CASES: dict[str, tuple[int, FSDPPolicy, bool]] = {
 BF16_CASES = [name for name, (_, policy, _) in CASES.items() if policy.param_dtype == BF16]
 
 
-def _batch(step: int, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s tokens at step ``step`` (the same on the reference)."""
-    return torch.randint(
-        0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1000 * step + rank)
-    )
+def _batch(step: int, rank: int, micro: int) -> torch.Tensor:
+    """Rank ``rank``'s tokens of micro-batch ``micro`` at step ``step`` (the same on the reference)."""
+    seed = 1000 * step + 10 * rank + micro
+    return torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
 
 
 def _model() -> Transformer:
@@ -89,7 +98,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _train_reference() -> dict[str, Any]:
-    """One rank, fp32, no FSDP, no autocast: step s sees every rank's micro-batch of step s (mean of their losses)."""
+    """One rank, fp32, no FSDP, no autocast: step s sees every rank's micro-batches of step s (mean of their losses)."""
     torch.manual_seed(0)
     model = _model()
     optimizer = build_optimizer(model, OPTIM, [], torch.device("cpu"))
@@ -97,9 +106,10 @@ def _train_reference() -> dict[str, Any]:
     for step in range(STEPS):
         total = torch.zeros(())
         for rank in range(WORLD):
-            loss = _loss(model, _batch(step, rank)) / WORLD
-            loss.backward()
-            total += loss.detach()
+            for micro in range(MICRO):
+                loss = _loss(model, _batch(step, rank, micro)) / (WORLD * MICRO)
+                loss.backward()
+                total += loss.detach()
         if step == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         clip_grad_norm_(list(model.parameters()), MAX_NORM)
@@ -143,9 +153,13 @@ def _train_case(rank: int, ep: int, policy: FSDPPolicy, autocast: bool) -> dict[
     grads: dict[str, torch.Tensor] = {}
     grad_dtypes: set[torch.dtype] = set()
     for step in range(STEPS):
-        with amp:
-            loss = _loss(model, _batch(step, rank))
-        loss.backward()
+        loss = torch.zeros(())
+        for micro in range(MICRO):
+            with gradient_sync(model, enabled=micro == MICRO - 1):
+                with amp:  # the forward only, as in the trainer
+                    micro_loss = _loss(model, _batch(step, rank, micro)) / MICRO
+                micro_loss.backward()
+            loss += micro_loss.detach()
         rescale_expert_gradients(model, layout)
         if step == 0:
             for name, p in model.named_parameters():
@@ -156,7 +170,7 @@ def _train_case(rank: int, ep: int, policy: FSDPPolicy, autocast: bool) -> dict[
         clip_grad_norm_(list(model.parameters()), MAX_NORM)
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(_mean_over_ranks(loss.detach())))
+        losses.append(float(_mean_over_ranks(loss)))
     state = [
         t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.ndim
     ]
@@ -264,6 +278,16 @@ def test_bf16_training_tracks_fp32_over_adamw_steps(
 ) -> None:
     assert _rel(runs[case]["losses"], reference["losses"]) < 1e-3
     assert _rel(runs[case]["losses"], runs["fp32"]["losses"]) < 1e-3
+
+
+def test_autocast_on_top_of_the_bf16_policy_changes_nothing(runs: dict[str, dict[str, Any]]) -> None:
+    # The documented semantics of train.dtype=bf16 with parallel.param_dtype=bf16 (docs/parallelism.md).
+    plain, autocast = runs["bf16"], runs["bf16-autocast"]
+    assert autocast["losses"] == plain["losses"]
+    for name, grad in plain["grads"].items():
+        assert torch.equal(autocast["grads"][name], grad), (
+            f"{name}: autocast now casts something the policy does not"
+        )
 
 
 def test_cpu_offload_policy_is_applied_and_changes_no_number_on_a_cpu_device(
