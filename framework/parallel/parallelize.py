@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from framework.config import JobConfig
-from framework.parallel.data_parallel import wrap_data_parallel
+from framework.parallel.data_parallel import FSDPPolicy, wrap_data_parallel
 from framework.parallel.expert_parallel import apply_expert_parallel, parallelize_moe
 from framework.parallel.mesh import ParallelMeshes
 
@@ -39,7 +39,7 @@ def parallelize_model(
         for i, block in enumerate(model.layers):  # type: ignore[union-attr, arg-type]
             model.layers[i] = torch.compile(block)  # type: ignore[index, operator]
     if native and config.parallel.data == "fsdp":
-        wrap_data_parallel(model, "fsdp", device, meshes)
+        wrap_data_parallel(model, "fsdp", device, meshes, policy=FSDPPolicy.from_config(config.parallel))
 
 
 def wrap_replicated(

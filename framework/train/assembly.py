@@ -75,7 +75,14 @@ def assemble_model(
     flops = model.flops_per_token(config.data.seq_len)
     parallelize_model(model, config, meshes, device)
     if whole is None:
-        model.to_empty(device=device)
+        # FSDP2's CPU offload keeps the sharded parameters (and so the optimizer state) on the host; buffers (RoPE
+        # tables, router biases) are not FSDP's and stay on the compute device.
+        model.to_empty(device="cpu" if config.parallel.cpu_offload else device)
+        if config.parallel.cpu_offload:
+            for module in model.modules():
+                for name, buf in module._buffers.items():
+                    if buf is not None:
+                        module._buffers[name] = buf.to(device)
         _init_base(model, config, device, base_keys, resuming)
         pm.hook.expertrain_init_weights(
             model=model, config=config, init=KeyedInit.for_model(config.train.seed, model)
