@@ -1,20 +1,32 @@
-"""``model.init_from: hf:<folder>`` in a job file: the model's shape, plugins and tokenizer come from the folder.
+"""``model.init_from`` in a job file: the model's shape (and plugins, tokenizer) come from the source it names.
 
-:func:`apply_hf_init` runs on the raw job (before typing, so plugin sections can be added): the ``model``, ``moe``
-and plugin sections of the Hugging Face config (:func:`~framework.interop.hf.hf_config_to_job_sections`) fill the
-job, the plugins the family needs join ``plugins`` (e.g. ``deepseek_moe`` for qwen2_moe and deepseek_v3), and
-``data.tokenizer`` defaults to the folder when it holds a ``tokenizer.json``. A value the job sets itself must agree
-with the checkpoint, except the training choices in :data:`JOB_CHOICES` (sequence length, losses, kernels), which the
-job may change. The weights are loaded by the trainer into the unsharded model before it is parallelised, so any
-layout works (:func:`~framework.interop.hf.load_hf_weights`).
+:func:`apply_hf_init` runs on the raw job (before typing, so plugin sections can be added) and fills the job's
+``model`` and ``moe`` sections (and the sections of the plugins the model needs) from the source:
+
+- ``hf:<folder>``: the Hugging Face config (:func:`~framework.interop.hf.hf_config_to_job_sections`); the plugins the
+  family needs join ``plugins`` (e.g. ``deepseek_moe`` for qwen2_moe and deepseek_v3), and ``data.tokenizer``
+  defaults to the folder when it holds a ``tokenizer.json``.
+- an earlier run (its folder, its ``checkpoints`` folder or one ``step_XXXXXXXX`` checkpoint): that run's saved job
+  (``config.yaml``, or the checkpoint's ``meta.json``): its ``model`` and ``moe`` sections, the plugins that provide
+  a component the model names (``moe.block``, ``moe.router``, ``model.attention``, e.g. ``deepseek_moe``) with
+  their sections, and its ``data.tokenizer``. Adapters of the base run (``lora`` ...) are not carried over. A source
+  that does not exist yet is left alone (loading it fails later, naming it).
+
+A value the job sets itself must agree with the source, except the training choices in :data:`JOB_CHOICES` (sequence
+length, losses, kernels), which the job may change. The weights are loaded into this rank's shards of the model, any
+layout (:func:`~framework.checkpoint.warm_start.load_model_weights`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from framework.config.errors import ConfigError
+from framework.config.job import yaml_load
 
 HF_PREFIX = "hf:"
 KEY = "model.init_from"
@@ -33,7 +45,10 @@ JOB_CHOICES: dict[str, frozenset[str]] = {
         }
     ),
 }
-"""Keys of the HF-derived sections a job may set to other values: how to train, not what the model computes."""
+"""Keys of the source-derived sections a job may set to other values: how to train, not what the model computes."""
+
+RUN_CONFIG = "config.yaml"
+CHECKPOINT_META = "meta.json"
 
 
 def hf_folder(init_from: object) -> Path | None:
@@ -44,11 +59,20 @@ def hf_folder(init_from: object) -> Path | None:
 
 
 def apply_hf_init(raw: dict[str, Any]) -> dict[str, Any]:
-    """The raw job with the checkpoint's model sections merged in (unchanged without ``hf:``); raises
-    :class:`ConfigError` naming the first job value that contradicts the checkpoint."""
-    folder = hf_folder(raw.get("model", {}).get("init_from"))
-    if folder is None:
-        return raw
+    """The raw job with the model sections of ``model.init_from``'s source merged in (unchanged without one); raises
+    :class:`ConfigError` naming the first job value that contradicts the source."""
+    init_from = (raw.get("model") or {}).get("init_from")
+    folder = hf_folder(init_from)
+    if folder is not None:
+        return _merge(raw, _hf_sections(folder), f"the Hugging Face checkpoint {folder}")
+    if isinstance(init_from, str) and init_from:
+        saved = _saved_run_job(Path(init_from))
+        if saved is not None:
+            return _merge(raw, _run_sections(saved), f"the run {init_from}")
+    return raw
+
+
+def _hf_sections(folder: Path) -> dict[str, Any]:
     from framework.interop.hf import hf_config_to_job_sections
 
     if not (folder / "config.json").is_file():
@@ -58,9 +82,52 @@ def apply_hf_init(raw: dict[str, Any]) -> dict[str, Any]:
             "expected a Hugging Face model folder with config.json and safetensors",
         )
     sections = hf_config_to_job_sections(folder)
+    if (folder / "tokenizer.json").is_file():
+        sections["data"] = {"tokenizer": str(folder)}
+    return sections
+
+
+def _saved_run_job(path: Path) -> dict[str, Any] | None:
+    """The job a run saved: ``config.yaml`` of a run folder (or of the run above its ``checkpoints`` folder), or
+    the config in a checkpoint's ``meta.json``; None where there is none."""
+    for config in (path / RUN_CONFIG, path.parent / RUN_CONFIG if path.name == "checkpoints" else None):
+        if config is not None and config.is_file():
+            return _read_mapping(config, yaml_load)
+    meta = path / CHECKPOINT_META
+    if meta.is_file():
+        return _read_mapping(meta, json.loads).get("config") or {}
+    return None
+
+
+def _read_mapping(file: Path, parse: Any) -> dict[str, Any]:
+    try:
+        value = parse(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(KEY, str(file), f"cannot read the saved job ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(KEY, str(file), "expected a mapping (the job a run saved)")
+    return value
+
+
+def _run_sections(saved: dict[str, Any]) -> dict[str, Any]:
+    """``plugins``, ``model``, ``moe``, the needed plugins' sections and ``data.tokenizer`` of a saved job."""
+    model = {k: v for k, v in (saved.get("model") or {}).items() if k != "init_from"}
+    moe = dict(saved.get("moe") or {})
+    components = {model.get("attention"), moe.get("block"), moe.get("router")}
+    plugins = [name for name in saved.get("plugins") or [] if name in components]
+    sections: dict[str, Any] = {"plugins": plugins, "model": model, "moe": moe}
+    sections.update({name: dict(saved.get(name) or {}) for name in plugins})
+    tokenizer = (saved.get("data") or {}).get("tokenizer")
+    if tokenizer:
+        sections["data"] = {"tokenizer": tokenizer}
+    return sections
+
+
+def _merge(raw: dict[str, Any], sections: dict[str, Any], source: str) -> dict[str, Any]:
+    """``raw`` with ``sections`` filled in where the job is silent; ``data.tokenizer`` only where the job has none."""
     merged = dict(raw)
     for name, values in sections.items():
-        if name == "plugins":
+        if name in ("plugins", "data"):
             continue
         section = dict(merged.get(name) or {})
         choices = JOB_CHOICES.get(name, frozenset())
@@ -69,15 +136,16 @@ def apply_hf_init(raw: dict[str, Any]) -> dict[str, Any]:
                 raise ConfigError(
                     f"{name}.{key}",
                     section[key],
-                    f"the Hugging Face checkpoint {folder} has {value!r}; remove {name}.{key} from the job (the "
-                    "model's shape comes from the checkpoint)",
+                    f"{source} has {value!r}; remove {name}.{key} from the job (the model's shape comes from the "
+                    "checkpoint)",
                 )
             section.setdefault(key, value)
         merged[name] = section
     plugins = list(merged.get("plugins") or [])
     merged["plugins"] = plugins + [p for p in sections.get("plugins", []) if p not in plugins]
     data = dict(merged.get("data") or {})
-    if not data.get("tokenizer") and (folder / "tokenizer.json").is_file():
-        data["tokenizer"] = str(folder)
+    tokenizer = sections.get("data", {}).get("tokenizer")
+    if tokenizer and not data.get("tokenizer"):
+        data["tokenizer"] = tokenizer
         merged["data"] = data
     return merged
