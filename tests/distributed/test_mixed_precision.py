@@ -24,6 +24,8 @@ for offload, the optimizer state lives on the host). The device-to-host copies t
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,6 +46,7 @@ from framework.parallel.expert_parallel import parallelize_moe
 from framework.parallel.grad_clip import clip_grad_norm_
 from framework.parallel.mesh import ParallelLayout, build_meshes
 from framework.train.optim import build_optimizer
+from tests.distributed.layouts import register
 from tests.distributed.spawn import run_ranks
 
 WORLD = 2
@@ -72,6 +75,12 @@ CASES: dict[str, tuple[int, FSDPPolicy, bool]] = {
     "offload": (1, FSDPPolicy(cpu_offload=True), False),
 }
 BF16_CASES = [name for name, (_, policy, _) in CASES.items() if policy.param_dtype == BF16]
+
+# Through the real trainer (the shared layout runs of tests/distributed/layouts.py): top-2 routing, the job's own
+# loss, accumulation and engine, against the one-rank fp32 run.
+TRAINER_LAYOUT = "dp2-fsdp-bf16"
+register(1, {"single": ()})
+register(2, {TRAINER_LAYOUT: ("parallel.data=fsdp", "parallel.param_dtype=bf16")})
 
 
 def _batch(step: int, rank: int, micro: int) -> torch.Tensor:
@@ -300,3 +309,22 @@ def test_cpu_offload_policy_is_applied_and_changes_no_number_on_a_cpu_device(
     assert offload["losses"] == plain["losses"]
     for name, grad in plain["grads"].items():
         assert torch.equal(offload["grads"][name], grad), name
+
+
+def test_trainer_with_the_bf16_policy_tracks_the_one_rank_fp32_run(
+    trained_layouts: Callable[[int], tuple[dict[str, Any], Path]],
+) -> None:
+    """The job's ``parallel.param_dtype=bf16`` through the model assembly and trainer. Losses of 3 steps within 1e-3
+    relative (measured 4.5e-6); step-1 gradients of every weight outside the feed-forward (MoE) layers within 3e-2
+    (measured 9.3e-3). The routed experts, router and ffn norms are left out here: top-2 routing flips near-tied
+    choices under bf16 (their gradients measured up to 7.8e-2 off); the model-level cases above bound them with every
+    token routed to every expert."""
+    ref = trained_layouts(1)[0]["single"]
+    got = trained_layouts(2)[0][TRAINER_LAYOUT]
+    assert isinstance(got, dict), f"{TRAINER_LAYOUT} failed:\n{got}"
+    assert _rel(got["losses"], ref["losses"]) < 1e-3
+    dense = {n: g for n, g in ref["grads"].items() if ".ffn." not in n and "ffn_norm" not in n}
+    assert len(dense) > 10
+    errors = _grad_errors({n: got["grads"][n] for n in dense}, dense)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 3e-2, f"{worst}: {errors[worst]:.2e}"
