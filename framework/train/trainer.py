@@ -233,7 +233,8 @@ class Trainer:
         self.raw_model, self.model = assembled.raw, assembled.model
         self.param_counts = assembled.param_counts
         self.flops_per_token = assembled.flops_per_token
-        self.peak_tflops = peak_tflops(self.device, self.config.train.dtype)
+        bf16 = self.config.train.dtype == "bf16" or self.config.parallel.param_dtype == "bf16"
+        self.peak_tflops = peak_tflops(self.device, "bf16" if bf16 else "fp32")
         console.info(describe(assembled))
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
