@@ -20,17 +20,13 @@ import yaml
 
 pytest.importorskip("transformers")
 
-from safetensors.torch import save_file  # noqa: E402
 
 from framework.checkpoint.export import export_hf, export_native, load_job, load_model, streams_tensors  # noqa: E402
 from framework.checkpoint.safe_reader import CheckpointFormatError  # noqa: E402
 from framework.checkpoint.store import CheckpointStore  # noqa: E402
 from framework.config import JobConfig  # noqa: E402
-from framework.interop.hf import HFConfigError, load_pretrained, spec_from_model  # noqa: E402
-from framework.interop.hf.config_map import hf_config_from_spec  # noqa: E402
-from framework.interop.hf.folders import _layout  # noqa: E402
-from framework.interop.hf.state_map import native_to_hf, rules_for  # noqa: E402
-from framework.models import Transformer  # noqa: E402
+from framework.interop.hf import HFConfigError, load_pretrained  # noqa: E402
+from tests.unit.checkpoint.export_reference import reference_hf_folder, reference_native_file  # noqa: E402
 from tests.unit.interop.test_hf_families import FAMILIES, _saved  # noqa: E402
 
 SMALL_SHARDS = 20_000
@@ -52,34 +48,6 @@ def _save(tmp_path: Path, state: dict[str, torch.Tensor], config: JobConfig) -> 
     job["data"]["seq_len"] = config.model.max_seq_len  # the job's other sections at their defaults otherwise
     meta = {"config": job, "world_size": 1}
     return CheckpointStore(tmp_path / "run" / "checkpoints").save(3, {"model": state}, meta, {})
-
-
-def _reference_hf(model: Transformer, out: Path, max_shard_bytes: int) -> None:
-    """The writer before streaming: the whole state dict converted at once, shards written with save_file."""
-    spec = spec_from_model(model)
-    config = hf_config_from_spec(spec, dtype="float32")
-    rules = rules_for(model.state_dict(), _layout(model, spec), model.model_cfg.tie_embeddings)
-    tensors = native_to_hf(model.state_dict(), rules)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, value in tensors.items():
-        if shards[-1] and size + value.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = value
-        size += value.nbytes
-    out.mkdir(parents=True)
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]  # fmt: skip
-    for name, shard in zip(names, shards):
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
-        total = sum(v.nbytes for v in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -106,15 +74,14 @@ def assert_streamed_exports_match(checkpoint: Path, root: Path) -> None:
         out = root / f"streamed_hf_{max_shard_bytes}"
         written = export_hf(checkpoint, out, max_shard_bytes=max_shard_bytes)
         reference = root / f"reference_hf_{max_shard_bytes}"
-        _reference_hf(model, reference, max_shard_bytes or 5 * 1024**3)
+        reference_hf_folder(model, reference, max_shard_bytes or 5 * 1024**3)
         _assert_same_files(out, reference)
         assert sorted(written) == sorted(_files(out))
         shards = [name for name in written if name.endswith(".safetensors")]
         assert (len(shards) > 1) == (max_shard_bytes is not None), written
         assert json.loads((out / "export.json").read_text())["files"] == written
     written = export_native(checkpoint, root / "streamed_native")
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(root / "reference.safetensors"), metadata={"format": "expertrain-native"})
+    reference_native_file(model, root / "reference.safetensors")
     ours = (root / "streamed_native" / "model.safetensors").read_bytes()
     assert ours == (root / "reference.safetensors").read_bytes()
     assert yaml.safe_load((root / "streamed_native" / "config.yaml").read_text()) == config.to_dict()
