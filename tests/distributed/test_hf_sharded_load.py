@@ -6,7 +6,9 @@ deepseek_v3 (mla with interleaved RoPE rows reordered on load, a shared expert, 
 correction bias), saved by transformers itself. Each is loaded into our model placed by the real parallel functions
 (:func:`~framework.parallel.parallelize.parallelize_model`: TP -> EP/ETP -> FSDP2) for every layout below, every
 tensor first filled with NaN so that an element the loader misses cannot pass; every tensor is then gathered with
-``full_tensor()`` and compared with ``torch.equal`` (a copy: no round-off to allow for).
+``full_tensor()`` and compared with ``torch.equal`` (a copy: no round-off to allow for). Two folders are also
+loaded the trainer's way, ``model.init_from: hf:<folder>`` into a model assembled on the meta device
+(:func:`~framework.train.assembly.assemble_model`), tied head included.
 
 Bytes read (``HFReadStats.bytes_read``, the tensor data of the slices read): each rank must read at most
 ``folder_bytes / 4 + replicated_bytes``, where ``replicated_bytes`` sums (in full) the stored bytes of every tensor
@@ -24,13 +26,9 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-pytest.importorskip("transformers")
-
-from safetensors.torch import load_file  # noqa: E402
-
-from tests.distributed.spawn import run_ranks  # noqa: E402
-from tests.unit.interop.test_hf_families import _saved  # noqa: E402
+from tests.distributed.spawn import run_ranks
 
 WORLD = 4
 SEQ = 16
@@ -49,10 +47,13 @@ FOLDERS = {
 }
 
 
-def _load_sharded(folder: str, parallel: dict[str, Any]) -> dict[str, Any]:
-    """Build the folder's model, place it on this rank's share of ``parallel``, NaN it, load; gather everything."""
-    from torch.distributed.tensor import DTensor
+ASSEMBLED = {"llama_tied": DENSE_LAYOUTS["tp2-fsdp2"], "deepseek_v3": MOE_LAYOUTS["tp2-ep2-etp2"]}
+"""Folders also loaded the trainer's way: ``model.init_from: hf:<folder>`` into a model assembled on the meta device
+(transforms, parallelisation, then only this rank's shards allocated), as a job builds it."""
 
+
+def _load_sharded(folder: str, parallel: dict[str, Any], meshes: dict[str, Any]) -> dict[str, Any]:
+    """Build the folder's model, place it on this rank's share of ``parallel``, NaN it, load; gather everything."""
     from framework.config.sections import ParallelConfig
     from framework.interop.hf import load_pretrained
     from framework.interop.hf.folders import load_hf_weights
@@ -61,11 +62,13 @@ def _load_sharded(folder: str, parallel: dict[str, Any]) -> dict[str, Any]:
     from framework.parallel.mesh import ParallelLayout, build_meshes
     from framework.parallel.parallelize import parallelize_model
 
-    whole = load_pretrained(folder)  # the folder's sections and validated plugins (and the reference's load)
+    whole = load_pretrained(folder)  # the folder's sections and validated plugins
     cfg = dataclasses.replace(whole.config, parallel=ParallelConfig(**parallel))
     model = Transformer(cfg.model, cfg.moe, whole.plugin_manager.registry)
     layout = ParallelLayout.from_config(cfg.parallel, WORLD, cfg.model, cfg.moe, SEQ)
-    parallelize_model(model, cfg, build_meshes(layout, torch.device("cpu")), torch.device("cpu"))
+    key = repr(sorted(parallel.items()))
+    meshes[key] = meshes.get(key) or build_meshes(layout, torch.device("cpu"))
+    parallelize_model(model, cfg, meshes[key], torch.device("cpu"))
     state = model.state_dict()
     with torch.no_grad():
         for value in state.values():
@@ -73,29 +76,57 @@ def _load_sharded(folder: str, parallel: dict[str, Any]) -> dict[str, Any]:
     stats = load_hf_weights(model, folder)
     stored = [k for k in state if not (k == "output.weight" and cfg.model.tie_embeddings)]
     own = {k: local_part(state[k]).numel() * 4 for k in stored}  # the folders are fp32
-    whole = {k: state[k].numel() * 4 for k in stored}
-    gathered = {
-        k: v.full_tensor() if isinstance(v, DTensor) else v.detach().clone() for k, v in state.items()
-    }
+    full = {k: state[k].numel() * 4 for k in stored}
     return {
-        "params": gathered if torch.distributed.get_rank() == 0 else {},
+        "params": _gathered(state),
         "bytes_read": stats.bytes_read,
         "folder_bytes": stats.folder_bytes,
         "own_bytes": sum(own.values()),
-        "replicated_bytes": sum(whole[k] for k in stored if own[k] * WORLD > whole[k]),
+        "replicated_bytes": sum(full[k] for k in stored if own[k] * WORLD > full[k]),
     }
+
+
+def _assembled(folder: str, parallel: dict[str, Any]) -> dict[str, Any]:
+    """The job's model with ``model.init_from: hf:<folder>``, assembled from the meta device (keyed init, then the
+    sharded load into the base tensors), gathered."""
+    from framework.parallel.mesh import ParallelLayout, build_meshes
+    from framework.train.assembly import assemble_model
+    from framework.train.launch import load_job
+
+    overrides = [f"model.init_from=hf:{folder}", f"data.seq_len={SEQ}", "train.global_batch_size=8"]
+    config, pm = load_job("", [*overrides, *(f"parallel.{k}={v}" for k, v in parallel.items())])
+    layout = ParallelLayout.from_config(config.parallel, WORLD, config.model, config.moe, SEQ)
+    meshes = build_meshes(layout, torch.device("cpu"))
+    assembled = assemble_model(config, pm, meshes, torch.device("cpu"), resuming=False)
+    assert assembled.whole_on_every_rank is None, assembled.whole_on_every_rank
+    return {"params": _gathered(assembled.raw.state_dict())}
+
+
+def _gathered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor whole (a collective); kept on rank 0 only, the one whose results are compared."""
+    from torch.distributed.tensor import DTensor
+
+    whole = {k: v.full_tensor() if isinstance(v, DTensor) else v.detach().clone() for k, v in state.items()}
+    return whole if torch.distributed.get_rank() == 0 else {}
 
 
 def _all_layouts(rank: int, world: int, folders: dict[str, str]) -> dict[str, dict[str, Any]]:
-    return {
-        f"{name}/{layout}": _load_sharded(folders[name], parallel)
+    meshes: dict[str, Any] = {}
+    results = {
+        f"{name}/{layout}": _load_sharded(folders[name], parallel, meshes)
         for name, (_, _, layouts) in FOLDERS.items()
         for layout, parallel in layouts.items()
     }
+    results.update({f"{name}/assembled": _assembled(folders[name], p) for name, p in ASSEMBLED.items()})
+    return results
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    # transformers is imported here, not at the module's top: each spawned rank imports this module (~8 s each).
+    pytest.importorskip("transformers")
+    from tests.unit.interop.test_hf_families import _saved
+
     root = tmp_path_factory.mktemp("hf-sharded")
     out = {}
     for name, (family, extra, _) in FOLDERS.items():
@@ -112,13 +143,19 @@ def four_ranks(folders: dict[str, Path]) -> list[dict[str, dict[str, Any]]]:
 CASES = [f"{name}/{layout}" for name, (_, _, layouts) in FOLDERS.items() for layout in layouts]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_sharded_load_equals_one_process_load_bit_for_bit(
-    case: str, folders: dict[str, Path], four_ranks: list[dict[str, dict[str, Any]]]
-) -> None:
+@pytest.fixture(scope="module")
+def one_process(folders: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each folder loaded whole into a plain model in this process (``load_pretrained``)."""
     from framework.interop.hf import load_pretrained
 
-    reference = load_pretrained(folders[case.split("/")[0]]).model.state_dict()
+    return {name: load_pretrained(folder).model.state_dict() for name, folder in folders.items()}
+
+
+@pytest.mark.parametrize("case", CASES + [f"{name}/assembled" for name in ASSEMBLED])
+def test_sharded_load_equals_one_process_load_bit_for_bit(
+    case: str, one_process: dict[str, dict[str, torch.Tensor]], four_ranks: list[dict[str, dict[str, Any]]]
+) -> None:
+    reference = one_process[case.split("/")[0]]
     got = four_ranks[0][case]["params"]
     assert got.keys() == reference.keys()
     different = [k for k in reference if not torch.equal(got[k], reference[k])]
