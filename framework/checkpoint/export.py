@@ -54,7 +54,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_job(checkpoint: str | Path) -> tuple[JobConfig, PluginManager, Path]:
+def checkpoint_job(checkpoint: str | Path) -> tuple[JobConfig, PluginManager, Path]:
     """The checkpoint folder's job config, with its plugins loaded and the job validated by them (as in training,
     with the saved world size)."""
     path = resolve_checkpoint(checkpoint)
@@ -79,7 +79,7 @@ def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, JobConfig, Plug
     in this process."""
     from framework.models import Transformer
 
-    config, pm, path = load_job(checkpoint)
+    config, pm, path = checkpoint_job(checkpoint)
     model = Transformer(config.model, config.moe, pm.registry)
     # Every value is overwritten from the checkpoint; initialised weights keep the plugins' decompositions in the
     # transform (SVDs of the base) on finite numbers.
@@ -139,7 +139,7 @@ def export_native(checkpoint: str | Path, output: str | Path) -> list[str]:
     """Write ``model.safetensors`` + ``config.yaml`` (+ the run's tokenizer, + what plugins export) to ``output``.
 
     Streamed from the checkpoint when :func:`streams_tensors`; else from the model :func:`load_model` rebuilds."""
-    config, pm, path = load_job(checkpoint)
+    config, pm, path = checkpoint_job(checkpoint)
     model = None
     if not streams_tensors(pm):
         model, config, pm, path = load_model(path)
@@ -221,7 +221,7 @@ def export_hf(
     from framework.interop.hf.folders import DEFAULT_MAX_SHARD_BYTES
     from framework.interop.hf.tokenizer import load_hf_tokenizer
 
-    config, pm, path = load_job(checkpoint)
+    config, pm, path = checkpoint_job(checkpoint)
     model = None
     merged: dict[str, Any] = {}
     if not streams_tensors(pm):

@@ -159,9 +159,9 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
 class CheckpointTensors:
     """The model tensors of a checkpoint folder (DCP), by our parameter names, read one or a few at a time.
 
-    ``shapes`` and ``dtypes`` come from the checkpoint's metadata, in the order they were saved (the model's
-    ``state_dict`` order). :meth:`load` reads only the requested tensors, whole (shards of a parallel layout put
-    together)."""
+    ``shapes`` come from the checkpoint's metadata, in the order DCP saved them (not always the model's ``state_dict``
+    order: a tensor-parallel run lists its sharded tensors first). :meth:`load` reads only the requested tensors,
+    whole (shards of a parallel layout put together)."""
 
     def __init__(self, path: Path, prefix: str = MODEL_PREFIX) -> None:
         self.path = Path(path)
@@ -176,13 +176,8 @@ class CheckpointTensors:
 
     @property
     def shapes(self) -> dict[str, torch.Size]:
-        """Name -> global shape, in saved order."""
+        """Name -> global shape, in the order of the checkpoint's metadata."""
         return {name: meta.size for name, meta in self._meta.items()}
-
-    @property
-    def dtypes(self) -> dict[str, torch.dtype]:
-        """Name -> stored dtype."""
-        return {name: meta.properties.dtype for name, meta in self._meta.items()}
 
     def load(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The tensors ``names`` (in ``dtype`` when given and they are floating point, else as stored)."""

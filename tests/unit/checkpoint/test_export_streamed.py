@@ -21,12 +21,14 @@ import yaml
 pytest.importorskip("transformers")
 
 
-from framework.checkpoint.export import export_hf, export_native, load_job, load_model, streams_tensors  # noqa: E402
+from framework.checkpoint import export  # noqa: E402
+from framework.checkpoint.export import checkpoint_job, export_hf, export_native, load_model, streams_tensors  # noqa: E402
 from framework.checkpoint.safe_reader import CheckpointFormatError  # noqa: E402
 from framework.checkpoint.store import CheckpointStore  # noqa: E402
 from framework.config import JobConfig  # noqa: E402
 from framework.interop.hf import HFConfigError, load_pretrained  # noqa: E402
 from tests.unit.checkpoint.export_reference import reference_hf_folder, reference_native_file  # noqa: E402
+from tests.unit.checkpoint.test_stream import count_reads  # noqa: E402
 from tests.unit.interop.test_hf_families import FAMILIES, _saved  # noqa: E402
 
 SMALL_SHARDS = 20_000
@@ -67,7 +69,7 @@ def assert_streamed_exports_match(checkpoint: Path, root: Path) -> None:
     """``export hf`` (one file, then shards of :data:`SMALL_SHARDS`) and ``export native`` of ``checkpoint``,
     streamed, give the bytes of the model ``load_model`` rebuilds written by the in-memory writers."""
     root.mkdir(parents=True, exist_ok=True)
-    config, pm, _ = load_job(checkpoint)
+    config, pm, _ = checkpoint_job(checkpoint)
     assert streams_tensors(pm), f"plugins {config.plugins} keep this export on the model-building path"
     model = load_model(checkpoint)[0]
     for max_shard_bytes in (None, SMALL_SHARDS):
@@ -136,3 +138,31 @@ def test_streamed_export_of_a_model_the_family_cannot_hold_leaves_nothing(tmp_pa
     with pytest.raises(HFConfigError, match="'moe.capacity_factor': got 1.25"):
         export_hf(checkpoint, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_qwen3_moe", "run"]
+
+
+def test_streamed_export_reads_each_model_tensor_once_and_no_optimizer_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes read from the checkpoint's ``.distcp`` files by ``export hf``: the model's tensors once each (plus DCP's
+    per-item framing, < 8 KiB an item), none of the optimizer moments saved beside them (twice the model here)."""
+    _, folder = _saved(tmp_path, "qwen3_moe")
+    loaded = load_pretrained(folder)
+    state = loaded.model.state_dict()
+    optim = {f"{k}.{m}": torch.randn_like(v) for k, v in state.items() for m in ("exp_avg", "exp_avg_sq")}
+    job = loaded.config.to_dict()
+    job["data"]["seq_len"] = loaded.config.model.max_seq_len
+    checkpoint = CheckpointStore(tmp_path / "run" / "checkpoints").save(
+        1, {"model": state, "optim": optim}, {"config": job, "world_size": 1}, {}
+    )
+    counters: list[list[int]] = []
+
+    class CountingTensors(export.CheckpointTensors):
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            counters.append(count_reads(self))
+
+    monkeypatch.setattr(export, "CheckpointTensors", CountingTensors)
+    export_hf(checkpoint, tmp_path / "out")
+    model_bytes = sum(v.nbytes for v in state.values())
+    read = sum(c[0] for c in counters)
+    assert model_bytes <= read < model_bytes + 8192 * len(state), (read, model_bytes)
