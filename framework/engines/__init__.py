@@ -21,14 +21,16 @@ the format of ``torch.distributed.checkpoint.state_dict.get_state_dict``), so a 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from framework.parallel.data_parallel import gradient_sync
+from framework.parallel.data_parallel import gradient_sync, rescale_expert_gradients
+from framework.parallel.grad_clip import clip_grad_norm_
+from framework.parallel.grads import reduce_pending_gradients
+from framework.parallel.mesh import ParallelLayout
 
 StateDicts = tuple[dict[str, Any], dict[str, Any]]
 """``(model_state, optimizer_state)`` keyed by parameter name."""
@@ -57,8 +59,11 @@ class Engine(Protocol):
 
 
 class NativeEngine:
-    """DDP or FSDP2 (``model`` arrives wrapped) with torch AdamW; ``clip()`` clips to the global norm and returns it;
-    ``finish()`` completes what the wrapper leaves undone (tensor-parallel partial sums, the expert average)."""
+    """DDP or FSDP2 (``model`` arrives wrapped) with torch AdamW. The engine finishes what the wrapper leaves undone
+    (tensor-parallel partial sums without FSDP, the expert average FSDP leaves at ``1/efsdp``) and clips by the true
+    global norm over every rank's gradients (any mix of meshes) to ``max_norm`` (``inf``: measure only).
+
+    ``raw_model`` (the module inside any wrapper) and ``layout`` are needed only for tensor or expert parallelism."""
 
     name = "native"
 
@@ -66,13 +71,16 @@ class NativeEngine:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        clip: Callable[[], float],
-        finish: Callable[[], None] = lambda: None,
+        max_norm: float = float("inf"),
+        *,
+        raw_model: nn.Module | None = None,
+        layout: ParallelLayout | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
-        self._clip = clip
-        self._finish = finish
+        self.max_norm = max_norm
+        self._raw = raw_model if raw_model is not None else model
+        self._layout = layout
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         """Reduce gradients only on the last micro-batch of a step (DDP ``no_sync``, FSDP2 gradient sync)."""
@@ -82,10 +90,20 @@ class NativeEngine:
         loss.backward()
 
     def finish_gradients(self) -> None:
-        self._finish()
+        if self._layout is None:
+            return
+        if self._layout.tp > 1:
+            reduce_pending_gradients(self.model.parameters())
+        rescale_expert_gradients(self._raw, self._layout)
+
+    def clip_gradients(self) -> float:
+        """Clip to ``max_norm`` by the global norm over every rank's gradients; returns that norm."""
+        return float(
+            clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.max_norm)
+        )
 
     def step(self) -> float:
-        norm = self._clip()
+        norm = self.clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm

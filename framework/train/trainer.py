@@ -29,9 +29,6 @@ from framework.observe.metrics import MetricsWriter, read_metrics
 from framework.observe.mfu import mfu, peak_tflops
 from framework.observe.progress import ProgressBar
 from framework.parallel import collectives as C
-from framework.parallel.data_parallel import rescale_expert_gradients
-from framework.parallel.grad_clip import clip_grad_norm_
-from framework.parallel.grads import reduce_pending_gradients
 from framework.parallel.mesh import ParallelLayout, build_meshes
 from framework.parallel.setup import DistInfo
 from framework.train.loss import IGNORE_INDEX, count_loss_tokens, lm_loss_sum
@@ -140,7 +137,10 @@ class Trainer:
             return DeepSpeedEngine(
                 self.raw_model, self.optimizer, self.config, self.accumulation, self.device, self.meshes.ep
             )
-        return NativeEngine(self.model, self.optimizer, self._clip_gradients, self._finish_gradients)
+        max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
+        return NativeEngine(
+            self.model, self.optimizer, max_norm, raw_model=self.raw_model, layout=self.layout
+        )
 
     def _create_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -431,18 +431,6 @@ class Trainer:
                 )
             losses[name] = value
         return losses
-
-    def _finish_gradients(self) -> None:
-        """Tensor-parallel partial sums without FSDP to finish them, and the expert average FSDP leaves at 1/efsdp."""
-        if self.meshes.tp is not None:
-            reduce_pending_gradients(self.model.parameters())
-        rescale_expert_gradients(self.raw_model, self.layout)
-
-    def _clip_gradients(self) -> float:
-        """Clip by the true global norm over every rank's gradients (any mix of meshes); returns that norm."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
-        return float(clip_grad_norm_(params, max_norm))
 
     def _update_routing(self, step: int) -> None:
         """Exact int64 expert counts of this step, summed over every rank that saw tokens; aux-free bias update."""

@@ -120,9 +120,7 @@ def _native(job: Any) -> tuple:
     optimizer = build_optimizer(model, job.optim, [], torch.device("cpu"))
     scheduler = build_scheduler(optimizer, STEPS, job.optim)
     ddp = DistributedDataParallel(model)
-    engine = NativeEngine(
-        ddp, optimizer, lambda: float(torch.nn.utils.clip_grad_norm_(ddp.parameters(), job.optim.grad_clip))
-    )
+    engine = NativeEngine(ddp, optimizer, job.optim.grad_clip)
     return model, engine, scheduler
 
 
