@@ -141,6 +141,7 @@ def four_ranks(folders: dict[str, Path]) -> list[dict[str, dict[str, Any]]]:
 
 
 CASES = [f"{name}/{layout}" for name, (_, _, layouts) in FOLDERS.items() for layout in layouts]
+"""Each folder at each of its layouts (byte counts are checked on these)."""
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def one_process(folders: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
     return {name: load_pretrained(folder).model.state_dict() for name, folder in folders.items()}
 
 
-@pytest.mark.parametrize("case", CASES + [f"{name}/assembled" for name in ASSEMBLED])
+@pytest.mark.parametrize("case", [*CASES, *(f"{name}/assembled" for name in ASSEMBLED)])
 def test_sharded_load_equals_one_process_load_bit_for_bit(
     case: str, one_process: dict[str, dict[str, torch.Tensor]], four_ranks: list[dict[str, dict[str, Any]]]
 ) -> None:

@@ -32,7 +32,6 @@ from framework.interop.hf.state_map import (
     HFCheckpointError,
     Layout,
     NativeTarget,
-    Rule,
     hf_to_native,
     rules_for,
 )
@@ -257,8 +256,6 @@ def load_hf_weights(
     wanted = _wanted(state, keys)
     layout, tied = _layout(model, spec), model.model_cfg.tie_embeddings
     rules = rules_for(wanted, layout, tied)
-    if tied and "output.weight" in wanted and _separate_sharded_head(state):
-        rules.append(Rule("output.weight", rules_for(["tok_embeddings.weight"], layout, tied)[0].forms))
     targets = {
         r.native: NativeTarget(state[r.native].shape, local_box(state[r.native]), local_part(state[r.native]))
         for r in rules
@@ -285,13 +282,6 @@ def _wanted(state: Mapping[str, torch.Tensor], keys: Collection[str] | None) -> 
     if unknown:
         raise HFCheckpointError(f"asked to load '{unknown[0]}', which the model does not have")
     return [k for k in state if k in keys]
-
-
-def _separate_sharded_head(state: Mapping[str, torch.Tensor]) -> bool:
-    """Tied embeddings whose head is a DTensor of its own (``to_empty`` unties them, and re-tying a sharded model
-    is not the loader's business): the head is then filled from the embedding's HF tensor too."""
-    head, embedding = state.get("output.weight"), state["tok_embeddings.weight"]
-    return isinstance(head, DTensor) and local_part(head).data_ptr() != local_part(embedding).data_ptr()
 
 
 def _hf_keys_of(natives: Collection[str], layout: Layout, tied: bool) -> set[str]:
