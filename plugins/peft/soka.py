@@ -11,8 +11,12 @@ PiSSA-style: the principal ``r`` terms are trained (``soka_A [r, m1, n1]``, ``so
 its spectrum: the smaller of the energy rank (smallest ``r`` with ``Σ_{k≤r}σ²/Σσ² ≥ τ``) and the elbow (the point of
 maximum curvature of the sorted, normalised spectrum; components before it), capped by ``soka.max_rank``. The
 forward never builds ``ΔW``: with ``X = x`` reshaped ``[n1, n2]`` (row-major), ``(A⊗B) x = vec(A X Bᵀ)`` (the
-card's ``vec(B X Aᵀ)`` in column-major order). The decomposition runs in fp64 on the CPU on the whole weight,
-before parallelisation, so every rank gets the same factors.
+card's ``vec(B X Aᵀ)`` in column-major order).
+
+When: the transform builds the structure only (zero factors stored at ``R = min(max_rank, p)`` rows, so it runs on
+the meta device and the model is parallelised before any weight exists); ``expertrain_init_weights`` decomposes
+the base once its values are final (keyed init, ``model.init_from`` loaded into this rank's shards): one weight at a
+time, gathered whole when sharded, in fp64 on the CPU, so every rank gets the same factors and keeps its shards.
 
 Routed experts (``soka.target_experts``): every expert ``e`` of the fused ``gate_up_proj`` (as its ``[2I, H]``
 matrix, gate rows first) and ``down_proj`` (``[H, I]``) gets its own KPSVD, its own rank from its own spectrum and
@@ -59,6 +63,8 @@ from plugins.peft.targets import (
     restore_plain_experts,
     restore_plain_linear,
     select_targets,
+    whole_tensor,
+    write_whole,
 )
 
 SECTION = "soka"
@@ -212,6 +218,12 @@ def principal_terms(
     return A, B, ranks
 
 
+def stored_rows(m1: int, n1: int, m2: int, n2: int, max_rank: int) -> int:
+    """``R = min(max_rank, min(m1·n1, m2·n2))``: the rows the factors are stored at, whatever rank the spectrum
+    picks (what :func:`principal_terms` returns), so the shapes never depend on the weights."""
+    return min(max_rank, m1 * n1, m2 * n2)
+
+
 def _require_whole(*tensors: torch.Tensor) -> None:
     if any(isinstance(t, DTensor) for t in tensors):
         raise RuntimeError(
@@ -227,6 +239,9 @@ class SoKALinear(nn.Linear):
     """``y = W_res x + b + Σ_k (A_k⊗B_k) x``. Takes over ``base``'s Parameters (names unchanged): ``weight`` becomes
     the frozen residual ``W − Σ_{k<r} A0_k⊗B0_k``; trainable ``soka_A [R, m1, n1]``, ``soka_B [R, m2, n2]`` start at
     the principal terms ``A0``, ``B0`` (kept as buffers ``soka_A0`` / ``soka_B0`` for the export).
+
+    The constructor builds the structure only (zero factors; it runs on the meta device too); :meth:`decompose`
+    sets the values from the base weight once it exists (sharded or whole).
 
     The factors are stored at ``R = min(max_rank, min(m1·n1, m2·n2))`` rows whatever the chosen rank ``r`` (buffer
     ``soka_rank``): rows ``k ≥ r`` are zero, get exactly zero gradients (``∂/∂A_k ∝ B_k = 0`` and vice versa) and stay
@@ -251,15 +266,31 @@ class SoKALinear(nn.Linear):
         self.bias = base.bias
         self.m1, self.m2 = kron_factors(self.out_features, out_multiple)
         self.n1, self.n2 = kron_factors(self.in_features, in_multiple)
-        w = base.weight
-        A, B, rank = principal_terms(w, self.m1, self.n1, tau, max_rank, use_elbow)
-        with torch.no_grad():
-            w.copy_((w.detach().cpu().double() - kron_sum(A, B)).to(w.device, w.dtype))
-        self.soka_A = nn.Parameter(A.to(w.device, w.dtype).contiguous())
-        self.soka_B = nn.Parameter(B.to(w.device, w.dtype).contiguous())
-        self.register_buffer("soka_A0", A.to(w.device, w.dtype).contiguous().clone())
-        self.register_buffer("soka_B0", B.to(w.device, w.dtype).clone())
-        self.register_buffer("soka_rank", rank.to(w.device))
+        self.tau, self.max_rank, self.use_elbow = tau, max_rank, use_elbow
+        rows = stored_rows(self.m1, self.n1, self.m2, self.n2, max_rank)
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.soka_A = nn.Parameter(torch.zeros(rows, self.m1, self.n1, **kw))
+        self.soka_B = nn.Parameter(torch.zeros(rows, self.m2, self.n2, **kw))
+        self.register_buffer("soka_A0", torch.zeros(rows, self.m1, self.n1, **kw))
+        self.register_buffer("soka_B0", torch.zeros(rows, self.m2, self.n2, **kw))
+        self.register_buffer("soka_rank", torch.zeros((), dtype=torch.int64, device=kw["device"]))
+
+    @torch.no_grad()
+    def decompose(self) -> None:
+        """Split the current base weight into residual and principal terms (the factors, their copies ``A0`` /
+        ``B0`` and the rank). On a sharded weight the whole matrix is gathered (a collective: every rank calls this
+        for the same modules in the same order), decomposed in fp64 on the CPU, and each rank keeps its shards."""
+        w = whole_tensor(self.weight)
+        A, B, rank = principal_terms(w, self.m1, self.n1, self.tau, self.max_rank, self.use_elbow)
+        write_whole(self.weight, (w.cpu().double() - kron_sum(A, B)).to(w.dtype))
+        for name, value in (
+            ("soka_A", A),
+            ("soka_B", B),
+            ("soka_A0", A),
+            ("soka_B0", B),
+            ("soka_rank", rank),
+        ):
+            write_whole(getattr(self, name), value)
 
     @property
     def rank(self) -> int:
@@ -312,23 +343,48 @@ class ExpertKronecker(nn.Module):
     ``soka_B [E, R, m2, n2]`` (trained), their start ``soka_A0`` / ``soka_B0`` and ``soka_rank [E]`` (buffers).
 
     Expert ``e`` uses rows ``k < soka_rank[e]`` (its own rank from its own spectrum); the rows past it are zero and
-    never move (zero gradients, as in :class:`SoKALinear`), so every expert is stored at the layer's ``R``.
-    :meth:`__init__` returns the residual through :attr:`initial_delta` for the owner to subtract."""
+    never move (zero gradients, as in :class:`SoKALinear`), so every expert is stored at the layer's ``R``. Built
+    zero (structure only); :meth:`decompose` sets the values from the whole weight."""
 
-    def __init__(self, weight_EOI: torch.Tensor, tau: float, max_rank: int, use_elbow: bool = True) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        out_features: int,
+        in_features: int,
+        max_rank: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        E, out, d_in = weight_EOI.shape
-        self.num_experts, self.out_features, self.in_features = E, out, d_in
-        self.m1, self.m2 = kron_factors(out)
-        self.n1, self.n2 = kron_factors(d_in)
+        E = num_experts
+        self.num_experts, self.out_features, self.in_features = E, out_features, in_features
+        self.m1, self.m2 = kron_factors(out_features)
+        self.n1, self.n2 = kron_factors(in_features)
+        rows = stored_rows(self.m1, self.n1, self.m2, self.n2, max_rank)
+        kw = {"device": device, "dtype": dtype}
+        self.soka_A = nn.Parameter(torch.zeros(E, rows, self.m1, self.n1, **kw))
+        self.soka_B = nn.Parameter(torch.zeros(E, rows, self.m2, self.n2, **kw))
+        self.register_buffer("soka_A0", torch.zeros(E, rows, self.m1, self.n1, **kw))
+        self.register_buffer("soka_B0", torch.zeros(E, rows, self.m2, self.n2, **kw))
+        self.register_buffer("soka_rank", torch.zeros(E, dtype=torch.int64, device=device))
+
+    @torch.no_grad()
+    def decompose(
+        self, weight_EOI: torch.Tensor, tau: float, max_rank: int, use_elbow: bool
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Set this rank's shards of the factors, their copies and the ranks from the KPSVD of every expert of the
+        whole weight ``weight_EOI [E, out, in]``. Returns ``Σ_k A0_k⊗B0_k`` per expert (fp64, whole, on the CPU:
+        the owner subtracts it) and every expert's rank."""
         A, B, ranks = principal_terms(weight_EOI, self.m1, self.n1, tau, max_rank, use_elbow)
-        device, dtype = weight_EOI.device, weight_EOI.dtype
-        self.soka_A = nn.Parameter(A.to(device, dtype).contiguous())
-        self.soka_B = nn.Parameter(B.to(device, dtype).contiguous())
-        self.register_buffer("soka_A0", A.to(device, dtype).contiguous().clone())
-        self.register_buffer("soka_B0", B.to(device, dtype).contiguous().clone())
-        self.register_buffer("soka_rank", ranks.to(device))
-        self.initial_delta = kron_sum(A, B)  # fp64, whole; dropped by the owner once applied
+        for name, value in (
+            ("soka_A", A),
+            ("soka_B", B),
+            ("soka_A0", A),
+            ("soka_B0", B),
+            ("soka_rank", ranks),
+        ):
+            write_whole(getattr(self, name), value)
+        return kron_sum(A, B), [int(r) for r in ranks]
 
     @property
     def ranks(self) -> list[int]:
@@ -372,15 +428,26 @@ class SoKAExperts(GroupedExperts):
 
     def __init__(self, base: GroupedExperts, tau: float, max_rank: int, use_elbow: bool = True) -> None:
         self._wrap(base)  # not GroupedExperts.__init__: the weights are the base module's
-        for name in EXPERT_WEIGHTS:
+        self.tau, self.max_rank, self.use_elbow = tau, max_rank, use_elbow
+        E, H, hidden = base.num_experts, base.dim, base.hidden
+        kw = {"device": base.gate_up_proj.device, "dtype": base.gate_up_proj.dtype}
+        self.soka_gate_up_proj = ExpertKronecker(E, 2 * hidden, H, max_rank, **kw)
+        self.soka_down_proj = ExpertKronecker(E, H, hidden, max_rank, **kw)
+
+    @torch.no_grad()
+    def decompose(self) -> list[int]:
+        """Split every expert of both fused weights into residual and principal terms, one fused weight at a time
+        (gathered whole when sharded: a collective, see :meth:`SoKALinear.decompose`). Returns every expert's rank
+        (``gate_up_proj``'s, then ``down_proj``'s)."""
+        ranks: list[int] = []
+        for name, factors in self.factors().items():
             w = getattr(self, name)
-            matrix = w.detach().flatten(1, 2) if name == "gate_up_proj" else w.detach()  # [E, out, in]
-            factors = ExpertKronecker(matrix, tau, max_rank, use_elbow)
-            with torch.no_grad():
-                residual = matrix.cpu().double() - factors.initial_delta
-                w.copy_(residual.reshape(w.shape).to(w.device, w.dtype))
-            del factors.initial_delta
-            setattr(self, f"soka_{name}", factors)
+            whole = whole_tensor(w)
+            matrix = whole.flatten(1, 2) if name == "gate_up_proj" else whole  # [E, out, in]
+            delta, weight_ranks = factors.decompose(matrix, self.tau, self.max_rank, self.use_elbow)
+            write_whole(w, (matrix.cpu().double() - delta).reshape(w.shape).to(w.dtype))
+            ranks += weight_ranks
+        return ranks
 
     def factors(self) -> dict[str, ExpertKronecker]:
         """``{weight name: factors}`` (``gate_up_proj`` first)."""
@@ -468,8 +535,9 @@ def tensor_parallel_multiples(path: str, base: nn.Linear, tp: int) -> tuple[int,
 
 def apply_soka(model: nn.Module, cfg: SoKAConfig, plugin: str = SECTION, tp: int = 1) -> Targets:
     """Replace every targeted ``nn.Linear`` by a :class:`SoKALinear` and, with ``cfg.target_experts``, every
-    routed-experts module by a :class:`SoKAExperts` (residual + principal Kronecker terms). ``tp``: the
-    tensor-parallel degree the model will be split over (factorisations follow it, see :func:`kron_factors`)."""
+    routed-experts module by a :class:`SoKAExperts`. Structure only (zero factors, base unchanged; works on the meta
+    device): :func:`decompose_bases` splits the weights once they exist. ``tp``: the tensor-parallel degree the
+    model will be split over (factorisations follow it, see :func:`kron_factors`)."""
     targets = select_targets(model, cfg.targets, cfg.target_experts, section=SECTION)
     changed = []
     embedding = getattr(getattr(model, "tok_embeddings", None), "weight", None)
@@ -502,6 +570,20 @@ def apply_soka(model: nn.Module, cfg: SoKAConfig, plugin: str = SECTION, tp: int
         claim(module, plugin, path)
         model.set_submodule(path, module)
     return targets
+
+
+@torch.no_grad()
+def decompose_bases(model: nn.Module, plugin: str = SECTION) -> list[int]:
+    """Residual and principal terms of every module ``plugin`` adapted (:meth:`SoKALinear.decompose`,
+    :meth:`SoKAExperts.decompose`), one weight at a time in model order: a collective on a sharded model. Returns
+    every chosen rank (per linear, per expert and fused weight)."""
+    ranks: list[int] = []
+    for _, m in soka_modules(model, plugin):
+        m.decompose()
+        ranks.append(m.rank)
+    for _, experts in soka_expert_modules(model, plugin):
+        ranks += experts.decompose()
+    return ranks
 
 
 def soka_modules(model: nn.Module, plugin: str = SECTION) -> list[tuple[str, SoKALinear]]:
@@ -546,18 +628,24 @@ def expertrain_validate_config(config: JobConfig) -> None:
 def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
     cfg: SoKAConfig = getattr(config, SECTION)
     targets = apply_soka(model, cfg, tp=config.parallel.tp)
-    linears = soka_modules(model)
-    experts = soka_expert_modules(model)
-    trainable = sum(m.trained_numel() for _, m in linears) + sum(m.trained_numel() for _, m in experts)
-    ranks = sorted(
-        {m.rank for _, m in linears} | {r for _, m in experts for f in m.factors().values() for r in f.ranks}
-    )
+    factors = set(factor_parameter_names(model))
+    stored = sum(p.numel() for name, p in model.named_parameters() if name in factors)
     detail = (
-        f"Kronecker ranks {ranks[0]}-{ranks[-1]} (energy {cfg.energy:g}"
+        f"Kronecker ranks from each base's spectrum at init (energy {cfg.energy:g}"
         f"{', elbow' if cfg.use_elbow else ''}, max {cfg.max_rank}"
-        f"{', per expert' if experts else ''})"
+        f"{', per expert' if soka_expert_modules(model) else ''}; factors stored at the max)"
     )
-    console.info(format_coverage(SECTION, model, targets, trainable, detail))
+    console.info(format_coverage(SECTION, model, targets, stored, detail))
+
+
+@hookimpl
+def expertrain_init_weights(model: nn.Module) -> None:
+    """The decompositions of the (possibly sharded) base weights: ``model.init_from`` is loaded by now."""
+    ranks = decompose_bases(model)
+    console.info(
+        f"soka: decomposed {len(ranks)} matrices; Kronecker ranks {min(ranks)}-{max(ranks)} "
+        f"(mean {sum(ranks) / len(ranks):.2f})"
+    )
 
 
 @hookimpl

@@ -29,9 +29,11 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from framework.config import ConfigError
 from framework.models.moe.experts import GroupedExperts
+from framework.models.sharding import local_box, local_part
 
 ALL_LINEAR = "all-linear"
 LM_HEAD = "output"
@@ -203,3 +205,17 @@ def restore_plain_experts(model: nn.Module, path: str, experts: GroupedExperts) 
         plain = GroupedExperts(experts.num_experts, experts.dim, experts.hidden, experts.impl)
     plain.gate_up_proj, plain.down_proj = experts.gate_up_proj, experts.down_proj
     model.set_submodule(path, plain)
+
+
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of ``tensor``, detached: gathered when it is a DTensor (a collective every rank of its mesh must
+    call, for the same tensors in the same order), ``tensor`` itself otherwise."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+
+
+@torch.no_grad()
+def write_whole(tensor: torch.Tensor, whole: torch.Tensor) -> None:
+    """Set ``tensor`` (plain, or this rank's shard of a DTensor) from ``whole``, the whole tensor's values (the same
+    on every rank): each rank copies its own box, no communication."""
+    local = local_part(tensor)
+    local.copy_(whole[local_box(tensor)].to(local.device, local.dtype))

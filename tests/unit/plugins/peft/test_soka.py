@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from framework.config import ConfigError, JobConfig, resolve
 from framework.hooks import PluginManager
 from framework.models import Transformer, default_registry
+from framework.models.init import KeyedInit
 from framework.models.moe.experts import GroupedExperts
 from framework.train.optim import build_optimizer
 from plugins.peft import soka
@@ -65,7 +66,9 @@ def _job(
 
 
 def _transform(model: Transformer, config: JobConfig, pm: PluginManager) -> None:
+    """The assembly's order on a whole model: structure (transform), then the decomposition (init hook)."""
     pm.hook.expertrain_transform_model(model=model, config=config)
+    pm.hook.expertrain_init_weights(model=model, config=config, init=KeyedInit.for_model(0, model))
     trainable = pm.trainable_names(model, config)
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
