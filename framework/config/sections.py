@@ -356,6 +356,11 @@ class CheckpointConfig:
     )
     resume: bool = option(True, doc="Continue from the latest checkpoint in run.dir if there is one.")
     save_final: bool = option(True, doc="Save a checkpoint after the last step.")
+    on_damaged: Literal["fallback", "fail"] = option(
+        "fallback",
+        doc="A latest checkpoint that fails verification (a file missing, truncated or changed against its "
+        "manifest): fallback = warn and resume from the newest intact one; fail = stop with one line naming the file.",
+    )
 
 
 @dataclass
