@@ -58,8 +58,9 @@ class ModelConfig:
     v_head_dim: int = option(0, doc="mla: per-head value size.", min=0)
     init_from: str = option(
         "",
-        doc="Start from the model weights of an expertrain checkpoint (a step_XXXXXXXX folder or a run folder: its "
-        "latest checkpoint); the model and moe sections must match it. Optimizer, step and data start fresh. "
+        doc="Start from the model weights of an expertrain run (its latest checkpoint) or step_XXXXXXXX checkpoint, "
+        "or of a Hugging Face folder (hf:<folder>); the model and moe sections (and the plugins the model needs) "
+        "come from it, and values the job sets must agree. Optimizer, step and data start fresh. "
         "Ignored when the run resumes from its own checkpoint. Empty = random init.",
     )
 
