@@ -22,8 +22,11 @@ child ``lift_gate_up_proj`` / ``lift_down_proj`` (:class:`ExpertMasks`) with the
 positions in each expert's matrix) and the Parameter ``lift_values [E, K]``; the forward writes the values into the
 (local) expert weights and runs the normal expert kernel.
 
-Parallelism. Masks are always drawn on whole weights, identically on every rank: at transform time on the whole
-model, at a refresh on the gathered weights (a collective), in both cases broadcast from rank 0.
+Parallelism. Masks are always drawn on whole weights, identically on every rank, and broadcast from rank 0: the
+transform builds the structure only (it runs on the meta device, before parallelisation); the initial masks are
+drawn in ``expertrain_init_weights`` once the base's values are final (keyed init, ``model.init_from`` loaded into
+this rank's shards), each weight gathered whole (a collective, one weight at a time) and each rank keeping its
+shards of the masks and values; a refresh gathers the updated weights the same way.
 
 - data parallelism (DDP, FSDP2): the values are sharded like any parameter; a refresh gathers and re-shards them and
   the moments;
@@ -226,10 +229,14 @@ class LIFTLinear(nn.Linear):
         return {"lift_values": Replicate()}
 
     @torch.no_grad()
-    def set_mask(self, index: torch.Tensor) -> None:
-        """Use ``index`` (sorted flat indices, ``[K]``) as the mask, its values read from the current weight."""
-        self.lift_index.copy_(index)
-        self.lift_values.copy_(self.weight.detach().flatten()[index])
+    def draw_mask(self, filter_rank: int, mask_type: MaskType) -> None:
+        """The initial mask from the current weight (gathered whole when sharded: a collective, every rank calls
+        it for the same modules in the same order; rank 0's mask is broadcast), its values read from the weight;
+        each rank keeps its shards of both."""
+        w = _full(self.weight)
+        index = _broadcast(principal_mask(w, self.budget, filter_rank, mask_type).to(w.device))
+        _assign(self.lift_index, index)
+        _assign(self.lift_values, w.flatten()[index])
 
     def effective_weight(self) -> torch.Tensor:
         """``W`` with ``lift_values`` at ``lift_index`` (differentiable in ``lift_values`` only); under tensor
@@ -350,15 +357,15 @@ class LIFTExperts(GroupedExperts):
 
     @torch.no_grad()
     def set_masks(self, filter_rank: int, mask_type: MaskType) -> None:
-        """Draw every expert's masks from the current (whole) weights, the same on every rank; values read from
-        the weights."""
+        """Draw every expert's masks from the current weights, the same on every rank (each fused weight gathered
+        whole when sharded, one at a time: a collective), values read from the weights; each rank keeps its shards."""
         for name, mask in self.masks().items():
-            w = getattr(self, name).detach()
+            w = _full(getattr(self, name))
             E = w.shape[0]
             matrices = w.reshape(E, mask.out_features, mask.in_features)
             index = _broadcast(principal_mask(matrices, mask.budget, filter_rank, mask_type).to(w.device))
-            mask.lift_index.copy_(index)
-            mask.lift_values.copy_(w.reshape(E, -1).gather(1, index))
+            _assign(mask.lift_index, index)
+            _assign(mask.lift_values, w.reshape(E, -1).gather(1, index))
 
     def effective_weight(self, name: str) -> torch.Tensor:
         """This rank's block of fused weight ``name`` with its experts' values written in (differentiable in the
@@ -425,24 +432,32 @@ LIFTModule = LIFTLinear | LIFTExperts
 
 def apply_lift(model: nn.Module, cfg: LIFTConfig, plugin: str = SECTION) -> Targets:
     """Wrap every targeted ``nn.Linear`` in a :class:`LIFTLinear` and, with ``target_experts``, every routed-experts
-    module in a :class:`LIFTExperts`, with initial masks drawn from the current (whole) weights, the same on every
-    rank. Returns the selected modules (the originals, by path)."""
+    module in a :class:`LIFTExperts`. Structure only (masks and values zero; works on the meta device):
+    :func:`draw_masks` draws the initial masks once the weights exist. Returns the selected modules (the originals,
+    by path)."""
     targets = select_targets(model, cfg.targets, cfg.target_experts, section=SECTION)
     for path, base in targets.linears:
         claim(base, plugin, path)
         module = LIFTLinear(base, budget(base.out_features, base.in_features, cfg.r))
-        module.set_mask(
-            _broadcast(principal_mask(base.weight, module.budget, cfg.filter_rank, cfg.mask_type))
-        )
         claim(module, plugin, path)
         model.set_submodule(path, module)
     for path, base in targets.experts:
         claim(base, plugin, path)
         experts = LIFTExperts(base, cfg.r)
-        experts.set_masks(cfg.filter_rank, cfg.mask_type)
         claim(experts, plugin, path)
         model.set_submodule(path, experts)
     return targets
+
+
+@torch.no_grad()
+def draw_masks(model: nn.Module, cfg: LIFTConfig, plugin: str = SECTION) -> None:
+    """The initial mask of every module ``plugin`` adapted, from the current (possibly sharded) weights, one weight
+    at a time in model order (a collective on a sharded model); identical on every rank and layout."""
+    for _, m in lift_modules(model, plugin):
+        if isinstance(m, LIFTExperts):
+            m.set_masks(cfg.filter_rank, cfg.mask_type)
+        else:
+            m.draw_mask(cfg.filter_rank, cfg.mask_type)
 
 
 def lift_modules(model: nn.Module, plugin: str = SECTION) -> list[tuple[str, LIFTModule]]:
@@ -521,6 +536,11 @@ class LIFTPlugin:
             f"refresh every {cfg.update_interval or 'never'} steps"
         )
         console.info(format_coverage(SECTION, model, targets, trainable, detail))
+
+    @hookimpl
+    def expertrain_init_weights(self, model: nn.Module, config: JobConfig) -> None:
+        """The initial masks, on the base as loaded (``model.init_from``), sharded or whole."""
+        draw_masks(model, getattr(config, SECTION))
 
     @hookimpl
     def expertrain_trainable_parameters(self, model: nn.Module) -> list[str]:

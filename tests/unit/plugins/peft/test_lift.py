@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from framework.config import ConfigError, JobConfig, resolve
 from framework.hooks import PluginManager
 from framework.models import Transformer, default_registry
+from framework.models.init import KeyedInit
 from framework.models.moe.experts import GroupedExperts
 from framework.train.optim import build_optimizer
 from plugins.peft import lift
@@ -62,7 +63,8 @@ def _job(
     pm.hook.expertrain_validate_config(config=config, world_size=world)
     model = Transformer(config.model, config.moe, pm.registry)
     model.init_weights(0)
-    pm.hook.expertrain_transform_model(model=model, config=config)
+    pm.hook.expertrain_transform_model(model=model, config=config)  # structure
+    pm.hook.expertrain_init_weights(model=model, config=config, init=KeyedInit.for_model(0, model))  # masks
     trainable = pm.trainable_names(model, config)
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
