@@ -13,7 +13,10 @@ end (torch, the framework, ...), so that "above baseline" is what the work itsel
   the child). The two folders are checked byte-identical before any number is reported. Target: the streamed
   export's peak ≤ 1.5 × its largest output shard + the interpreter baseline.
 
-More parts (``load``, ``train``) add a function to :data:`PARTS`; every part's result is merged into
+- ``lora``, ``full``: every rank's peak for one training step, 1 rank against 4 (LoRA on a Hugging Face folder) and
+  1/2/4 ranks (full training): see ``benchmarks/memory_train.py``.
+
+More parts add a function to :data:`PARTS`; every part's result is merged into
 ``benchmarks/results/memory.{json,md}`` next to the parts already there.
 
     .venv/bin/python benchmarks/memory.py --part export      # ~3 min on 2 CPU cores, ~5 GB RAM, ~5 GB scratch disk
@@ -35,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import memory_train  # noqa: E402  (beside this file)
+
 RESULTS = REPO / "benchmarks" / "results"
 MB = 1024**2
 
@@ -194,7 +200,11 @@ def export_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- results
 
-PARTS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {"export": export_part}
+PARTS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
+    "export": export_part,
+    "lora": memory_train.lora_part,
+    "full": memory_train.full_part,
+}
 """Part name -> function measuring it (returns ``title``, ``rows`` and whatever else describes it)."""
 
 

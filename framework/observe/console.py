@@ -49,6 +49,19 @@ def error_line(message: str) -> str:
     return f"{prefix}expertrain: error: {message}"
 
 
+def print_error(message: str) -> None:
+    """Write :func:`error_line` to stderr in one ``write`` of the whole line, newline included: the ranks of a job
+    share one pipe, and ``print`` writes the text and the newline separately, so two ranks' lines could run
+    together on one line. One write of up to ``PIPE_BUF`` (4096) bytes to a pipe is never interleaved."""
+    line = (error_line(message) + "\n").encode("utf-8", errors="replace")
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), line)
+    except (AttributeError, OSError, ValueError):  # no real file descriptor (e.g. captured by a test harness)
+        sys.stderr.write(line.decode("utf-8"))
+        sys.stderr.flush()
+
+
 # megatron-core is quieted where it is imported (framework/data/_megatron.py).
 _NOISY_LOGGERS = ("torch.distributed.checkpoint", "torch.distributed.elastic")
 

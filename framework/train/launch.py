@@ -6,7 +6,6 @@ in well under a second, not after the seconds torch and the process group take t
 
 from __future__ import annotations
 
-import sys
 import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -99,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         raw = read_job(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
-        print(console.error_line(str(exc)), file=sys.stderr, flush=True)
+        console.print_error(str(exc))
         return 1
     from framework.parallel import watchdog
     from framework.parallel.setup import shutdown
@@ -111,15 +110,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         succeeded = True
         return 0
     except KeyboardInterrupt:
-        print(console.error_line("interrupted"), file=sys.stderr, flush=True)
+        console.print_error("interrupted")
         return 130
     except Exception as exc:
         # A collective that timed out or lost a peer: one line naming the rank that stopped responding.
         hang = watchdog.explain(exc)
         if hang is not None:
-            print(console.error_line(hang), file=sys.stderr, flush=True)
+            console.print_error(hang)
         elif isinstance(exc, user_error_types()):
-            print(console.error_line(str(exc)), file=sys.stderr, flush=True)
+            console.print_error(str(exc))
         else:
             traceback.print_exc()
         return 1
