@@ -1,0 +1,147 @@
+"""The memory planner: shard sizes from the meta build against real process groups, the activation count against
+the tensors autograd really saves, a Qwen3-30B-A3B-shaped build on meta at 64 ranks, and the plan's arithmetic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from framework.plan.build import build_on_meta, plan_job_config
+from framework.plan.memory import activation_bytes, plan_memory
+from tests.distributed.spawn import run_ranks
+
+REPO = Path(__file__).resolve().parents[3]
+QUICKSTART = str(REPO / "examples" / "configs" / "quickstart.yaml")
+QWEN3_30B = REPO / "examples" / "models" / "qwen3-30b-a3b"
+TINY = [
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=96",
+    "model.max_seq_len=64",
+    "moe.num_experts=4",
+    "moe.expert_hidden=48",
+    "data.seq_len=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+]
+LAYOUT_TP2_EP2 = ["parallel.data=fsdp", "parallel.tp=2", "parallel.ep=2"]
+
+
+def _local_parameter_bytes(rank: int, world: int, overrides: list[str]) -> int:
+    """On a real gloo rank: the model built on CPU, parallelised by the project's parallel code, its local bytes."""
+    from torch.distributed.tensor import DTensor
+
+    from framework.models import Transformer
+    from framework.parallel.data_parallel import wrap_data_parallel
+    from framework.parallel.expert_parallel import parallelize_moe
+    from framework.parallel.mesh import build_meshes
+    from framework.parallel.tensor_parallel import apply_tensor_parallel
+
+    config, pm, layout, _, _ = plan_job_config(world, QUICKSTART, overrides)
+    model = Transformer(config.model, config.moe, pm.registry)
+    meshes = build_meshes(layout, torch.device("cpu"))
+    apply_tensor_parallel(model, meshes.tp, layout.sequence_parallel)
+    parallelize_moe(model, meshes)
+    wrap_data_parallel(model, "fsdp", torch.device("cpu"), meshes)
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def test_planned_parameter_bytes_equal_the_local_shards_of_four_real_gloo_ranks() -> None:
+    overrides = TINY + LAYOUT_TP2_EP2
+    real = run_ranks(_local_parameter_bytes, 4, overrides)
+    config, pm, layout, accumulation, notes = plan_job_config(4, QUICKSTART, overrides)
+    plan = plan_memory(build_on_meta(config, pm, layout, accumulation, notes), "cpu")
+    assert (
+        plan.bytes_of("parameters") == real[0]
+    )  # rank 0 holds the largest FSDP shards (exact, no tolerance)
+    assert not dist.is_initialized()  # the fake process group is gone
+
+
+def _saved_activation_bytes(overrides: list[str]) -> tuple[int, int, int]:
+    """Bytes autograd saves for one micro-batch through the loss (storages counted once, parameters excluded), and
+    the micro-batch's token count and the model's vocabulary and dim (for the head's own terms)."""
+    import torch.nn.functional as F
+
+    from framework.models import Transformer
+
+    config, pm, _, _, _ = plan_job_config(1, QUICKSTART, overrides)
+    model = Transformer(config.model, config.moe, pm.registry)
+    if config.train.activation_checkpointing:
+        model.enable_activation_checkpointing()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    B, S = config.train.micro_batch_size, config.data.seq_len
+    ids = torch.randint(0, config.model.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(ids)
+        F.cross_entropy(logits.flatten(0, 1), ids.flatten())
+    return sum(seen.values()), B * S, config.model.vocab_size + 2 * config.model.dim
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["model.qk_norm=true"], ["moe.num_experts=0"]], ids=["moe", "moe-qk-norm", "dense"]
+)
+def test_activations_kept_match_the_tensors_autograd_saves(extra: list[str]) -> None:
+    overrides = TINY + extra
+    measured, tokens, head_elements = _saved_activation_bytes(overrides)
+    config, pm, layout, accumulation, notes = plan_job_config(1, QUICKSTART, overrides)
+    planned = activation_bytes(build_on_meta(config, pm, layout, accumulation, notes))
+    # The forward's saved set is the blocks' (planned.saved) plus the head's final norm input/output and the
+    # log-softmax output (2D + V per token, fp32). Tolerance 2%: the norms' per-row 1/rms (one float per token and
+    # norm) and a few index tensors are not counted.
+    expected = planned.saved + tokens * head_elements * 4
+    assert measured == pytest.approx(expected, rel=0.02)
+
+
+def test_qwen3_30b_a3b_builds_on_meta_at_64_ranks_with_its_parameter_count_and_little_memory() -> None:
+    hf = json.loads((QWEN3_30B / "config.json").read_text())
+    d, layers, hd, v = hf["hidden_size"], hf["num_hidden_layers"], hf["head_dim"], hf["vocab_size"]
+    attention = d * hd * (2 * hf["num_attention_heads"] + 2 * hf["num_key_value_heads"]) + 2 * hd
+    experts = hf["num_experts"] * 3 * d * hf["moe_intermediate_size"] + hf["num_experts"] * d
+    expected = 2 * v * d + d + layers * (attention + experts + 2 * d)  # 30,532,122,624: the published 30.5B
+    script = (
+        "import json, resource\n"
+        "from framework.plan.command import make_plan\n"
+        "def rss(key):\n"
+        "    line = [l for l in open('/proc/self/status') if l.startswith(key)][0]\n"
+        "    return int(line.split()[1]) * 1024\n"
+        "import framework.plan.build, framework.models, torch.distributed.tensor\n"
+        "before = rss('VmRSS:')\n"
+        f"plan = make_plan(64, hf_config={str(QWEN3_30B)!r}, overrides=['parallel.ep=8', "
+        "'data.seq_len=4096', 'train.micro_batch_size=1', 'train.global_batch_size=64'])\n"
+        "print(json.dumps({'params': plan.model['total_params'], 'growth': rss('VmHWM:') - before}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300, check=True
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["params"] == expected
+    assert result["growth"] < 2**30  # a meta build: no weights, well under 1 GiB of peak RSS growth
+
+
+def test_plan_total_is_the_sum_of_its_lines_and_the_verdict_follows_the_capacity() -> None:
+    config, pm, layout, accumulation, notes = plan_job_config(1, QUICKSTART, TINY)
+    job = build_on_meta(config, pm, layout, accumulation, notes)
+    plan = plan_memory(job, "cuda", capacity_bytes=2 * 2**30)
+    assert plan.total_bytes == sum(line.bytes for line in plan.lines)
+    assert plan.fits is True
+    assert plan_memory(job, "cuda", capacity_bytes=plan.total_bytes - 1).fits is False
+    # AdamW keeps two fp32 states per trainable element; gradients one.
+    assert plan.bytes_of("optimizer state") == 2 * plan.bytes_of("gradients")
