@@ -244,12 +244,12 @@ def load_hf_weights(
     The model's tensors may be plain (a whole model: each is read whole) or DTensors of any parallel layout (TP,
     EP, expert TP, FSDP2, HSDP): each rank then reads from the files only the box of each tensor it holds
     (:func:`~framework.models.sharding.local_box`) and writes it into its local shard, one tensor at a time, so it
-    never holds more than its shards plus one tensor's slices (see :func:`~framework.interop.hf.state_map.
-    hf_to_native` for what each conversion reads). ``keys``: our state-dict names to fill (default: all of the
-    model's); the others, e.g. adapters a plugin added, are left as they are and not reported missing.
+    never holds more than its shards plus one tensor's slices (what each conversion reads:
+    :func:`~framework.interop.hf.state_map.hf_to_native`). ``keys``: our state-dict names to fill (default: all of
+    the model's); the others, e.g. adapters a plugin added, are left as they are and not reported missing.
 
     Raises :class:`HFCheckpointError` naming a missing, surplus or misshapen tensor before any data is read.
-    Returns the bytes read."""
+    Returns what was read (:class:`HFReadStats`)."""
     folder = Path(path)
     spec = spec or read_hf_config(folder)
     state = {_plain_name(k): v for k, v in model.state_dict().items()}
@@ -266,7 +266,7 @@ def load_hf_weights(
         embedding = "model.embed_tokens.weight" if tied else None
         hf_to_native(stored, rules, targets, spec.family, tied_to=embedding, skipped=skipped)
     if not any(isinstance(v, DTensor) for v in state.values()):
-        model.tie_weights()
+        model.tie_weights()  # a whole model's head may have been untied by to_empty; sharded models keep the tie
     return stats
 
 
