@@ -5,7 +5,7 @@ its step-4 checkpoint and resumed repeats the uninterrupted run's steps 5-8.
   sums in a fixed order, all switched on at start-up by framework/parallel/setup.py);
 - off: CUDA's scatter/index_add kernels add with atomics in no fixed order, so the resumed steps differ from the
   reference in the last bits and the difference grows under Adam: losses within 1e-3 relative (what docs/gpu.md
-  promises there; in practice ~1e-6).
+  promises there; the round-off itself is expected to be far smaller).
 """
 
 from __future__ import annotations
