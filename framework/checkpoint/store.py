@@ -221,9 +221,9 @@ class CheckpointStore:
             damaged.append((path, problem))
         if damaged:
             raise CheckpointFormatError(
-                f"no intact checkpoint in {self.root}: the newest, {damaged[0][0].name}, is damaged ({damaged[0][1]})"
-                f" and so are the {len(damaged) - 1} older ones; restore a copy, or start over with another run.dir "
-                "or checkpoint.resume=false"
+                f"no intact checkpoint in {self.root}: all {len(damaged)} are damaged, the newest "
+                f"{damaged[0][0].name} at {damaged[0][1]}; restore a copy, or start over with another run.dir or "
+                "checkpoint.resume=false"
             )
         return None
 
