@@ -277,13 +277,9 @@ class CheckpointStore:
             full_meta = {"format_version": FORMAT_VERSION, "step": step, "plain": plain, **meta}
             C.run_on_rank0(f"completing {final.name}", lambda: self._commit(tmp, final, records, full_meta))
         except BaseException as exc:
-            if C.rank() == 0:
-                free = _free_bytes(self.root)
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                free = None
             if C.is_collective_failure(exc) or not isinstance(exc, (Exception, CheckpointException)):
-                raise  # a lost peer (the watchdog names it) or an interrupt: not the save's own failure
+                raise  # a lost peer (the watchdog names it) or an interrupt; the next save removes the folder
+            free = C.run_on_rank0("removing the failed save", partial(_remove_measuring_free, tmp))
             raise CheckpointSaveError(self._failure_line(final, tmp, exc, free)) from exc
         C.barrier()
         return final
@@ -387,11 +383,14 @@ def _fill(target: Any, tensors: Any) -> Any:
     return tensors
 
 
-def _free_bytes(folder: Path) -> int | None:
+def _remove_measuring_free(tmp: Path) -> int | None:
+    """Remove a failed save's folder; returns the free bytes on its device before (None if unknown)."""
     try:
-        return shutil.disk_usage(folder).free
+        free: int | None = shutil.disk_usage(tmp.parent).free
     except OSError:
-        return None
+        free = None
+    shutil.rmtree(tmp, ignore_errors=True)
+    return free
 
 
 def _failure_causes(exc: BaseException) -> list[BaseException]:
