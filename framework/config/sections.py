@@ -357,6 +357,11 @@ class CheckpointConfig:
     )
     resume: bool = option(True, doc="Continue from the latest checkpoint in run.dir if there is one.")
     save_final: bool = option(True, doc="Save a checkpoint after the last step.")
+    save_on_signals: list[str] = option(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+        doc="Signals that stop the job cleanly: every rank finishes the current step, a checkpoint is saved and the "
+        "job exits with code 75 (resume by rerunning it). Empty = the signals keep their default action.",
+    )
     on_damaged: Literal["fallback", "fail"] = option(
         "fallback",
         doc="A latest checkpoint that fails verification (a file missing, truncated or changed against its "

@@ -102,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     from framework.parallel import watchdog
     from framework.parallel.setup import shutdown
+    from framework.train.signals import EXIT_CODE, StopRequested
 
     console.quiet_dependencies()
     succeeded = False
@@ -109,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         train(args.config, args.overrides, raw)
         succeeded = True
         return 0
+    except StopRequested as stop:
+        succeeded = True  # every rank stopped at the same step, after the same save
+        console.info(f"expertrain: {stop}")
+        return EXIT_CODE
     except KeyboardInterrupt:
         console.print_error("interrupted")
         return 130

@@ -33,6 +33,7 @@ from framework.parallel.mesh import ParallelLayout, build_meshes
 from framework.parallel.setup import DistInfo
 from framework.train.loss import IGNORE_INDEX, count_loss_tokens, lm_loss_sum
 from framework.train.optim import build_optimizer, build_scheduler, load_scheduler_state
+from framework.train.signals import StopRequested, StopSignals
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,6 +91,8 @@ class Trainer:
         )
         self.accumulation = check_world(config, self.layout.dp)
         self.state = RunState()
+        self.stop = StopSignals(config.checkpoint.save_on_signals)
+        self.stop_after_step = False
         self.collate: Callable[[list[Any]], Any] | None = None  # set for SFT data (triples with position ids)
 
     # --- build ----------------------------------------------------------------------------------------------------
@@ -355,9 +358,11 @@ class Trainer:
         )
         micro_batches = self.train_stream.next_step()
         local_tokens = sum(count_loss_tokens(batch[1]) for batch in micro_batches)
+        # One all-reduce carries the token count and whether any rank was signalled to stop (after this step).
+        counts = C.all_reduce_sum(torch.tensor([local_tokens, int(self.stop.pending)], dtype=torch.int64))
+        self.stop_after_step = int(counts[1]) > 0
         # Ranks of one tensor-parallel group share their micro-batches: count those tokens once.
-        all_tokens = int(C.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.int64)).item())
-        global_tokens = all_tokens // self.layout.tp
+        global_tokens = int(counts[0]) // self.layout.tp
         # DDP and FSDP average gradients over data-parallel ranks: scale so the result is the global token mean.
         lm_scale = self.dp_size / max(global_tokens, 1)
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -547,51 +552,63 @@ class Trainer:
             return summary
         metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, resume_step=self.state.step)
         bar = ProgressBar(cfg.train.steps, self.state.step, cfg.logging.progress)
-        last_val: float | None = None
-        train_time = 0.0
-        steps_run = 0
         try:
-            for step in range(self.state.step + 1, cfg.train.steps + 1):
-                result = self.train_step(step)
-                train_time += result.seconds
-                steps_run += 1
-                self.state.step = step
-                self.state.samples_consumed += cfg.train.global_batch_size
-                self.state.tokens_seen += result.tokens
-                tok_s = result.tokens / max(result.seconds, 1e-9)
-                record: dict[str, Any] = {
-                    "step": step,
-                    "loss": result.loss,
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "grad_norm": result.grad_norm,
-                    "tokens_per_s": tok_s,
-                    "tokens_seen": self.state.tokens_seen,
-                    "model_tflops_per_s": self.flops_per_token * tok_s / 1e12,
-                }
-                step_mfu = mfu(self.flops_per_token, tok_s / self.dist.world_size, self.peak_tflops)
-                if step_mfu is not None:
-                    record["mfu"] = step_mfu
-                record.update({f"loss/{k}": v for k, v in result.aux.items()})
-                if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-                    last_val = self.evaluate()
-                    if last_val is not None:
-                        record["val_loss"] = last_val
-                        record["val_ppl"] = math.exp(min(last_val, 50.0))
-                        bar.write(f"step {step}: val_loss {last_val:.4f} (ppl {record['val_ppl']:.1f})")
-                if step % cfg.logging.log_every == 0 or "val_loss" in record or step == cfg.train.steps:
-                    record.update(self.routing_metrics())
-                    record.update(self.pm.merge_metrics(step, self.raw_model, cfg))
-                    metrics.write(record)
-                bar.update(result.loss, tok_s)
-                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
-                    step == cfg.train.steps and cfg.checkpoint.save_final
-                ):
-                    self.save_checkpoint()
+            with self.stop:
+                last_val, train_time, steps_run = self._loop(metrics, bar)
         finally:
             bar.close()
             metrics.close()
-        summary = self._finish(last_val, train_time, steps_run)
-        return summary
+        return self._finish(last_val, train_time, steps_run)
+
+    def _loop(self, metrics: MetricsWriter, bar: ProgressBar) -> tuple[float | None, float, int]:
+        """The steps from the resume point to ``train.steps``; returns the last validation loss, the seconds spent in
+        steps and how many ran. Raises :class:`StopRequested` after a step during which any rank was signalled."""
+        cfg = self.config
+        last_val: float | None = None
+        train_time = 0.0
+        steps_run = 0
+        for step in range(self.state.step + 1, cfg.train.steps + 1):
+            result = self.train_step(step)
+            train_time += result.seconds
+            steps_run += 1
+            self.state.step = step
+            self.state.samples_consumed += cfg.train.global_batch_size
+            self.state.tokens_seen += result.tokens
+            tok_s = result.tokens / max(result.seconds, 1e-9)
+            record: dict[str, Any] = {
+                "step": step,
+                "loss": result.loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": result.grad_norm,
+                "tokens_per_s": tok_s,
+                "tokens_seen": self.state.tokens_seen,
+                "model_tflops_per_s": self.flops_per_token * tok_s / 1e12,
+            }
+            step_mfu = mfu(self.flops_per_token, tok_s / self.dist.world_size, self.peak_tflops)
+            if step_mfu is not None:
+                record["mfu"] = step_mfu
+            record.update({f"loss/{k}": v for k, v in result.aux.items()})
+            if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+                last_val = self.evaluate()
+                if last_val is not None:
+                    record["val_loss"] = last_val
+                    record["val_ppl"] = math.exp(min(last_val, 50.0))
+                    bar.write(f"step {step}: val_loss {last_val:.4f} (ppl {record['val_ppl']:.1f})")
+            if step % cfg.logging.log_every == 0 or "val_loss" in record or step == cfg.train.steps:
+                record.update(self.routing_metrics())
+                record.update(self.pm.merge_metrics(step, self.raw_model, cfg))
+                metrics.write(record)
+            bar.update(result.loss, tok_s)
+            saved = None
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
+                step == cfg.train.steps and cfg.checkpoint.save_final
+            ):
+                saved = self.save_checkpoint()
+            if self.stop_after_step and step < cfg.train.steps:
+                saved = saved or self.save_checkpoint()
+                name = self.stop.received.name if self.stop.received else "a signal to another rank"
+                raise StopRequested(name, step, saved.name)
+        return last_val, train_time, steps_run
 
     def _finish(self, val_loss: float | None, train_time: float, steps_run: int) -> dict[str, Any]:
         cfg = self.config

@@ -1,0 +1,76 @@
+"""Stopping cleanly on a scheduler's signal: SLURM and most schedulers send SIGTERM (or a chosen signal such as
+SIGUSR1 ahead of the time limit), wait, then SIGKILL.
+
+A handler only records that a signal arrived. The trainer folds that flag into the token count it all-reduces at the
+start of every step, so all ranks learn in the same step that any rank was signalled; they finish that step, save a
+checkpoint and stop with :class:`StopRequested` (exit code :data:`EXIT_CODE`). A second signal during the save
+changes nothing: the flag is already set, and the save is atomic.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from framework.config import ConfigError
+
+EXIT_CODE = 75
+"""``EX_TEMPFAIL``: stopped on request with a checkpoint saved; rerunning the same command resumes."""
+
+KEY = "checkpoint.save_on_signals"
+
+
+class StopRequested(Exception):
+    """Every rank stopped after a signal; the run's state is in the checkpoint of ``step``."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str) -> None:
+        super().__init__(
+            f"stopped by {signal_name} after step {step}; checkpoint {checkpoint} saved: rerun the same command to "
+            "resume"
+        )
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+def signal_numbers(names: Sequence[str]) -> list[signal.Signals]:
+    """The signals named in ``checkpoint.save_on_signals`` (``SIGTERM`` or ``TERM``); one line naming a bad name."""
+    out = []
+    for name in names:
+        full = name if name.upper().startswith("SIG") else f"SIG{name}"
+        try:
+            out.append(signal.Signals[full.upper()])
+        except KeyError:
+            raise ConfigError(KEY, name, "expected signal names such as SIGTERM or SIGUSR1") from None
+        if out[-1] in (signal.SIGKILL, signal.SIGSTOP):
+            raise ConfigError(KEY, name, "SIGKILL and SIGSTOP cannot be caught; use SIGTERM or SIGUSR1")
+    return out
+
+
+class StopSignals:
+    """Records the first of ``names`` this process receives while installed (a context manager)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.signals = signal_numbers(names)
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+
+    @property
+    def pending(self) -> bool:
+        return self.received is not None
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python delivers signals to the main thread only: a job run from a thread keeps defaults
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+        self._previous.clear()
