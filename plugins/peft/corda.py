@@ -22,7 +22,10 @@ rows are scaled by their own ``max|X|`` and ``C_e`` averages over the samples th
 calibration row (or only zeros) is decomposed with ``C = I``: a plain SVD of its weight. The residuals are written
 into the fused weights.
 
-Calibration runs in ``expertrain_after_parallelize`` (skipped when resuming, as the checkpoint holds the result) on
+The transform only changes structure (the model is built and parallelised on the meta device); the adapters and
+``B₀`` / ``A₀`` are set to 0 in ``expertrain_init_weights`` (each rank's shards), so the calibration forward computes
+the base. Calibration runs in ``expertrain_after_parallelize`` (skipped when resuming, as the checkpoint holds the
+result) on
 every rank over the same samples (the first ``calibration_samples`` sequences of the calibration data, a
 deterministic draw). Every rank computes the covariance of each layer's WHOLE input and decomposes the WHOLE weight
 (gathered from FSDP / tensor / expert shards) in fp64, so all ranks get the same factors and write their own shards:
@@ -58,6 +61,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import PluginError, hookimpl
 from framework.models.moe.dispatch import LocalDispatcher
+from framework.models.sharding import local_part
 from framework.observe import console
 from framework.parallel import collectives as C
 from plugins.peft.low_rank import (
@@ -235,6 +239,18 @@ def apply_corda(model: nn.Module, cfg: CorDAConfig) -> Targets:
         claim(module, SECTION, path)
         model.set_submodule(path, module)
     return targets
+
+
+@torch.no_grad()
+def zero_adapters(model: nn.Module) -> None:
+    """Every adapter and ``B₀`` / ``A₀`` of the plugin at 0 (this rank's shards): the model computes its base until
+    :func:`calibrate_and_init` decomposes the weights. After the meta-device build these tensors hold whatever the
+    allocation left, which the calibration forward must not see."""
+    params = dict(model.named_parameters())
+    for name in adapter_parameter_names(model):
+        local_part(params[name]).zero_()
+    for buffer in initial_factors(model).values():
+        local_part(buffer).zero_()
 
 
 # --- the math -----------------------------------------------------------------------------------------------------
@@ -699,6 +715,11 @@ def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
     trainable = sum(params[n].numel() for n in adapter_parameter_names(model))
     detail = f"mode={cfg.mode}, r={cfg.r}, alpha={cfg.alpha:g}, {cfg.calibration_samples} calibration samples"
     console.info(format_coverage(SECTION, model, targets, trainable, detail))
+
+
+@hookimpl
+def expertrain_init_weights(model: nn.Module) -> None:
+    zero_adapters(model)
 
 
 @hookimpl

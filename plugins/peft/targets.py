@@ -209,7 +209,8 @@ def restore_plain_experts(model: nn.Module, path: str, experts: GroupedExperts) 
 
 def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole of ``tensor``, detached: gathered when it is a DTensor (a collective every rank of its mesh must
-    call, for the same tensors in the same order), ``tensor`` itself otherwise."""
+    call, for the same tensors in the same order). May share storage with ``tensor`` (a plain or replicated one):
+    compute new values from it before writing them back."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
 
 
