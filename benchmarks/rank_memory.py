@@ -3,17 +3,14 @@ memory benchmark launches (``benchmarks/memory.py``).
 
     torchrun --nproc_per_node 4 benchmarks/rank_memory.py --out DIR --config F --set key=value ...
 
-Each rank trains the job in-process (``framework.train.launch.train``) and writes ``DIR/rank<r>.json`` with its peak
-resident set (``VmHWM``) and what the phases before the first step held (``VmRSS`` after the model is assembled is
-not separable without hooks into the trainer, so only the peak is reported), plus the bytes it read from files
-(``/proc/self/io`` ``rchar``), which shows whether a rank read the whole checkpoint or its share.
+Each rank runs the job in-process the way ``framework.train`` does and writes ``DIR/rank<r>.json``: its peak resident
+set (``VmHWM``) and the bytes of tensor data it read from a Hugging Face ``model.init_from`` folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,38 +26,36 @@ def proc_status_mib(field: str) -> float:
     raise KeyError(field)
 
 
-def proc_io_bytes(field: str = "rchar") -> int:
-    """Bytes this process read (``rchar``: every read, page cache included) per ``/proc/self/io``."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    from framework.parallel.setup import shutdown
-    from framework.train.launch import train
+    import torch
 
-    rank = int(os.environ.get("RANK", "0"))
-    read_before = proc_io_bytes()
+    from framework.parallel.setup import init_distributed, shutdown
+    from framework.train.launch import load_job
+    from framework.train.trainer import Trainer
+
+    config, pm = load_job(args.config, args.overrides)
+    info = init_distributed(config.train.device, config.parallel.timeout_s)
     try:
-        summary = train(args.config, args.overrides)
+        torch.manual_seed(config.train.seed + info.rank)
+        trainer = Trainer(config, pm, info)
+        trainer.build()
+        summary = trainer.run()
         report = {
-            "rank": rank,
-            "world": int(os.environ.get("WORLD_SIZE", "1")),
+            "rank": info.rank,
+            "world": info.world_size,
             "peak_rss_mib": proc_status_mib("VmHWM"),
-            "read_bytes": proc_io_bytes() - read_before,
+            "hf_bytes_read": trainer.init_bytes_read,
             "steps": summary.get("steps"),
         }
     finally:
         shutdown()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"rank{rank}.json").write_text(json.dumps(report), encoding="utf-8")
+    (args.out / f"rank{info.rank}.json").write_text(json.dumps(report), encoding="utf-8")
     return 0
 
 

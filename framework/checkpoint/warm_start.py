@@ -29,12 +29,14 @@ from framework.parallel import collectives as C
 KEY = "model.init_from"
 
 
-def load_model_weights(source: str | Path, model: nn.Module, keys: Collection[str] | None = None) -> Path:
+def load_model_weights(
+    source: str | Path, model: nn.Module, keys: Collection[str] | None = None, read: list[int] | None = None
+) -> Path:
     """Fill ``model``'s parameters and persistent buffers from checkpoint ``source`` (a ``step_XXXXXXXX`` folder or a
     run folder: its latest checkpoint), or from a Hugging Face folder given as ``hf:<folder>`` (its safetensors,
     converted by :func:`~framework.interop.hf.load_hf_weights`). ``keys``: the state-dict names to fill (default:
-    all of the model's); the others keep their values. Collective under torch.distributed: every rank calls it.
-    Returns the folder."""
+    all of the model's); the others keep their values. ``read``: for a Hugging Face folder, the bytes of tensor data
+    this rank read are appended to it. Collective under torch.distributed: every rank calls it. Returns the folder."""
     from framework.interop.hf.job import hf_folder
 
     folder = hf_folder(str(source))
@@ -42,7 +44,9 @@ def load_model_weights(source: str | Path, model: nn.Module, keys: Collection[st
         from framework.interop.hf import load_hf_weights
 
         with torch.no_grad():
-            load_hf_weights(model, folder, keys=keys)
+            stats = load_hf_weights(model, folder, keys=keys)
+        if read is not None:
+            read.append(stats.bytes_read)
         return folder
     try:
         path = resolve_checkpoint(source)

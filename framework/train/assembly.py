@@ -43,6 +43,8 @@ class AssembledModel:
     flops_per_token: float
     whole_on_every_rank: str | None
     """Why every rank materialised the whole model before sharding, or ``None`` when it allocated only its shards."""
+    init_bytes_read: int | None = None
+    """Bytes of tensor data this rank read from a Hugging Face ``model.init_from`` folder (``None``: none read)."""
 
 
 def assemble_model(
@@ -58,11 +60,12 @@ def assemble_model(
     with torch.device("meta"):
         model = Transformer(config.model, config.moe, pm.registry)
     base_keys = set(model.state_dict())
+    read: list[int] = []
     whole = _why_whole(config, pm)
     if whole is not None:
         console.info(f"building the whole model on every rank before sharding: {whole}")
         model.to_empty(device=device)
-        _init_base(model, config, device, base_keys, resuming)
+        _init_base(model, config, base_keys, resuming, read)
     pm.hook.expertrain_transform_model(model=model, config=config)
     if whole is not None:
         pm.hook.expertrain_init_weights(
@@ -83,11 +86,12 @@ def assemble_model(
                 for name, buf in module._buffers.items():
                     if buf is not None:
                         module._buffers[name] = buf.to(device)
-        _init_base(model, config, device, base_keys, resuming)
+        _init_base(model, config, base_keys, resuming, read)
         pm.hook.expertrain_init_weights(
             model=model, config=config, init=KeyedInit.for_model(config.train.seed, model)
         )
-    return AssembledModel(model, wrap_replicated(model, config, meshes, device), counts, flops, whole)
+    replicated = wrap_replicated(model, config, meshes, device)
+    return AssembledModel(model, replicated, counts, flops, whole, sum(read) if read else None)
 
 
 def _why_whole(config: JobConfig, pm: PluginManager) -> str | None:
@@ -101,7 +105,7 @@ def _why_whole(config: JobConfig, pm: PluginManager) -> str | None:
 
 @torch.no_grad()
 def _init_base(
-    model: Transformer, config: JobConfig, device: torch.device, base_keys: set[str], resuming: bool
+    model: Transformer, config: JobConfig, base_keys: set[str], resuming: bool, read: list[int]
 ) -> None:
     """Keyed init of every core parameter and buffer (RoPE tables, tied weights), then ``model.init_from`` into the
     base tensors (this rank's slices of them)."""
@@ -111,9 +115,10 @@ def _init_base(
 
         source = C.run_agreed(
             "loading model.init_from",
-            lambda: load_model_weights(config.model.init_from, model, keys=base_keys),
+            lambda: load_model_weights(config.model.init_from, model, keys=base_keys, read=read),
         )
-        console.info(f"model weights from {source}")
+        detail = f" ({read[0] / 2**20:,.0f} MiB of tensor data read on rank 0)" if read else ""
+        console.info(f"model weights from {source}{detail}")
 
 
 def describe(assembled: AssembledModel) -> str:

@@ -234,6 +234,7 @@ class Trainer:
             self.config, self.pm, self.meshes, self.device, resuming=self.resume_from is not None
         )
         self.raw_model, self.model = assembled.raw, assembled.model
+        self.init_bytes_read = assembled.init_bytes_read
         self.param_counts = assembled.param_counts
         self.flops_per_token = assembled.flops_per_token
         bf16 = self.config.train.dtype == "bf16" or self.config.parallel.param_dtype == "bf16"
