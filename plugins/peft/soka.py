@@ -435,18 +435,19 @@ class SoKAExperts(GroupedExperts):
         self.soka_down_proj = ExpertKronecker(E, H, hidden, max_rank, **kw)
 
     @torch.no_grad()
-    def decompose(self) -> list[int]:
+    def decompose(self) -> list[tuple[int, int]]:
         """Split every expert of both fused weights into residual and principal terms, one fused weight at a time
-        (gathered whole when sharded: a collective, see :meth:`SoKALinear.decompose`). Returns every expert's rank
-        (``gate_up_proj``'s, then ``down_proj``'s)."""
-        ranks: list[int] = []
+        (gathered whole when sharded: a collective, see :meth:`SoKALinear.decompose`). Returns ``(rank, trained
+        entries)`` of every expert matrix (``gate_up_proj``'s, then ``down_proj``'s)."""
+        ranks: list[tuple[int, int]] = []
         for name, factors in self.factors().items():
             w = getattr(self, name)
             whole = whole_tensor(w)
             matrix = whole.flatten(1, 2) if name == "gate_up_proj" else whole  # [E, out, in]
             delta, weight_ranks = factors.decompose(matrix, self.tau, self.max_rank, self.use_elbow)
             write_whole(w, (matrix.cpu().double() - delta).reshape(w.shape).to(w.dtype))
-            ranks += weight_ranks
+            row = factors.m1 * factors.n1 + factors.m2 * factors.n2
+            ranks += [(r, r * row) for r in weight_ranks]
         return ranks
 
     def factors(self) -> dict[str, ExpertKronecker]:
@@ -573,14 +574,14 @@ def apply_soka(model: nn.Module, cfg: SoKAConfig, plugin: str = SECTION, tp: int
 
 
 @torch.no_grad()
-def decompose_bases(model: nn.Module, plugin: str = SECTION) -> list[int]:
+def decompose_bases(model: nn.Module, plugin: str = SECTION) -> list[tuple[int, int]]:
     """Residual and principal terms of every module ``plugin`` adapted (:meth:`SoKALinear.decompose`,
     :meth:`SoKAExperts.decompose`), one weight at a time in model order: a collective on a sharded model. Returns
-    every chosen rank (per linear, per expert and fused weight)."""
-    ranks: list[int] = []
+    ``(chosen rank, trained entries of the rows in use)`` per matrix (per linear, per expert and fused weight)."""
+    ranks: list[tuple[int, int]] = []
     for _, m in soka_modules(model, plugin):
         m.decompose()
-        ranks.append(m.rank)
+        ranks.append((m.rank, m.trained_numel()))
     for _, experts in soka_expert_modules(model, plugin):
         ranks += experts.decompose()
     return ranks
@@ -641,10 +642,11 @@ def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
 @hookimpl
 def expertrain_init_weights(model: nn.Module) -> None:
     """The decompositions of the (possibly sharded) base weights: ``model.init_from`` is loaded by now."""
-    ranks = decompose_bases(model)
+    decomposed = decompose_bases(model)
+    ranks = [r for r, _ in decomposed]
     console.info(
         f"soka: decomposed {len(ranks)} matrices; Kronecker ranks {min(ranks)}-{max(ranks)} "
-        f"(mean {sum(ranks) / len(ranks):.2f})"
+        f"(mean {sum(ranks) / len(ranks):.2f}); {sum(n for _, n in decomposed):,} trained entries in the rows in use"
     )
 
 
