@@ -15,8 +15,8 @@ import pytest
 
 from framework.parallel.watchdog import check_window_s
 from tests.gpu.devices import needs_gpus
-from tests.gpu.plugin_site import install_plugin
 from tests.integration.launch import run_training
+from tests.integration.plugin_site import install_plugin
 from tests.integration.test_launchers import HANG_PLUGIN
 
 pytestmark = [pytest.mark.timeout(300), needs_gpus(2)]

@@ -16,8 +16,8 @@ import pytest
 
 from framework.observe.metrics import read_metrics
 from tests.gpu.devices import needs_gpus
-from tests.gpu.plugin_site import install_plugin
 from tests.integration.launch import run_training
+from tests.integration.plugin_site import install_plugin
 
 pytestmark = pytest.mark.timeout(600)
 
