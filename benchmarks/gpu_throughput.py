@@ -269,6 +269,7 @@ def measure(
     """One row: build, warm up, time; on out-of-memory, once more at half the batch."""
     stats = model_stats(spec)
     row: dict[str, Any] = {"run": name, **settings, "batch": spec.batch, "seq": spec.seq, **stats}
+    out_of_memory = False
     try:
         torch.manual_seed(0)
         if device.type == "cuda":
@@ -276,6 +277,8 @@ def measure(
         seconds, last_loss = time_steps(make_step(spec), device, args.warmup, args.steps)
         loss = float(last_loss)
     except torch.OutOfMemoryError:
+        out_of_memory = True  # handled below, once the exception (whose frames hold the model) is gone
+    if out_of_memory:
         release(device)
         if spec.batch == 1:
             return {**row, "error": "out of memory at batch 1"}
