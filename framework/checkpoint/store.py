@@ -192,8 +192,9 @@ class CheckpointStore:
     def latest_verified(self, on_damaged: OnDamaged = "fallback") -> Path | None:
         """Collective: the newest intact checkpoint (None when there is none), every rank agreeing.
 
-        Candidates are the ``latest`` pointer's target, then the other complete folders newest first. Each rank
-        checks a share of the files of a candidate (see :meth:`verify`) and the verdicts are gathered. A damaged
+        Candidates are the complete folders, newest first (a save killed after its rename but before ``latest`` was
+        replaced left a complete, synced folder: it is used). Each rank checks a share of the files of a candidate
+        (see :meth:`verify`) and the verdicts are gathered; ``latest`` is then made to name the one used. A damaged
         candidate raises :class:`CheckpointFormatError` naming the file with ``on_damaged="fail"``; with
         ``"fallback"`` it is reported in a warning, and once an older intact one is found, every damaged newer one is
         renamed ``step_XXXXXXXX.damaged`` (kept for inspection) and ``latest`` names the one used. When every
@@ -207,10 +208,7 @@ class CheckpointStore:
             path = self.root / name
             problem = self._verify_on_every_rank(path)
             if problem is None:
-                if damaged:
-                    C.run_on_rank0(
-                        "setting damaged checkpoints aside", partial(self._set_aside, damaged, path)
-                    )
+                C.run_on_rank0("settling on a checkpoint", partial(self._settle, damaged, path))
                 return path
             if on_damaged == "fail":
                 raise CheckpointFormatError(
@@ -228,10 +226,7 @@ class CheckpointStore:
         return None
 
     def _candidates(self) -> list[str]:
-        done = [p.name for p in reversed(self.complete())]
-        pointer = self.root / LATEST
-        named = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
-        return [named, *(n for n in done if n != named)] if named in done else done
+        return [p.name for p in reversed(self.complete())]
 
     def _verify_on_every_rank(self, path: Path) -> str | None:
         mine = C.run_agreed(
@@ -239,17 +234,21 @@ class CheckpointStore:
         )
         return next((v for v in C.all_gather_objects(mine) if v is not None), None)
 
-    def _set_aside(self, damaged: list[tuple[Path, str]], used: Path) -> None:
+    def _settle(self, damaged: list[tuple[Path, str]], used: Path) -> None:
+        """Rank 0: damaged checkpoints renamed aside, ``latest`` naming the one used."""
         for path, _ in damaged:
             aside = path.with_name(path.name + DAMAGED_SUFFIX)
             if aside.exists():
                 shutil.rmtree(aside)
             replace_durably(path, aside)
-        self._point_latest(used)
-        moved = ", ".join(p.name + DAMAGED_SUFFIX for p, _ in damaged)
-        console.warn(
-            f"resuming from {used.name}; the damaged checkpoint is kept as {moved} (delete it when done)"
-        )
+        pointer = self.root / LATEST
+        if not pointer.is_file() or pointer.read_text(encoding="utf-8").strip() != used.name:
+            self._point_latest(used)
+        if damaged:
+            moved = ", ".join(p.name + DAMAGED_SUFFIX for p, _ in damaged)
+            console.warn(
+                f"resuming from {used.name}; the damaged checkpoint is kept as {moved} (delete it when done)"
+            )
 
     def _point_latest(self, checkpoint: Path) -> None:
         pointer_tmp = self.root / (LATEST + ".tmp")
