@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors that describe the user's input: one line, no traceback."""
-    from framework.checkpoint import CheckpointFormatError
+    from framework.checkpoint import CheckpointFormatError, CheckpointSaveError, RunDirLocked
     from framework.data import DataError
     from framework.hooks import ComponentError, PluginError, PluginHookError
     from framework.parallel import collectives as C
@@ -29,6 +29,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return (
         ConfigError,
         CheckpointFormatError,
+        CheckpointSaveError,
+        RunDirLocked,
         C.RankFailure,
         FileNotFoundError,
         DataError,
