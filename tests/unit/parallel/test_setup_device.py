@@ -82,7 +82,9 @@ def test_launch_env_without_local_world_size_counts_every_rank_as_local() -> Non
 
 @pytest.fixture
 def restore_determinism(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv(CUBLAS_WORKSPACE_ENV, raising=False)
+    # Set, then delete: monkeypatch records the variable either way and restores it (unset) after the test.
+    monkeypatch.setenv(CUBLAS_WORKSPACE_ENV, "")
+    monkeypatch.delenv(CUBLAS_WORKSPACE_ENV)
     before = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
