@@ -234,9 +234,13 @@ class LIFTLinear(nn.Linear):
         it for the same modules in the same order; rank 0's mask is broadcast), its values read from the weight;
         each rank keeps its shards of both."""
         w = _full(self.weight)
-        index = _broadcast(principal_mask(w, self.budget, filter_rank, mask_type).to(w.device))
+        # On the buffer's device: with FSDP2's CPU offload the weights live on the host, the buffers (and the
+        # broadcast's backend) on the accelerator.
+        index = _broadcast(
+            principal_mask(w, self.budget, filter_rank, mask_type).to(_local(self.lift_index).device)
+        )
         _assign(self.lift_index, index)
-        _assign(self.lift_values, w.flatten()[index])
+        _assign(self.lift_values, w.flatten()[index.to(w.device)])
 
     def effective_weight(self) -> torch.Tensor:
         """``W`` with ``lift_values`` at ``lift_index`` (differentiable in ``lift_values`` only); under tensor
@@ -363,9 +367,10 @@ class LIFTExperts(GroupedExperts):
             w = _full(getattr(self, name))
             E = w.shape[0]
             matrices = w.reshape(E, mask.out_features, mask.in_features)
-            index = _broadcast(principal_mask(matrices, mask.budget, filter_rank, mask_type).to(w.device))
+            index = principal_mask(matrices, mask.budget, filter_rank, mask_type)
+            index = _broadcast(index.to(_local(mask.lift_index).device))  # see LIFTLinear.draw_mask
             _assign(mask.lift_index, index)
-            _assign(mask.lift_values, w.reshape(E, -1).gather(1, index))
+            _assign(mask.lift_values, w.reshape(E, -1).gather(1, index.to(w.device)))
 
     def effective_weight(self, name: str) -> torch.Tensor:
         """This rank's block of fused weight ``name`` with its experts' values written in (differentiable in the
