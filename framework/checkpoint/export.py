@@ -76,15 +76,12 @@ def streams_tensors(pm: PluginManager) -> bool:
 
 def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, JobConfig, PluginManager, Path]:
     """The trained model (fp32, CPU) of a checkpoint, with the plugins of its job re-applied. Builds the whole model
-    in this process."""
-    from framework.models import Transformer
+    in this process, through the same assembly as training (:func:`~framework.train.assembly.assemble_model`) on one
+    process; every value is then overwritten from the checkpoint."""
+    from framework.train.assembly import assemble_single_process
 
     config, pm, path = checkpoint_job(checkpoint)
-    model = Transformer(config.model, config.moe, pm.registry)
-    # Every value is overwritten from the checkpoint; initialised weights keep the plugins' decompositions in the
-    # transform (SVDs of the base) on finite numbers.
-    model.init_weights(config.train.seed)
-    pm.hook.expertrain_transform_model(model=model, config=config)
+    model = assemble_single_process(config, pm).raw
     target = {"model": model.state_dict(), "plugins": pm.plugin_state_dicts(model, config)}
     state, _, _ = CheckpointStore.load(path, target)
     model.load_state_dict(state["model"])

@@ -17,6 +17,7 @@ plain tensors, and it shards the rest itself). The log says which applies.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -54,15 +55,17 @@ def assemble_model(
     device: torch.device,
     *,
     resuming: bool,
+    quiet: bool = False,
 ) -> AssembledModel:
     """Build, transform, parallelise and initialise the job's model on this rank (collective: every rank calls it).
-    ``resuming``: a checkpoint will overwrite the weights, so ``model.init_from`` is not read."""
+    ``resuming``: a checkpoint will overwrite the weights, so ``model.init_from`` is not read. ``quiet``: no log line
+    about how the model was built."""
     with torch.device("meta"):
         model = Transformer(config.model, config.moe, pm.registry)
     base_keys = set(model.state_dict())
     read: list[int] = []
     whole = _why_whole(config, pm)
-    if whole is not None:
+    if whole is not None and not quiet:
         console.info(f"building the whole model on every rank before sharding: {whole}")
         model.to_empty(device=device)
         _init_base(model, config, base_keys, resuming, read)
@@ -92,6 +95,20 @@ def assemble_model(
         )
     replicated = wrap_replicated(model, config, meshes, device)
     return AssembledModel(model, replicated, counts, flops, whole, sum(read) if read else None)
+
+
+def assemble_single_process(config: JobConfig, pm: PluginManager) -> AssembledModel:
+    """The job's model whole in this process on the CPU (exports, inference), whatever layout it trained with: the
+    parallel section reset to one rank, no compile or activation checkpointing; ``model.init_from`` is not read (a
+    checkpoint is loaded over the result)."""
+    from framework.config.sections import ParallelConfig
+    from framework.parallel.mesh import ParallelLayout, build_meshes
+
+    train = dataclasses.replace(config.train, compile=False, activation_checkpointing=False, engine="native")
+    one = dataclasses.replace(config, parallel=ParallelConfig(), train=train)
+    layout = ParallelLayout.from_config(one.parallel, 1, one.model, one.moe, one.data.seq_len)
+    cpu = torch.device("cpu")
+    return assemble_model(one, pm, build_meshes(layout, cpu), cpu, resuming=True, quiet=True)
 
 
 def _why_whole(config: JobConfig, pm: PluginManager) -> str | None:
