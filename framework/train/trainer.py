@@ -30,7 +30,7 @@ from framework.observe.mfu import mfu, peak_tflops
 from framework.observe.progress import ProgressBar
 from framework.parallel import collectives as C
 from framework.parallel.mesh import ParallelLayout, build_meshes
-from framework.parallel.setup import DistInfo
+from framework.parallel.setup import DistInfo, set_deterministic
 from framework.train.loss import IGNORE_INDEX, count_loss_tokens, lm_loss_sum
 from framework.train.optim import build_optimizer, build_scheduler, load_scheduler_state
 from framework.train.signals import StopRequested, StopSignals
@@ -99,6 +99,7 @@ class Trainer:
 
     def build(self) -> None:
         cfg = self.config
+        set_deterministic(cfg.train.deterministic, self.device)  # also where a job is built without launch.train
         self.meshes = build_meshes(self.layout, self.device)
         self.dp_rank, self.dp_size = self.meshes.dp_rank_and_size()
         if self.layout.is_parallel:

@@ -34,6 +34,7 @@ TINY = (
     "train.eval_batches=2",
     "train.sample_tokens=4",
     "logging.tensorboard=false",
+    "train.device=cpu",  # gloo ranks on the CPU even where a GPU is visible (tests/gpu is the GPU tier)
     "logging.plots=false",  # matplotlib's import and two figures: ~1.5 s a run; the tests of plots turn them on
     "checkpoint.every=0",
     "logging.log_every=1",
