@@ -24,8 +24,9 @@ from tests.unit.checkpoint.store_child import expected_state, save_step, zeros_l
 
 REPO = Path(__file__).resolve().parents[3]
 
-Marker = Callable[[Path, str], Path]
-"""The file or folder whose appearance is the kill point, for a checkpoint name under a checkpoints folder."""
+Marker = Callable[[Path, str], tuple[Path, ...]]
+"""The files or folders whose appearance (any of them) is the kill point, for a checkpoint name under a checkpoints
+folder."""
 
 
 def _new_since(path: Path, started_ns: int) -> bool:
@@ -37,20 +38,22 @@ def _new_since(path: Path, started_ns: int) -> bool:
         return False
 
 
-def _tmp(root: Path, name: str) -> Path:
-    return root / f"{name}.tmp"
+def _tmp(root: Path, name: str) -> tuple[Path, ...]:
+    return (root / f"{name}.tmp",)
 
 
-def _manifest_in_tmp(root: Path, name: str) -> Path:
-    return root / f"{name}.tmp" / MANIFEST
+def _manifest(root: Path, name: str) -> tuple[Path, ...]:
+    # The manifest lives in the temporary folder for only the moment before the rename: a poll that misses it sees
+    # it in the renamed folder.
+    return root / f"{name}.tmp" / MANIFEST, root / name / MANIFEST
 
 
-def _renamed(root: Path, name: str) -> Path:
-    return root / name
+def _renamed(root: Path, name: str) -> tuple[Path, ...]:
+    return (root / name,)
 
 
-def _latest(root: Path, name: str) -> Path:
-    return root / "latest"
+def _latest(root: Path, name: str) -> tuple[Path, ...]:
+    return (root / "latest",)
 
 
 # (what the kill follows, the marker polled for, seconds slept after it, the steps it may resume from relative to
@@ -61,13 +64,13 @@ KILL_POINTS: list[tuple[str, Marker, float, set[int]]] = [
     ("the temporary folder appears", _tmp, 0.0, {0}),
     ("0.1 s after the temporary folder appears (shards being written)", _tmp, 0.1, {0, 1}),
     ("0.25 s after the temporary folder appears (fsync, checksums)", _tmp, 0.25, {0, 1}),
-    ("the manifest is written", _manifest_in_tmp, 0.0, {0, 1}),
+    ("the manifest is written", _manifest, 0.0, {0, 1}),
     ("the folder is renamed", _renamed, 0.0, {1}),
     ("latest is replaced", _latest, 0.0, {1}),
 ]
 
 
-def _wait_for(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 120) -> None:
+def _wait_for(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, (
@@ -91,9 +94,9 @@ def _kill_round(root: Path, resumed: int, marker: Marker, delay: float) -> int:
         text=True,
         start_new_session=True,
     )
-    target = marker(root, f"step_{resumed + 1:08d}")
+    targets = marker(root, f"step_{resumed + 1:08d}")
     try:
-        _wait_for(proc, lambda: _new_since(target, started_ns))
+        _wait_for(proc, lambda: any(_new_since(target, started_ns) for target in targets))
         time.sleep(delay)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
