@@ -311,9 +311,8 @@ class CheckpointStore:
 
     def _commit(self, tmp: Path, final: Path, records: dict[str, FileRecord], meta: dict[str, Any]) -> None:
         """Rank 0: meta.json, the manifest, then the folder and ``latest`` into place, each step on disk."""
-        for (
-            path
-        ) in tmp.iterdir():  # files of a writer that named them otherwise (none today): listed all the same
+        # Files of a writer that names them otherwise (none today) are fsynced and listed all the same.
+        for path in tmp.iterdir():
             if path.name not in records and path.is_file():
                 fsync_path(path)
                 records[path.name] = fingerprint(path)
