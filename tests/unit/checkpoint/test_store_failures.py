@@ -46,20 +46,21 @@ def test_writes_past_the_file_size_limit_remove_the_temporary_folder_and_name_th
     _assert_failed_cleanly(report, "file too large")
 
 
-def _can_mount_tmpfs() -> bool:
+def _can_mount_tmpfs(mount: Path) -> bool:
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "none", "/mnt"], capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "-rm", "mount", "-t", "tmpfs", "none", str(mount)], capture_output=True
+    )
     return probe.returncode == 0
 
 
-@pytest.mark.skipif(
-    not _can_mount_tmpfs(), reason="needs unprivileged user and mount namespaces (unshare -rm)"
-)
 def test_a_full_disk_removes_the_temporary_folder_and_says_no_space_left(tmp_path: Path) -> None:
     # A real full disk: a 2 MiB tmpfs mounted in a private mount namespace; step 2 needs 8 MiB.
     mount = tmp_path / "small"
     mount.mkdir()
+    if not _can_mount_tmpfs(mount):
+        pytest.skip("needs unprivileged user and mount namespaces (unshare -rm) to mount a small tmpfs")
     child = " ".join([sys.executable, "-m", "tests.unit.checkpoint.store_child", "full", str(mount)])
     prefix = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=2m none {mount} && exec {child}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
