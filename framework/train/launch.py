@@ -91,8 +91,11 @@ def train(config_path: str, overrides: Sequence[str], raw: dict[str, Any] | None
     watchdog.install(config.parallel.timeout_s, pm)  # names a rank that hangs
     torch.manual_seed(config.train.seed + info.rank)
     trainer = Trainer(config, pm, info)
-    trainer.build()
-    return trainer.run()
+    try:
+        trainer.build()
+        return trainer.run()
+    finally:
+        trainer.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

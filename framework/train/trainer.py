@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from framework.checkpoint import CheckpointStore
+from framework.checkpoint import CheckpointStore, RunLock, acquire_run_lock
 from framework.config import ConfigError, JobConfig, check_world
 from framework.config.job import save_resolved
 from framework.data import MicroBatchStream, build_pretrain_datasets, load_tokenizer, unigram_entropy
@@ -85,7 +85,12 @@ class Trainer:
         self.dist = dist_info
         self.device = dist_info.device
         self.run_dir = config.run_dir
-        self.store = CheckpointStore(self.run_dir / "checkpoints", keep_last=config.checkpoint.keep_last)
+        self.store = CheckpointStore(
+            self.run_dir / "checkpoints",
+            keep_last=config.checkpoint.keep_last,
+            required_meta=("samples_consumed", "world_size", "config"),
+        )
+        self.run_lock: RunLock | None = None
         self.layout = ParallelLayout.from_config(
             config.parallel, dist_info.world_size, config.model, config.moe, config.data.seq_len
         )
@@ -98,8 +103,18 @@ class Trainer:
     # --- build ----------------------------------------------------------------------------------------------------
 
     def build(self) -> None:
+        """Everything before the first step (collective). On failure the run folder is released again."""
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
         cfg = self.config
-        set_deterministic(cfg.train.deterministic, self.device)  # also where a job is built without launch.train
+        set_deterministic(
+            cfg.train.deterministic, self.device
+        )  # also where a job is built without launch.train
         self.meshes = build_meshes(self.layout, self.device)
         self.dp_rank, self.dp_size = self.meshes.dp_rank_and_size()
         if self.layout.is_parallel:
@@ -148,12 +163,20 @@ class Trainer:
 
     def _create_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Held by rank 0 for the life of the job: a second job on this run.dir stops with one line naming the holder.
+        self.run_lock = acquire_run_lock(self.run_dir)
         save_resolved(self.config, self.run_dir / "config.yaml")
+
+    def close(self) -> None:
+        """Release the run folder (the lock also goes when the process exits, however it exits)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
     def _find_resume_point(self) -> Path | None:
         if not self.config.checkpoint.resume:
             return None
-        latest = self.store.latest()
+        latest = self.store.latest_verified(self.config.checkpoint.on_damaged)  # collective: ranks agree
         if latest is None:
             return None
         meta = self.store.read_meta(latest)
@@ -545,6 +568,13 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        """Train from the resume point to ``train.steps``, then evaluate and report; releases the run folder."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.config
         if self.state.step >= cfg.train.steps:
             summary = self._previous_summary()
