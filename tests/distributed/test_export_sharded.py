@@ -18,6 +18,7 @@ from framework.checkpoint.export import load_model
 from framework.cli import main as cli_main
 from framework.config import load_raw, resolve
 from framework.models import Transformer
+from tests.distributed import test_parallel_equivalence  # noqa: F401  (registers the shared tp2-ep2 layout)
 from tests.distributed.layouts import STEPS
 from tests.integration.launch import REPO
 
