@@ -159,9 +159,10 @@ def build_meshes(layout: ParallelLayout, device: torch.device) -> ParallelMeshes
     world = init_device_mesh(
         device.type, (layout.dp_replicate, layout.efsdp, layout.ep, layout.tp), mesh_dim_names=names
     )
-    world["efsdp", "ep"]._flatten("dp_shard")
+    dp_shard = world["efsdp", "ep"]._flatten("dp_shard")
     dp_flat = world["dp_replicate", "efsdp", "ep"]._flatten("dp")
-    dp = world["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else world["dp_shard"]
+    # Kept as returned: torch deprecates slicing a flattened dimension from the root mesh (HSDP still has to).
+    dp = world["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else dp_shard
     tp = world["tp"] if layout.tp > 1 else None
     ep = efsdp = None
     if layout.ep > 1:
