@@ -105,73 +105,100 @@ SIZES.append(
 )
 
 
-def measure_peak_rss(sets: list[str], steps: int, run_dir: Path) -> tuple[float, float]:
-    """Train ``steps`` steps of the job with ``sets`` in a subprocess; its peak RSS in bytes and its wall time."""
-    cmd = [sys.executable, "-m", "framework.train", "--config", JOB]
+MULTI_RANK = [
+    (2, [*SIZES[1]["sets"], "parallel.data=fsdp", "train.micro_batch_size=4"]),
+    (4, [*SIZES[1]["sets"], "parallel.data=fsdp", "parallel.ep=2", "train.micro_batch_size=2"]),
+]
+"""Size M under torchrun: FSDP2 on two ranks, FSDP2 with expert parallelism on four (same global batch)."""
+
+
+def measure_peak_rss(sets: list[str], steps: int, run_dir: Path, nproc: int = 1) -> tuple[float, float]:
+    """Train ``steps`` steps of the job with ``sets`` in a subprocess (under torchrun for ``nproc > 1``); its peak
+    RSS in bytes (with torchrun: the largest of its ranks') and its wall time."""
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    )
+    cmd = [sys.executable, *launcher, "-m", "framework.train", "--config", JOB]
     for s in [*QUIET, f"train.steps={steps}", f"run.dir={run_dir}", *sets]:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = proc.stdout.read().decode() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: ru_maxrss in KiB
+    # This child's own rusage: ru_maxrss (KiB) is the largest of its own and its reaped children's (the ranks).
+    _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"training run failed ({' '.join(sets)}):\n{output[-2000:]}")
     return usage.ru_maxrss * 1024.0, time.perf_counter() - start
 
 
-def planned(sets: list[str], steps: int) -> dict:
-    """The planner's table (one rank, CPU) for the same job."""
+def planned(sets: list[str], steps: int, nproc: int = 1) -> dict:
+    """The planner's table (CPU ranks) for the same job."""
     from framework.plan.command import make_plan
 
-    plan = make_plan(1, JOB, overrides=[*QUIET, f"train.steps={steps}", *sets], device="cpu")
+    plan = make_plan(nproc, JOB, overrides=[*QUIET, f"train.steps={steps}", *sets], device="cpu")
     return plan.to_dict()
 
 
-def run(steps: int) -> dict:
-    rows = []
+def measure_row(name: str, sets: list[str], steps: int, run_dir: Path, nproc: int = 1) -> dict:
+    """Plan and measure one job; the row of the results."""
+    plan = planned(sets, steps, nproc)
+    measured, seconds = measure_peak_rss(sets, steps, run_dir, nproc)
+    print(
+        f"{name}: planned {plan['total_bytes'] / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, "
+        f"ratio {plan['total_bytes'] / measured:.3f}",
+        flush=True,
+    )
+    return {
+        "name": name,
+        "nproc": nproc,
+        "sets": sets,
+        "params": plan["model"]["total_params"],
+        "planned_bytes": plan["total_bytes"],
+        "measured_peak_rss_bytes": measured,
+        "ratio": plan["total_bytes"] / measured,
+        "kinds": {line["kind"]: line["bytes"] for line in plan["lines"]},
+        "seconds": round(seconds, 1),
+    }
+
+
+def run_multi_rank(steps: int) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="plan-accuracy-") as tmp:
-        for i, size in enumerate([BASELINE, *SIZES]):
-            plan = planned(size["sets"], steps)
-            measured, seconds = measure_peak_rss(size["sets"], steps, Path(tmp) / f"run{i}")
-            kinds = {line["kind"]: line["bytes"] for line in plan["lines"]}
-            rows.append(
-                {
-                    "name": size["name"],
-                    "sets": size["sets"],
-                    "params": plan["model"]["total_params"],
-                    "planned_bytes": plan["total_bytes"],
-                    "measured_peak_rss_bytes": measured,
-                    "ratio": plan["total_bytes"] / measured,
-                    "kinds": kinds,
-                    "seconds": round(seconds, 1),
-                }
+        return [
+            measure_row(
+                f"M on {n} ranks, {'fsdp + ep=2' if n == 4 else 'fsdp'}", sets, steps, Path(tmp) / str(n), n
             )
-            print(
-                f"{size['name']}: planned {plan['total_bytes'] / 2**20:.0f} MiB, measured "
-                f"{measured / 2**20:.0f} MiB, ratio {plan['total_bytes'] / measured:.3f}",
-                flush=True,
-            )
+            for n, sets in MULTI_RANK
+        ]
+
+
+def run(steps: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="plan-accuracy-") as tmp:
+        rows = [
+            measure_row(size["name"], size["sets"], steps, Path(tmp) / f"run{i}")
+            for i, size in enumerate([BASELINE, *SIZES])
+        ]
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
         "steps": steps,
         "rows": rows,
+        "multi_rank_rows": run_multi_rank(steps),
     }
 
 
 def write_markdown(result: dict, path: Path) -> None:
     mib = 2**20
     lines = [
-        "# `expertrain plan` against measured peak RSS (one CPU rank)",
+        "# `expertrain plan` against measured peak RSS (CPU ranks)",
         "",
         f"{result['machine']}; {result['steps']} training steps per run; measured = the training process's "
-        "peak RSS (`wait4` ru_maxrss). Written by `benchmarks/plan_accuracy.py`.",
+        "peak RSS (`wait4` ru_maxrss; under torchrun the largest rank's). Written by `benchmarks/plan_accuracy.py`.",
         "",
         "| job | parameters | params+grads+optimizer | activations | overlap | allocator | runtime | planned | "
         "measured | planned / measured |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in result["rows"]:
+    for row in [*result["rows"], *result.get("multi_rank_rows", [])]:
         k = row["kinds"]
         static = k["parameters"] + k["gradients"] + k["optimizer state"]
         lines.append(
@@ -189,6 +216,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "plan_accuracy"))
     parser.add_argument(
+        "--multi-rank-only",
+        action="store_true",
+        help="measure only the torchrun rows and add them to the .json of an earlier run",
+    )
+    parser.add_argument(
         "--markdown-only", action="store_true", help="rewrite the .md from the .json of an earlier run"
     )
     args = parser.parse_args()
@@ -198,7 +230,11 @@ def main() -> None:
             json.loads(out.with_suffix(".json").read_text(encoding="utf-8")), out.with_suffix(".md")
         )
         return
-    result = run(args.steps)
+    if args.multi_rank_only:
+        result = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+        result["multi_rank_rows"] = run_multi_rank(result["steps"])
+    else:
+        result = run(args.steps)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     write_markdown(result, out.with_suffix(".md"))
