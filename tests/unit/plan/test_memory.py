@@ -32,11 +32,17 @@ TINY = [
     "train.micro_batch_size=2",
     "train.global_batch_size=8",
 ]
-LAYOUT_TP2_EP2 = ["parallel.data=fsdp", "parallel.tp=2", "parallel.ep=2"]
+LAYOUTS_OF_TWO_RANKS = [["parallel.data=fsdp", "parallel.ep=2"], ["parallel.data=fsdp", "parallel.tp=2"]]
+"""Expert parallelism with FSDP2 over the dense weights; tensor parallelism with sequence parallelism."""
 
 
-def _local_parameter_bytes(rank: int, world: int, overrides: list[str]) -> int:
-    """On a real gloo rank: the model built on CPU, parallelised by the project's parallel code, its local bytes."""
+def _local_parameter_bytes(rank: int, world: int, layouts: list[list[str]]) -> list[int]:
+    """On a real gloo rank, per layout: the model built on CPU, parallelised by the project's parallel code, the
+    bytes of its local parameter shards."""
+    return [_local_bytes_of(world, TINY + layout) for layout in layouts]
+
+
+def _local_bytes_of(world: int, overrides: list[str]) -> int:
     from torch.distributed.tensor import DTensor
 
     from framework.models import Transformer
@@ -48,22 +54,22 @@ def _local_parameter_bytes(rank: int, world: int, overrides: list[str]) -> int:
     config, pm, layout, _, _ = plan_job_config(world, QUICKSTART, overrides)
     model = Transformer(config.model, config.moe, pm.registry)
     meshes = build_meshes(layout, torch.device("cpu"))
-    apply_tensor_parallel(model, meshes.tp, layout.sequence_parallel)
+    if meshes.tp is not None:
+        apply_tensor_parallel(model, meshes.tp, layout.sequence_parallel)
     parallelize_moe(model, meshes)
     wrap_data_parallel(model, "fsdp", torch.device("cpu"), meshes)
     local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
     return sum(t.numel() * t.element_size() for t in local)
 
 
-def test_planned_parameter_bytes_equal_the_local_shards_of_four_real_gloo_ranks() -> None:
-    overrides = TINY + LAYOUT_TP2_EP2
-    real = run_ranks(_local_parameter_bytes, 4, overrides)
-    config, pm, layout, accumulation, notes = plan_job_config(4, QUICKSTART, overrides)
-    plan = plan_memory(build_on_meta(config, pm, layout, accumulation, notes), "cpu")
-    assert (
-        plan.bytes_of("parameters") == real[0]
-    )  # rank 0 holds the largest FSDP shards (exact, no tolerance)
-    assert not dist.is_initialized()  # the fake process group is gone
+def test_planned_parameter_bytes_equal_the_local_shards_of_real_gloo_ranks() -> None:
+    real = run_ranks(_local_parameter_bytes, 2, LAYOUTS_OF_TWO_RANKS)
+    for i, layout in enumerate(LAYOUTS_OF_TWO_RANKS):
+        config, pm, plan_layout, accumulation, notes = plan_job_config(2, QUICKSTART, TINY + layout)
+        plan = plan_memory(build_on_meta(config, pm, plan_layout, accumulation, notes), "cpu")
+        # Exact: rank 0 holds the largest FSDP shards, and the meta build runs the same parallel code.
+        assert plan.bytes_of("parameters") == real[0][i], layout
+        assert not dist.is_initialized()  # the fake process group is gone
 
 
 def _saved_activation_bytes(overrides: list[str]) -> tuple[int, int, int]:
