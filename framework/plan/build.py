@@ -180,13 +180,15 @@ def parallelize_for_plan(
 
 def _apply_plugins(model: nn.Module, config: JobConfig, pm: PluginManager) -> None:
     """Plugin transforms and trainable sets on the meta model; a plugin that needs real weights is named."""
+    from framework.hooks import PluginHookError
+
     try:
         pm.hook.expertrain_transform_model(model=model, config=config)
-    except Exception as exc:
-        names = ", ".join(pm.plugin_names()) or "none"
+    except PluginHookError as exc:
+        cause = exc.original
         raise PlanError(
-            f"plugins [{names}]: not plannable on meta (a transform needs real weights: {exc}); "
-            "plan the job without it and add its adapter memory by hand"
+            f"plugin '{exc.plugin}' is not plannable on meta: its model transform needs real weights "
+            f"({type(cause).__name__}: {cause}); plan without it and add its adapter memory by hand"
         ) from None
     trainable = pm.trainable_names(model, config)
     for name, p in model.named_parameters():

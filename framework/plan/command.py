@@ -60,11 +60,19 @@ def make_plan(
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    """Entry point of ``expertrain plan``."""
-    capacity = parse_size(args.gpu_memory) if args.gpu_memory else None
-    device = args.device if args.device != "auto" else ("cuda" if capacity is not None else "cpu")
-    # Plugins report on stdout while they transform the model: keep stdout for the plan alone.
-    with contextlib.redirect_stdout(sys.stderr):
-        plan = make_plan(args.nproc, args.config, args.hf_config, args.overrides, device, capacity)
+    """Entry point of ``expertrain plan``: the table (or ``--json``) on stdout, or one error line and exit code 1."""
+    from framework.plan.build import PlanError
+
+    try:
+        capacity = parse_size(args.gpu_memory) if args.gpu_memory else None
+        device = args.device if args.device != "auto" else ("cuda" if capacity is not None else "cpu")
+        # Plugins report on stdout while they transform the model: keep stdout for the plan alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            plan = make_plan(args.nproc, args.config, args.hf_config, args.overrides, device, capacity)
+    except (PlanError, ValueError) as exc:
+        if not isinstance(exc, PlanError) and "memory size" not in str(exc):
+            raise  # other errors go to the command line's own handling (ConfigError is a ValueError too)
+        print(f"expertrain: error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format_table())
     return 0

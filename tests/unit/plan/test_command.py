@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from framework.cli import main
-from framework.plan.build import plan_job_config
+from framework.hooks import hookimpl
+from framework.plan.build import PlanError, build_on_meta, plan_job_config
 
 REPO = Path(__file__).resolve().parents[3]
 QUICKSTART = str(REPO / "examples" / "configs" / "quickstart.yaml")
@@ -116,3 +117,27 @@ def test_plan_leaves_no_process_group_and_no_default_device_behind() -> None:
     )
     assert not dist.is_initialized()
     assert torch.empty(1).device.type == "cpu"
+
+
+class _ReadsWeights:
+    """A plugin whose transform reads weight values (as an SVD- or data-initialised adapter would)."""
+
+    @hookimpl
+    def expertrain_transform_model(self, model: torch.nn.Module) -> None:
+        float(model.output.weight.abs().max())
+
+
+def test_a_plugin_whose_transform_needs_real_weights_is_named_in_one_line() -> None:
+    config, pm, layout, accumulation, notes = plan_job_config(1, QUICKSTART, TINY)
+    pm.register_object("reads_weights", _ReadsWeights())
+    with pytest.raises(PlanError) as info:
+        build_on_meta(config, pm, layout, accumulation, notes)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("plugin 'reads_weights' is not plannable on meta")
+
+
+def test_an_unreadable_gpu_memory_size_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--config", QUICKSTART, "--gpu-memory", "lots"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["expertrain: error: memory size 'lots': expected a number and a unit, e.g. 80GB or 512MiB"]
