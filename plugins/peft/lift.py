@@ -367,7 +367,8 @@ class LIFTExperts(GroupedExperts):
             w = _full(getattr(self, name))
             E = w.shape[0]
             matrices = w.reshape(E, mask.out_features, mask.in_features)
-            index = principal_mask(matrices, mask.budget, filter_rank, mask_type)
+            # One expert at a time: SVD temporaries of one expert's matrix, not of the whole fused weight.
+            index = torch.stack([principal_mask(m, mask.budget, filter_rank, mask_type) for m in matrices])
             index = _broadcast(index.to(_local(mask.lift_index).device))  # see LIFTLinear.draw_mask
             _assign(mask.lift_index, index)
             _assign(mask.lift_values, w.reshape(E, -1).gather(1, index.to(w.device)))

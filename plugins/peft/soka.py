@@ -369,13 +369,18 @@ class ExpertKronecker(nn.Module):
         self.register_buffer("soka_rank", torch.zeros(E, dtype=torch.int64, device=device))
 
     @torch.no_grad()
-    def decompose(
-        self, weight_EOI: torch.Tensor, tau: float, max_rank: int, use_elbow: bool
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Set this rank's shards of the factors, their copies and the ranks from the KPSVD of every expert of the
-        whole weight ``weight_EOI [E, out, in]``. Returns ``Σ_k A0_k⊗B0_k`` per expert (fp64, whole, on the CPU:
-        the owner subtracts it) and every expert's rank."""
-        A, B, ranks = principal_terms(weight_EOI, self.m1, self.n1, tau, max_rank, use_elbow)
+    def decompose(self, weight_EOI: torch.Tensor, tau: float, max_rank: int, use_elbow: bool) -> list[int]:
+        """The KPSVD of every expert of the whole weight ``weight_EOI [E, out, in]`` (a tensor the caller owns),
+        one expert at a time (fp64 temporaries of one expert's size): each expert's matrix in ``weight_EOI`` is
+        replaced in place by its residual; this rank's shards of the factors, their copies and the ranks are set.
+        Returns every expert's rank."""
+        A = torch.zeros(self.soka_A.shape, dtype=torch.float64)
+        B = torch.zeros(self.soka_B.shape, dtype=torch.float64)
+        ranks = torch.zeros(self.num_experts, dtype=torch.int64)
+        for e in range(self.num_experts):
+            A[e], B[e], ranks[e] = principal_terms(weight_EOI[e], self.m1, self.n1, tau, max_rank, use_elbow)
+            residual = weight_EOI[e].cpu().double() - kron_sum(A[e], B[e])
+            weight_EOI[e] = residual.to(weight_EOI.device, weight_EOI.dtype)
         for name, value in (
             ("soka_A", A),
             ("soka_B", B),
@@ -384,7 +389,7 @@ class ExpertKronecker(nn.Module):
             ("soka_rank", ranks),
         ):
             write_whole(getattr(self, name), value)
-        return kron_sum(A, B), [int(r) for r in ranks]
+        return [int(r) for r in ranks]
 
     @property
     def ranks(self) -> list[int]:
@@ -442,10 +447,12 @@ class SoKAExperts(GroupedExperts):
         ranks: list[tuple[int, int]] = []
         for name, factors in self.factors().items():
             w = getattr(self, name)
-            whole = whole_tensor(w)
-            matrix = whole.flatten(1, 2) if name == "gate_up_proj" else whole  # [E, out, in]
-            delta, weight_ranks = factors.decompose(matrix, self.tau, self.max_rank, self.use_elbow)
-            write_whole(w, (matrix.cpu().double() - delta).reshape(w.shape).to(w.dtype))
+            whole = whole_tensor(w).contiguous()
+            matrix = whole.view(factors.num_experts, factors.out_features, factors.in_features)
+            weight_ranks = factors.decompose(
+                matrix, self.tau, self.max_rank, self.use_elbow
+            )  # residual in place
+            write_whole(w, whole)
             row = factors.m1 * factors.n1 + factors.m2 * factors.n2
             ranks += [(r, r * row) for r in weight_ranks]
         return ranks
