@@ -95,7 +95,7 @@ def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
 
 
 @hookspec
-def expertrain_init_weights(model: nn.Module, config: JobConfig, init: Any) -> None:
+def expertrain_init_weights(model: nn.Module, config: JobConfig, init: Any, resumed: bool) -> None:
     """Set the values of the parameters this plugin added (adapters, gates), on this rank's shards.
 
     When: once the model's parameters exist on this rank: after parallelisation, materialisation of the local
@@ -106,6 +106,8 @@ def expertrain_init_weights(model: nn.Module, config: JobConfig, init: Any) -> N
     :func:`~framework.models.init.uniform_` passing ``init`` (a :class:`framework.models.init.KeyedInit`), which
     gives every element the value it has on one rank, whatever the layout; a plugin with a seed of its own builds
     ``KeyedInit(seed, model.named_parameters())``. Constant fills (``zero_()``, ``fill_()``) work on shards as they are.
+    ``resumed`` is true when a checkpoint is about to overwrite every value this hook sets (costly decompositions may
+    be skipped then, provided nothing before the checkpoint load reads them).
     May change: values of the plugin's own parameters and buffers, in place.
     Returns: nothing.
     """

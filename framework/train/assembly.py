@@ -72,7 +72,7 @@ def assemble_model(
     pm.hook.expertrain_transform_model(model=model, config=config)
     if whole is not None:
         pm.hook.expertrain_init_weights(
-            model=model, config=config, init=KeyedInit.for_model(config.train.seed, model)
+            model=model, config=config, init=KeyedInit.for_model(config.train.seed, model), resumed=resuming
         )
     trainable = pm.trainable_names(model, config)
     for name, p in model.named_parameters():
@@ -91,7 +91,7 @@ def assemble_model(
                         module._buffers[name] = buf.to(device)
         _init_base(model, config, base_keys, resuming, read)
         pm.hook.expertrain_init_weights(
-            model=model, config=config, init=KeyedInit.for_model(config.train.seed, model)
+            model=model, config=config, init=KeyedInit.for_model(config.train.seed, model), resumed=resuming
         )
     replicated = wrap_replicated(model, config, meshes, device)
     return AssembledModel(model, replicated, counts, flops, whole, sum(read) if read else None)

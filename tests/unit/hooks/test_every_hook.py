@@ -57,7 +57,7 @@ class Every:
         model.every_scale = torch.nn.Parameter(torch.ones(()))
 
     @hookimpl
-    def expertrain_init_weights(self, model, config, init):
+    def expertrain_init_weights(self, model, config, init, resumed):
         self.calls.append("expertrain_init_weights")
         with torch.no_grad():
             model.every_scale.fill_(1.5)
@@ -170,7 +170,7 @@ def test_every_hook_through_the_manager(tmp_path: Path):
     assert trainable == {"every_scale"}
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
-    pm.hook.expertrain_init_weights(model=model, config=config, init=None)
+    pm.hook.expertrain_init_weights(model=model, config=config, init=None, resumed=False)
     assert model.every_scale.item() == 1.5
     pm.hook.expertrain_after_parallelize(model=model, config=config, resumed=False)
     assert every.resumed is False and model.every_scale.item() == 2.0
