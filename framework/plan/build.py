@@ -165,17 +165,12 @@ def fake_process_group(world: int) -> Iterator[None]:
 def parallelize_for_plan(
     model: nn.Module, config: JobConfig, meshes: ParallelMeshes, layout: ParallelLayout
 ) -> nn.Module:
-    """The trainer's parallelisation sequence (tensor → expert → data parallel); ``torch.compile`` is left out (no
-    parameter memory). One function so it can become ``framework.parallel.parallelize.parallelize_model``."""
-    from framework.parallel.data_parallel import wrap_data_parallel
-    from framework.parallel.expert_parallel import parallelize_moe
+    """The trainer's parallelisation (:func:`framework.parallel.parallelize.parallelize_model`: tensor → expert →
+    activation checkpointing → compile → FSDP2) on the meta model. DDP is left out: it shards nothing."""
+    from framework.parallel.parallelize import parallelize_model
 
-    if meshes.tp is not None:
-        from framework.parallel.tensor_parallel import apply_tensor_parallel
-
-        apply_tensor_parallel(model, meshes.tp, layout.sequence_parallel)
-    parallelize_moe(model, meshes)
-    return wrap_data_parallel(model, config.parallel.data, torch.device("cpu"), meshes)
+    parallelize_model(model, config, meshes, torch.device("cpu"))
+    return model
 
 
 def _apply_plugins(model: nn.Module, config: JobConfig, pm: PluginManager) -> None:
@@ -226,6 +221,7 @@ def _fsdp_unit(name: str) -> str:
 
 def _shard_of(name: str, p: torch.Tensor, unit: str) -> ParamShard:
     from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     if not isinstance(p, DTensor):
         return ParamShard(name, p.numel(), p.numel(), p.element_size(), p.requires_grad, unit)
@@ -233,7 +229,10 @@ def _shard_of(name: str, p: torch.Tensor, unit: str) -> ParamShard:
     gathered = local
     names = p.device_mesh.mesh_dim_names or ()
     for i, placement in enumerate(p.placements):
-        if placement.is_shard() and i < len(names) and names[i] in FSDP_MESH_DIMS:
+        # FSDP2 over a mesh that also shards the tensor (tp, ep) places it as a _StridedShard, which torch 2.13
+        # does not count as is_shard().
+        sharded = placement.is_shard() or isinstance(placement, _StridedShard)
+        if sharded and i < len(names) and names[i] in FSDP_MESH_DIMS:
             gathered *= p.device_mesh.size(i)
     return ParamShard(name, local, min(gathered, p.numel()), p.element_size(), p.requires_grad, unit)
 

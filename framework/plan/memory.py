@@ -3,15 +3,17 @@
 Kinds (one rank; every rank of a layout holds the same amounts here, ep and tp ranks included):
 
 - **parameters**: the local shards the parallel code leaves on this rank (fp32: ``train.dtype=bf16`` is autocast,
-  so the weights are the fp32 master copy);
+  so the weights are the fp32 master copy; FSDP2's ``parallel.param_dtype`` only changes what it gathers; with
+  ``parallel.cpu_offload`` parameters, gradients and optimizer state are host memory and count 0 here);
 - **gradients**: the local shards of the trainable parameters, in their dtype;
 - **optimizer state**: AdamW's two moments per trainable element (fp32);
 - **activations**: what autograd keeps for one micro-batch's backward, per layer from the tensors our blocks save
   (read with ``torch.autograd.graph.saved_tensors_hooks`` on the real blocks), plus the LM head's logits buffers at
   the start of the backward (logits, log-softmax output and their two gradients, ``[micro_batch, seq, vocab]`` fp32)
   or, with activation checkpointing, each block's input plus one block recomputed; see :func:`activation_bytes`;
-- **communication buffers**: FSDP2's all-gathered parameters of two blocks (the current one and the prefetched
-  one) and one block's unsharded gradients (reduce-scatter input); DDP's gradient buckets; the all-to-all send and
+- **communication buffers**: FSDP2's all-gathered parameters (``parallel.param_dtype``) of the root (embedding,
+  final norm, head: gathered for the whole step) and of two blocks (the current one and the prefetched one), and the
+  root's or a block's unsharded gradients (reduce-scatter input, ``parallel.reduce_dtype``), the larger; DDP's gradient buckets; the all-to-all send and
   receive buffers of one MoE layer under expert parallelism; the sequence all-gather under tensor parallelism;
 - **allocator** (CPU only): glibc malloc keeps freed small blocks mapped, so the peak RSS exceeds the live tensors:
   counted as half of the step's activations and gradients (measured 0.3-0.9). On CUDA the caching allocator's
@@ -206,6 +208,12 @@ def _dense_elements(cfg: JobConfig, tp: int) -> tuple[float, float]:
     return cfg.model.dim + 3 * hidden, 2 * hidden + cfg.model.dim  # normed input, gate, up, swiglu output
 
 
+def _compute_bytes(cfg: JobConfig) -> int:
+    """Bytes of a matmul output: 2 under bf16 autocast or FSDP2's bf16 ``param_dtype``, else 4."""
+    bf16 = cfg.train.dtype == "bf16" or (cfg.parallel.data == "fsdp" and cfg.parallel.param_dtype == "bf16")
+    return BF16 if bf16 else FP32
+
+
 def activation_bytes(job: MetaJob) -> ActivationEstimate:
     """Activation bytes of one micro-batch on one rank of ``job``.
 
@@ -221,7 +229,7 @@ def activation_bytes(job: MetaJob) -> ActivationEstimate:
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     tp = layout.tp
     split = tp if layout.sequence_parallel else 1
-    compute = BF16 if cfg.train.dtype == "bf16" else FP32
+    compute = _compute_bytes(cfg)
     attention, attention_pair = _attention_elements(cfg, tp)
     moe_index = 0
     per_block: list[tuple[float, float]] = []  # (kept elements, largest backward pair) per token
@@ -251,16 +259,21 @@ def activation_bytes(job: MetaJob) -> ActivationEstimate:
 # --------------------------------------------------------------------------------------------------- the plan
 
 
-def _gathered_units(job: MetaJob, trainable_only: bool) -> tuple[int, int]:
-    """Bytes FSDP gathers for the root (embedding, final norm, head: kept gathered for the step) and for the largest
-    block (its experts included)."""
+def _gathered_units(job: MetaJob, trainable_only: bool, element_size: int) -> tuple[int, int]:
+    """Bytes FSDP gathers (``element_size`` per element: ``parallel.param_dtype`` for the parameter all-gather,
+    ``reduce_dtype`` for the gradient reduce-scatter) for the root (embedding, final norm, head: kept gathered for
+    the step) and for the largest block (its experts included)."""
     units: dict[str, int] = {}
     for s in job.shards:
         if trainable_only and not s.trainable:
             continue
-        units[s.unit] = units.get(s.unit, 0) + s.gathered_numel * s.element_size
+        units[s.unit] = units.get(s.unit, 0) + s.gathered_numel * element_size
     root = units.pop("root", 0)
     return root, max(units.values(), default=0)
+
+
+def _dtype_bytes(name: str) -> int:
+    return BF16 if name == "bf16" else FP32
 
 
 def _communication(job: MetaJob, compute: int) -> tuple[int, list[str]]:
@@ -268,8 +281,8 @@ def _communication(job: MetaJob, compute: int) -> tuple[int, list[str]]:
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     total, parts = 0, []
     if layout.dp > 1 and cfg.parallel.data == "fsdp":
-        root, block = _gathered_units(job, trainable_only=False)
-        scatter = max(_gathered_units(job, trainable_only=True))
+        root, block = _gathered_units(job, False, _dtype_bytes(cfg.parallel.param_dtype))
+        scatter = max(_gathered_units(job, True, _dtype_bytes(cfg.parallel.reduce_dtype)))
         total += root + 2 * block + scatter
         parts.append(
             f"FSDP all-gather: root {format_bytes(root)} + 2 blocks {format_bytes(2 * block)}; "
@@ -294,7 +307,7 @@ def _communication(job: MetaJob, compute: int) -> tuple[int, list[str]]:
 def plan_memory(job: MetaJob, device: str, capacity_bytes: int | None = None) -> MemoryPlan:
     """The per-rank table of ``job`` on ``device`` (``cpu`` or ``cuda``) against ``capacity_bytes``."""
     cfg, layout = job.config, job.layout
-    compute = BF16 if cfg.train.dtype == "bf16" else FP32
+    compute = _compute_bytes(cfg)
     param_bytes = sum(s.local_numel * s.element_size for s in job.shards)
     local_numel = sum(s.local_numel for s in job.shards)
     trainable = sum(s.local_numel for s in job.shards if s.trainable)
@@ -304,10 +317,22 @@ def plan_memory(job: MetaJob, device: str, capacity_bytes: int | None = None) ->
     comm, comm_parts = _communication(job, compute)
     runtime = CUDA_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
     checkpointing = "with" if cfg.train.activation_checkpointing else "without"
+    offload = cfg.parallel.cpu_offload and cfg.parallel.data == "fsdp" and layout.dp > 1
+    where = " - on the host (parallel.cpu_offload)" if offload else ""
     lines = [
-        MemoryLine("parameters", param_bytes, f"{local_numel / 1e6:,.1f}M local elements (fp32)"),
-        MemoryLine("gradients", grad_bytes, f"{trainable / 1e6:,.1f}M trainable local elements"),
-        MemoryLine("optimizer state", optim_bytes, "AdamW exp_avg + exp_avg_sq, fp32"),
+        MemoryLine(
+            "parameters",
+            0 if offload else param_bytes,
+            f"{local_numel / 1e6:,.1f}M local elements (fp32){where}",
+        ),
+        MemoryLine(
+            "gradients",
+            0 if offload else grad_bytes,
+            f"{trainable / 1e6:,.1f}M trainable local elements{where}",
+        ),
+        MemoryLine(
+            "optimizer state", 0 if offload else optim_bytes, f"AdamW exp_avg + exp_avg_sq, fp32{where}"
+        ),
         MemoryLine(
             "activations",
             acts.total,
@@ -319,7 +344,7 @@ def plan_memory(job: MetaJob, device: str, capacity_bytes: int | None = None) ->
         lines.append(
             MemoryLine(
                 "grad/activation overlap",
-                -min(grad_bytes, acts.total),
+                -min(0 if offload else grad_bytes, acts.total),
                 "one micro-batch per step: gradients fill as activations free (peak = the larger)",
             )
         )
@@ -327,7 +352,7 @@ def plan_memory(job: MetaJob, device: str, capacity_bytes: int | None = None) ->
         lines.append(
             MemoryLine(
                 "allocator",
-                int(CPU_ALLOCATOR_SHARE * (acts.total + grad_bytes)),
+                int(CPU_ALLOCATOR_SHARE * (acts.total + (0 if offload else grad_bytes))),
                 f"glibc arenas keep freed blocks: {CPU_ALLOCATOR_SHARE:g} x (activations + gradients)",
             )
         )
@@ -342,6 +367,9 @@ def plan_memory(job: MetaJob, device: str, capacity_bytes: int | None = None) ->
         ),
     ]
     notes = list(job.notes)
+    if offload:
+        host = param_bytes + grad_bytes + optim_bytes
+        notes.append(f"host memory per rank for the offloaded shards: {format_bytes(host)}")
     if job.moe_shapes:
         notes.append("MoE rows counted with balanced routing (dropless: a hot expert's rank holds more)")
     if cfg.train.compile:

@@ -151,3 +151,18 @@ def test_plan_total_is_the_sum_of_its_lines_and_the_verdict_follows_the_capacity
     assert plan_memory(job, "cuda", capacity_bytes=plan.total_bytes - 1).fits is False
     # AdamW keeps two fp32 states per trainable element; gradients one.
     assert plan.bytes_of("optimizer state") == 2 * plan.bytes_of("gradients")
+
+
+def test_fsdp_gathers_the_tensor_and_expert_parallel_shards_whole_over_the_data_parallel_ranks() -> None:
+    # 4 ranks, tp=2 x ep=2, FSDP over the data-parallel ranks: what a block's all-gather rebuilds is the tp/ep shard.
+    config, pm, layout, accumulation, notes = plan_job_config(
+        4, QUICKSTART, [*TINY, *LAYOUTS_OF_TWO_RANKS[0], "parallel.tp=2"]
+    )
+    job = build_on_meta(config, pm, layout, accumulation, notes)
+    d, v, e, i = config.model.dim, config.model.vocab_size, config.moe.num_experts, config.moe.expert_hidden
+    root = sum(s.gathered_numel for s in job.shards if s.unit == "root")
+    assert root == v * d // 2 * 2 + d  # embedding and head split over tp (vocabulary), final norm whole
+    experts = sum(
+        s.gathered_numel for s in job.shards if ".experts." in s.name and s.name.startswith("layers.0.")
+    )
+    assert experts == e * 3 * d * i // (2 * 2)  # E/ep experts, each split over tp on its hidden dimension
