@@ -185,7 +185,11 @@ class MoELayer(nn.Module):
         routed: RouterOutput = router(x_TD)
         record = self.training and not _in_backward()
         if self.training:
-            for name, value in self._aux_terms(routed, B, S, tp_group).items():
+            # In an activation-checkpointing recompute the terms are computed again (the checkpoint needs the same
+            # saved tensors) but not kept: the recompute may stop early, before forward's end clears them, and the
+            # kept terms would hold the recomputed activations alive until the next step.
+            terms = self._aux_terms(routed, B, S, tp_group)
+            for name, value in terms.items() if record else ():
                 prev = self._aux_this_forward.get(name)
                 self._aux_this_forward[name] = value if prev is None else prev + value
         if record:
