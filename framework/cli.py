@@ -28,6 +28,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from framework.checkpoint.export import (
         ExportFormatUnavailable,
+        ExportOutputError,
         export_hf,
         export_native,
         export_plugin_format,
@@ -36,18 +37,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.merge and args.format != "hf":
         print("expertrain: error: --merge applies to 'export hf' only", file=sys.stderr)
         return 2
-    if args.format == "native":
-        files = export_native(args.checkpoint, args.output)
-    elif args.format == "hf":
-        files = export_hf(
-            args.checkpoint, args.output, merge=args.merge, max_shard_bytes=args.max_shard_bytes
-        )
-    else:
-        try:
-            files = export_plugin_format(args.checkpoint, args.output, args.format)
-        except ExportFormatUnavailable as exc:
-            print(f"expertrain: error: {exc}", file=sys.stderr)
-            return 2
+    try:
+        if args.format == "native":
+            files = export_native(args.checkpoint, args.output, overwrite=args.overwrite)
+        elif args.format == "hf":
+            files = export_hf(
+                args.checkpoint,
+                args.output,
+                merge=args.merge,
+                max_shard_bytes=args.max_shard_bytes,
+                overwrite=args.overwrite,
+            )
+        else:
+            files = export_plugin_format(args.checkpoint, args.output, args.format, overwrite=args.overwrite)
+    except (ExportFormatUnavailable, ExportOutputError) as exc:
+        print(f"expertrain: error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {len(files)} files to {args.output}: {', '.join(files)}")
     return 0
 
@@ -103,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", required=True, help="checkpoint folder or run folder (its latest checkpoint)"
     )
-    p.add_argument("--output", required=True, help="folder to write")
+    p.add_argument("--output", required=True, help="folder to write (empty or new, unless --overwrite)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --output: replace the files a previous export wrote there (its export.json "
+        "lists them); other files are kept",
+    )
     p.add_argument(
         "--merge",
         action="store_true",

@@ -12,6 +12,7 @@ in one process, as a training rank would, and the export is written from it. Bot
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,75 @@ MODEL_HOOKS = frozenset(
     }
 )
 """Hooks that need the built model at export time: a plugin implementing one keeps the export on :func:`load_model`."""
+
+
+EXPORT_RECORD = "export.json"
+"""The file every export writes last: the checkpoint it came from and the ``files`` it wrote."""
+
+
+class ExportOutputError(ValueError):
+    """The export's output path cannot take the export: a file, a read-only folder, or a non-empty folder without
+    ``overwrite``."""
+
+
+def prepare_output(output: str | Path, *, overwrite: bool) -> Path:
+    """Check ``output`` before anything is exported and return it as a path. Never deletes what the user did not ask
+    to delete: a non-empty folder is refused unless ``overwrite``; with it, only the files a previous export listed
+    in its ``export.json`` are removed (later, by :func:`remove_previous_export`), every other file is kept."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ExportOutputError(
+            f"export output {out} is a file, not a folder: choose a folder path for --output"
+        )
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportOutputError(
+            f"export output {out} cannot be written ({parent} is read-only): choose another --output"
+        )
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportOutputError(
+            f"export output {out} is not empty: choose an empty folder, or pass --overwrite to replace the files a "
+            f"previous export wrote there (other files are kept)"
+        )
+    return out
+
+
+def previous_export_files(out: Path) -> list[Path]:
+    """The files a previous export into ``out`` wrote (its ``export.json``'s list, then the record itself); names
+    that would leave ``out`` are ignored. Empty when there is no readable record."""
+    record = out / EXPORT_RECORD
+    try:
+        names = json.loads(record.read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    root = out.resolve()
+    files = [out / str(n) for n in names if isinstance(n, str)]
+    inside = [f for f in files if f.resolve().parent == root]
+    return [*inside, record]
+
+
+def remove_previous_export(out: Path) -> None:
+    """Delete the files a previous export into ``out`` wrote (see :func:`previous_export_files`); nothing else."""
+    for f in previous_export_files(out):
+        if f.is_dir() and not f.is_symlink():
+            shutil.rmtree(f)
+        else:
+            f.unlink(missing_ok=True)
+
+
+def _move_into(staging: Path, out: Path) -> None:
+    """Move the staged export into ``out``: a rename when ``out`` does not exist, else file by file (replacing the
+    previous export's files, keeping the rest)."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    remove_previous_export(out)
+    for entry in staging.iterdir():
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)  # a folder of the same name as one this export writes (e.g. a tokenizer's)
+        os.replace(entry, target)
+    staging.rmdir()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -132,16 +202,18 @@ def _write_native_weights(out: Path, path: Path, config: JobConfig, pm: PluginMa
             writer.write(entry.name, source.load(entry.name))
 
 
-def export_native(checkpoint: str | Path, output: str | Path) -> list[str]:
+def export_native(checkpoint: str | Path, output: str | Path, *, overwrite: bool = False) -> list[str]:
     """Write ``model.safetensors`` + ``config.yaml`` (+ the run's tokenizer, + what plugins export) to ``output``.
+    ``output`` is checked first (:func:`prepare_output`); with ``overwrite`` a previous export's files are removed.
 
     Streamed from the checkpoint when :func:`streams_tensors`; else from the model :func:`load_model` rebuilds."""
+    out = prepare_output(output, overwrite=overwrite)
     config, pm, path = checkpoint_job(checkpoint)
     model = None
     if not streams_tensors(pm):
         model, config, pm, path = load_model(path)
-    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    remove_previous_export(out)
     if model is None:
         _write_native_weights(out, path, config, pm)
     else:
@@ -160,7 +232,7 @@ def export_native(checkpoint: str | Path, output: str | Path) -> list[str]:
             model=model, config=config, output_dir=out, export_format="native"
         ):
             written.extend(result or [])
-    (out / "export.json").write_text(
+    (out / EXPORT_RECORD).write_text(
         json.dumps({"checkpoint": path.name, "files": written}, indent=1), encoding="utf-8"
     )
     return written
@@ -170,46 +242,60 @@ class ExportFormatUnavailable(ValueError):
     """No plugin of the checkpoint's job provides the requested export format."""
 
 
-def export_plugin_format(checkpoint: str | Path, output: str | Path, export_format: str) -> list[str]:
+def export_plugin_format(
+    checkpoint: str | Path, output: str | Path, export_format: str, *, overwrite: bool = False
+) -> list[str]:
     """``expertrain export <format>`` for a format a plugin provides through ``expertrain_export``.
 
     The model is rebuilt with the checkpoint's plugins (:func:`load_model`); the core writes nothing of its own for
     such a format. Raises :class:`ExportFormatUnavailable` (before anything is written) when no plugin answers.
+    ``output`` is checked first (:func:`prepare_output`); with ``overwrite`` a previous export's files are removed.
     """
+    out = prepare_output(output, overwrite=overwrite)
     model, config, pm, path = load_model(checkpoint)
-    out = Path(output)
-    existed = out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    answers = pm.call_per_plugin(
-        "expertrain_export", model=model, config=config, output_dir=out, export_format=export_format
-    )
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        answers = pm.call_per_plugin(
+            "expertrain_export", model=model, config=config, output_dir=staging, export_format=export_format
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if not answers:
-        if not existed:
-            out.rmdir()
+        shutil.rmtree(staging, ignore_errors=True)
         plugins = ", ".join(config.plugins) if config.plugins else "none"
         raise ExportFormatUnavailable(
             f"export format '{export_format}' is not available for {path}: no plugin of its job provides it "
             f"(plugins: {plugins}); 'native' is always available"
         )
     written = [name for files in answers.values() for name in files]
-    (out / "export.json").write_text(
+    (staging / EXPORT_RECORD).write_text(
         json.dumps(
             {"checkpoint": path.name, "format": export_format, "plugins": list(answers), "files": written},
             indent=1,
         ),
         encoding="utf-8",
     )
+    _move_into(staging, out)
     return written
 
 
 def export_hf(
-    checkpoint: str | Path, output: str | Path, *, merge: bool = False, max_shard_bytes: int | None = None
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    merge: bool = False,
+    max_shard_bytes: int | None = None,
+    overwrite: bool = False,
 ) -> list[str]:
     """``expertrain export hf``: the checkpoint's model as a folder ``transformers.AutoModelForCausalLM`` loads
     (``config.json``, safetensors, the run's tokenizer). ``merge``: plugins first fold their adapters into the base
-    weights (``expertrain_merge_adapters``). Written to a temporary sibling and renamed, so a failed export leaves no
-    half-written folder and an existing ``output`` is replaced only by a complete one. ``max_shard_bytes``: the
-    largest safetensors file (transformers' 5 GB by default).
+    weights (``expertrain_merge_adapters``). Written to a temporary sibling and then moved in, so a failed export
+    leaves no half-written folder. An existing non-empty ``output`` is refused unless ``overwrite``; with it, only a
+    previous export's files are replaced, anything else in the folder is kept (:func:`prepare_output`).
+    ``max_shard_bytes``: the largest safetensors file (transformers' 5 GB by default).
 
     Streamed from the checkpoint, shard file by shard file, when :func:`streams_tensors`; else written from the
     model :func:`load_model` rebuilds (same bytes)."""
@@ -218,6 +304,7 @@ def export_hf(
     from framework.interop.hf.folders import DEFAULT_MAX_SHARD_BYTES
     from framework.interop.hf.tokenizer import load_hf_tokenizer
 
+    out = prepare_output(output, overwrite=overwrite)
     config, pm, path = checkpoint_job(checkpoint)
     model = None
     merged: dict[str, Any] = {}
@@ -232,7 +319,6 @@ def export_hf(
             tokenizer = load_hf_tokenizer(tokenizer_dir)
         except DataError:
             tokenizer = None
-    out = Path(output)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -252,7 +338,7 @@ def export_hf(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    (staging / "export.json").write_text(
+    (staging / EXPORT_RECORD).write_text(
         json.dumps(
             {"checkpoint": path.name, "format": "hf", "merged": {k: list(v) for k, v in merged.items()},
              "files": written},
@@ -260,9 +346,7 @@ def export_hf(
         ),
         encoding="utf-8",
     )  # fmt: skip
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    _move_into(staging, out)
     return written
 
 
