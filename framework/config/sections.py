@@ -264,6 +264,12 @@ class DataConfig:
     cache_dir: str = option(
         "", doc="Where the embedded corpus and its tokenizer are cached; empty = ~/.cache/expertrain."
     )
+    val_seed: int = option(
+        0,
+        doc="Seed of the validation samples, apart from train.seed: runs with any seed or data-parallel layout are "
+        "scored on the same held-out text.",
+        min=0,
+    )
 
     def validate(self, prefix: str) -> None:
         if self.weights and len(self.weights) != len(self.paths):
@@ -306,7 +312,12 @@ class TrainConfig:
     eval_every: int = option(
         50, doc="Evaluate validation loss every N steps (and at the end); 0 = only at the end.", min=0
     )
-    eval_batches: int = option(8, doc="Micro-batches per evaluation.", min=1)
+    eval_batches: int = option(
+        8,
+        doc="Validation micro-batches per evaluation: eval_batches x micro_batch_size sequences in all, shared "
+        "round-robin over the data-parallel ranks (the same text for every layout).",
+        min=1,
+    )
     sample_tokens: int = option(48, doc="Tokens of generated text shown at the end (0 = none).", min=0)
     device: Literal["auto", "cpu", "cuda"] = option("auto", doc="Where to train; auto = cuda when available.")
     deterministic: bool = option(

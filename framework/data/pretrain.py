@@ -208,6 +208,59 @@ def split_inputs_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return tokens[..., :-1], tokens[..., 1:]
 
 
+def _build_splits(
+    data_cfg: DataConfig,
+    sources: DataSources,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    seed: int,
+    train_samples: int,
+    val_samples: int,
+) -> tuple[Any, Any]:
+    """megatron's ``(train, validation)`` splits shuffled by ``seed`` (cached; see the module docstring)."""
+    val_fraction = float(data_cfg.val_fraction)
+    m = megatron_datasets()
+    quiet_megatron_logs()
+    spec = {
+        "seed": seed,
+        "seq_len": seq_len,
+        "train_samples": train_samples,
+        "val_samples": val_samples,
+        "val_fraction": val_fraction,
+    }
+    cache = _index_cache_dir(data_cfg, sources, tokenizer, spec)
+    blend = (sources.prefixes, None if len(sources.prefixes) == 1 else sources.weights)
+    config = m.GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_len,
+        blend=blend,
+        split=_split_string(val_fraction),
+        path_to_cache=str(cache),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mid_level_dataset_surplus=0.05,
+        num_dataset_builder_threads=1,
+    )
+    sizes = [train_samples, val_samples, 0]
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    lock = file_lock(cache.with_name(cache.name + ".lock")) if rank == 0 else contextlib.nullcontext()
+    with lock:
+        if rank == 0 and cache.exists() and not (cache / COMPLETE_MARKER).is_file():
+            shutil.rmtree(cache)  # left by a killed build: megatron would trust half-written .npy files
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train, val, _ = _builder_class()(m.GPTDataset, sizes, lambda: True, config).build()
+        if rank == 0:
+            cache.mkdir(parents=True, exist_ok=True)
+            (cache / COMPLETE_MARKER).touch()
+    return train, val
+
+
 def build_pretrain_datasets(
     data_cfg: DataConfig,
     seq_len: int,
@@ -215,11 +268,15 @@ def build_pretrain_datasets(
     train_samples: int,
     val_samples: int,
     tokenizer: Tokenizer,
+    *,
+    val_seed: int | None = None,
 ) -> tuple[TokenSequenceDataset, TokenSequenceDataset | None]:
     """Build ``(train, validation)`` datasets of ``seq_len + 1``-token samples; validation is None if val_fraction is 0.
 
     ``train_samples`` / ``val_samples`` are the least numbers of samples wanted (megatron builds whole epochs, so the
-    datasets may be longer). Deterministic for a seed. Call on every rank when torch.distributed is initialised.
+    datasets may be longer). The training split is shuffled by ``seed``; the validation split by ``val_seed``
+    (``None`` = ``seed``), so with a fixed ``val_seed`` every training seed is scored on the same held-out text.
+    Deterministic for the seeds. Call on every rank when torch.distributed is initialised.
     """
     if seq_len < 1:
         raise ConfigError("data.seq_len", seq_len, "expected an integer >= 1")
@@ -242,45 +299,13 @@ def build_pretrain_datasets(
     if has_val and val_samples < 1:
         raise ValueError(f"val_samples must be >= 1 when data.val_fraction > 0, got {val_samples}")
 
-    m = megatron_datasets()
-    quiet_megatron_logs()
-    spec = {
-        "seed": seed,
-        "seq_len": seq_len,
-        "train_samples": train_samples,
-        "val_samples": val_samples if has_val else 0,
-        "val_fraction": val_fraction,
-    }
-    cache = _index_cache_dir(data_cfg, sources, tokenizer, spec)
-    blend = (sources.prefixes, None if len(sources.prefixes) == 1 else sources.weights)
-    config = m.GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_len,
-        blend=blend,
-        split=_split_string(val_fraction),
-        path_to_cache=str(cache),
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        mid_level_dataset_surplus=0.05,
-        num_dataset_builder_threads=1,
+    train, val = _build_splits(
+        data_cfg, sources, tokenizer, seq_len, seed, train_samples, val_samples if has_val else 0
     )
-    sizes = [train_samples, val_samples if has_val else 0, 0]
-
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    lock = file_lock(cache.with_name(cache.name + ".lock")) if rank == 0 else contextlib.nullcontext()
-    with lock:
-        if rank == 0 and cache.exists() and not (cache / COMPLETE_MARKER).is_file():
-            shutil.rmtree(cache)  # left by a killed build: megatron would trust half-written .npy files
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            train, val, _ = _builder_class()(m.GPTDataset, sizes, lambda: True, config).build()
-        if rank == 0:
-            cache.mkdir(parents=True, exist_ok=True)
-            (cache / COMPLETE_MARKER).touch()
+    if has_val and val_seed is not None and val_seed != seed:
+        # A build of its own: megatron shuffles every split of one build by one seed. Its training split is kept
+        # to one sample (cheap); megatron builds each split from its own documents, size and seed only.
+        _, val = _build_splits(data_cfg, sources, tokenizer, seq_len, val_seed, 1, val_samples)
     return TokenSequenceDataset(train, seq_len), (TokenSequenceDataset(val, seq_len) if has_val else None)
 
 

@@ -32,7 +32,14 @@ from framework.parallel import collectives as C
 from framework.parallel.mesh import ParallelLayout, build_meshes
 from framework.parallel.setup import DistInfo, set_deterministic
 from framework.train.loss import IGNORE_INDEX, count_loss_tokens, lm_loss_sum
-from framework.train.optim import build_optimizer, build_scheduler, load_scheduler_state
+from framework.train.optim import (
+    apply_group_settings,
+    build_optimizer,
+    build_scheduler,
+    group_settings,
+    load_scheduler_state,
+    optim_changes,
+)
 from framework.train.signals import StopRequested, StopSignals
 
 
@@ -243,11 +250,18 @@ class Trainer:
                         console.info(ds.stats.summary())
             return
         train_samples = cfg.train.steps * cfg.train.global_batch_size
-        val_samples = cfg.train.eval_batches * cfg.train.micro_batch_size * self.dp_size
+        # The validation text depends on neither train.seed nor the data-parallel size (see evaluate).
+        val_samples = cfg.train.eval_batches * cfg.train.micro_batch_size
         self.train_ds, self.val_ds = C.run_agreed(
             "building the datasets",
             lambda: build_pretrain_datasets(
-                cfg.data, cfg.data.seq_len, cfg.train.seed, train_samples, val_samples, self.tokenizer
+                cfg.data,
+                cfg.data.seq_len,
+                cfg.train.seed,
+                train_samples,
+                val_samples,
+                self.tokenizer,
+                val_seed=cfg.data.val_seed,
             ),
         )
 
@@ -297,8 +311,12 @@ class Trainer:
         meta = self.store.read_meta(path)
         self._check_tensor_shapes(path, target["model"], meta.get("config", {}))
         state, meta, rng = self.store.load(path, target)
+        job_settings = group_settings(self.scheduler.optimizer)
         self.engine.load_state_dicts(state["model"], state["optim"])
         load_scheduler_state(self.scheduler, state["scheduler"])
+        pass  # apply_group_settings(self.scheduler, job_settings)  # the job's optim section wins, never a mix
+        for line in optim_changes(meta.get("config", {}).get("optim", {}), self.config.optim, int(meta["step"])):
+            console.info(line)
         self.pm.load_plugin_state_dicts(state.get("plugins", {}), self.raw_model, self.config)
         self.state.step = int(meta["step"])
         self.state.samples_consumed = int(meta["samples_consumed"])
@@ -509,26 +527,35 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean validation loss over ``train.eval_batches`` micro-batches per rank (the same batches every time)."""
+        """Mean validation loss per token over the first ``train.eval_batches`` micro-batches of the validation set.
+
+        The micro-batches are the same for every data-parallel size: batch ``k`` goes to rank ``k % dp``. A rank left
+        without one in the last round (``eval_batches`` not a multiple of dp) runs batch 0 again and drops the result,
+        so every rank makes the same number of forward passes (FSDP, tensor and expert parallelism need that).
+        """
         cfg = self.config
         if self.val_ds is None:
             return None
         self.model.eval()
         stream = MicroBatchStream(
             self.val_ds,
-            global_batch_size=cfg.train.micro_batch_size * self.dp_size,
+            global_batch_size=cfg.train.micro_batch_size,
             micro_batch_size=cfg.train.micro_batch_size,
-            dp_rank=self.dp_rank,
-            dp_size=self.dp_size,
+            dp_rank=0,
+            dp_size=1,
             **self._batch_format(),
         )
+        batches = list(zip(range(cfg.train.eval_batches), stream))
+        rounds = -(-len(batches) // self.dp_size)
         total = torch.zeros(2, dtype=torch.float64)
-        for _, batch in zip(range(cfg.train.eval_batches), stream):
-            input_ids, labels, position_ids = self._to_device(batch)
+        for index in range(self.dp_rank, rounds * self.dp_size, self.dp_size):
+            counted = index < len(batches)
+            input_ids, labels, position_ids = self._to_device(batches[index if counted else 0][1])
             with self._autocast():
                 _, lm_sum = self._forward_loss(input_ids, labels.to(self.device), position_ids)
-            total[0] += float(lm_sum)
-            total[1] += count_loss_tokens(labels)
+            if counted:
+                total[0] += float(lm_sum)
+                total[1] += count_loss_tokens(labels)
         self._discard_routing_state()
         C.all_reduce_sum(total)
         self.model.train()
