@@ -605,11 +605,18 @@ class Trainer:
     def _run(self) -> dict[str, Any]:
         cfg = self.config
         if self.state.step >= cfg.train.steps:
-            summary = self._previous_summary()
+            if C.broadcast_object((self.run_dir / "summary.json").is_file()):  # rank 0's view: ranks agree
+                summary = self._previous_summary()
+                console.info(
+                    f"run {self.run_dir} is already complete ({self.state.step}/{cfg.train.steps} steps)"
+                )
+                return summary
+            # Killed after its final checkpoint but before its report: evaluate the loaded model and report.
             console.info(
-                f"run {self.run_dir} is already complete ({self.state.step}/{cfg.train.steps} steps)"
+                f"run {self.run_dir} finished training ({self.state.step}/{cfg.train.steps} steps) but has no "
+                "summary.json: evaluating the final checkpoint and writing the report"
             )
-            return summary
+            return self._finish(self.evaluate(), 0.0, 0)
         metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, resume_step=self.state.step)
         bar = ProgressBar(cfg.train.steps, self.state.step, cfg.logging.progress)
         try:
@@ -743,10 +750,8 @@ class Trainer:
         return accuracy
 
     def _previous_summary(self) -> dict[str, Any]:
-        path = self.run_dir / "summary.json"
-        summary = (
-            json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"steps": self.state.step}
-        )
+        """The report a finished run wrote (``summary.json``), printed again."""
+        summary = json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
         console.info(format_summary(summary))
         return summary
 

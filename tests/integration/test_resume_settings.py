@@ -54,3 +54,26 @@ def test_a_changed_lr_on_resume_gives_the_fresh_schedule_of_the_new_lr(tmp_path:
         in resumed.stdout
     )
     assert "optim.warmup_steps" not in resumed.stdout  # unchanged keys are not reported
+
+
+def test_a_finished_run_without_its_report_writes_it_on_restart(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    done = run_training(run_dir, ["logging.plots=true"], nproc=0)
+    assert done.returncode == 0, done.stderr[-3000:]
+    original = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    for name in ("summary.json", "loss.png"):  # as if killed right after the final checkpoint
+        (run_dir / name).unlink()
+
+    again = run_training(run_dir, ["logging.plots=true"], nproc=0)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "no summary.json: evaluating the final checkpoint" in again.stdout
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["steps"] == original["steps"] == 4
+    assert summary["tokens_seen"] == original["tokens_seen"] > 0
+    # The same weights (restored bit for bit) on the same validation batches; 1e-6 relative leaves room for the
+    # order of float reductions only.
+    assert abs(summary["val_loss"] - original["val_loss"]) <= 1e-6 * original["val_loss"]
+    assert (run_dir / "loss.png").is_file()
+
+    complete = run_training(run_dir, [], nproc=0)
+    assert complete.returncode == 0 and "is already complete" in complete.stdout
