@@ -8,6 +8,7 @@ stops with one line naming it instead of a numpy traceback deep inside a data lo
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Iterable
@@ -117,6 +118,43 @@ def validate_indexed(prefix: str | os.PathLike[str], hint: str | None = None) ->
             bin_path, f"does not match its index ({bin_size} bytes, expected {expected_bin})", prefix, hint
         )
     return IndexInfo(prefix, dtype, n_doc - 1, n_seq, num_tokens)
+
+
+@functools.lru_cache(maxsize=256)
+def _token_id_range(bin_path: str, version: tuple[int, int, int], dtype_name: str) -> tuple[int, int]:
+    """The smallest and largest id in ``bin_path`` (one sequential pass over its memory map; cached per file
+    ``version``, its inode, size and mtime, so every dataset build of a process reads a file once and a rewritten
+    or re-prepared file is read again). ``(0, 0)`` for an empty file."""
+    del version  # part of the cache key only
+    if os.path.getsize(bin_path) == 0:
+        return 0, 0
+    ids = np.memmap(bin_path, dtype=np.dtype(dtype_name), mode="r")
+    try:
+        low = int(ids.min()) if np.issubdtype(ids.dtype, np.signedinteger) else 0
+        return low, int(ids.max())
+    finally:
+        del ids
+
+
+def check_token_ids(info: IndexInfo, vocab_size: int) -> None:
+    """Every token id of ``info``'s ``.bin`` is in ``0 .. vocab_size - 1``, or one :class:`DataError` line naming
+    the file, the offending id and the vocabulary size (before training, where an id past the embedding table
+    would be an index error on CPU and a device-side assert on GPU). Costs one read of the file per process."""
+    bin_path = info.prefix + ".bin"
+    stat = os.stat(bin_path)
+    version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    low, high = _token_id_range(bin_path, version, np.dtype(info.dtype).name)
+    if low < 0:
+        raise DataError(
+            f"data file '{bin_path}' holds a negative token id {low}; it is corrupt or not token ids: "
+            + PREPARE_HINT.format(prefix=info.prefix)
+        )
+    if high >= vocab_size:
+        raise DataError(
+            f"data file '{bin_path}' holds token id {high}, but the vocabulary has {vocab_size} ids "
+            f"(0..{vocab_size - 1}); it was tokenised with a larger tokenizer: prepare it with the job's tokenizer, "
+            "or set model.vocab_size (and data.tokenizer) to the ones it was made with"
+        )
 
 
 def open_indexed(prefix: str | os.PathLike[str], hint: str | None = None) -> Any:

@@ -47,7 +47,7 @@ from framework.data._megatron import megatron_datasets, quiet_megatron_logs
 from framework.data._util import file_lock
 from framework.data.embedded import prepare_embedded, resolve_cache_dir
 from framework.data.errors import DataError
-from framework.data.indexed import validate_indexed
+from framework.data.indexed import check_token_ids, validate_indexed
 from framework.data.tokenizer import TOKENIZER_FILE, Tokenizer
 
 INDEX_FORMAT_VERSION = 1
@@ -270,13 +270,16 @@ def build_pretrain_datasets(
     tokenizer: Tokenizer,
     *,
     val_seed: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[TokenSequenceDataset, TokenSequenceDataset | None]:
     """Build ``(train, validation)`` datasets of ``seq_len + 1``-token samples; validation is None if val_fraction is 0.
 
     ``train_samples`` / ``val_samples`` are the least numbers of samples wanted (megatron builds whole epochs, so the
     datasets may be longer). The training split is shuffled by ``seed``; the validation split by ``val_seed``
     (``None`` = ``seed``), so with a fixed ``val_seed`` every training seed is scored on the same held-out text.
-    Deterministic for the seeds. Call on every rank when torch.distributed is initialised.
+    Deterministic for the seeds. Call on every rank when torch.distributed is initialised. Every token id must be
+    below ``vocab_size`` (the model's; ``None``: the tokenizer's, which the trainer keeps <= the model's), else a
+    :class:`DataError` names the file (:func:`~framework.data.indexed.check_token_ids`).
     """
     if seq_len < 1:
         raise ConfigError("data.seq_len", seq_len, "expected an integer >= 1")
@@ -287,6 +290,7 @@ def build_pretrain_datasets(
     val_fraction = float(data_cfg.val_fraction)
     for prefix in sources.prefixes:
         info = validate_indexed(prefix)
+        check_token_ids(info, tokenizer.vocab_size if vocab_size is None else vocab_size)
         n_train, n_val = _split_counts(info.num_sequences, val_fraction)
         if n_train < 1 or (val_fraction > 0 and n_val < 1):
             raise ConfigError(
