@@ -12,7 +12,8 @@ here) keeps mapped after freeing). The ratio predicted / measured is the planner
     python benchmarks/plan_accuracy.py --steps 2   # quicker
     python benchmarks/plan_accuracy.py --markdown-only   # the .md again from the .json
 
-About 6 minutes on 2 CPU cores (the largest size, 0.16B parameters, peaks near 4 GiB).
+About 9 minutes on 2 CPU cores (the largest size, 0.16B parameters, peaks near 3.5 GiB; the torchrun rows run
+size M on 2 and 4 ranks).
 """
 
 from __future__ import annotations
@@ -96,9 +97,9 @@ SIZES = [
 ]
 SIZES.append(
     {
-        # With activation checkpointing and MoE aux losses on, the trainer keeps ~240 MiB of the last micro-batch's
-        # recomputed tensors alive between steps (measured with gc at the end of a step; gone with both
-        # coefficients at 0). The same job without aux losses shows the planner's error without that retention.
+        # Before the meta-device model assembly, activation checkpointing with MoE aux losses on kept ~240 MiB of
+        # the last micro-batch's recomputed tensors alive between steps (gone with both coefficients at 0). The
+        # same job without aux losses isolates that; with the current trainer both rows measure the same.
         "name": "L without aux losses",
         "sets": [*SIZES[2]["sets"], "moe.aux_loss_coef=0", "moe.z_loss_coef=0"],
     }
