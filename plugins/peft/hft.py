@@ -28,6 +28,15 @@ state is held at a fresh state's values (step 0, moments 0) rather than absent, 
 state keys (a resume's load target has state for every parameter in the optimizer): at a stage boundary the state
 of newly frozen matrices and the moments of newly frozen experts are reset to 0, and a matrix trained again later
 starts from a fresh state. The selection is saved in checkpoints, so a resumed run continues with the same one.
+
+Adam's age of expert rows: a fused expert weight has one AdamW ``step`` counter, which keeps counting across stages,
+while an expert trained anew at a stage boundary starts from zero moments. torch's bias correction ``1 − βᵗ`` with
+the tensor's ``t`` would shrink its first update (β1 = 0.9, β2 = 0.95: 0.62× at step 3, 0.43× at step 11). The
+plugin records, per expert, the tensor's step count when its moments started (``moment_start``, in the checkpointed
+plugin state); for every trained row whose own count ``k = t − start`` gives another bias correction than ``t``, it
+keeps the row's weight from before the step and, after the step, recomputes the row's update from its moments (which
+are right: they started from 0) with ``1 − βᵏ``, AdamW's own formula. So each expert steps as a fresh AdamW begun
+when it began training, and experts that continue from the previous stage are untouched.
 """
 
 from __future__ import annotations
@@ -245,12 +254,59 @@ def allocate_zero_state(optimizer: torch.optim.Optimizer) -> None:
                     value.zero_()
 
 
+def _step_count(state: dict[str, Any]) -> int:
+    """The AdamW ``step`` counter of one parameter's state (0 before its first step)."""
+    step = state.get("step")
+    if step is None:
+        return 0
+    return int(float(_local(step) if isinstance(step, torch.Tensor) else step))
+
+
+def _bias_corrections(betas: tuple[float, float], k: int) -> tuple[float, float]:
+    return 1 - betas[0] ** k, 1 - betas[1] ** k
+
+
+@dataclass
+class _PendingRows:
+    """Rows of one expert weight whose update the plugin recomputes after the optimizer step: their weights before the
+    step (decay applied), their local indices, their moments' start counts and the step's learning rate."""
+
+    rows: torch.Tensor
+    before: torch.Tensor
+    starts: torch.Tensor
+    lr: float
+
+
+def adam_update_rows(
+    before: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    ages: torch.Tensor,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> torch.Tensor:
+    """AdamW's step for rows (dim 0) of Adam age ``ages`` (steps since their moments started, ≥ 1), from the rows'
+    weights before the step and their updated moments: ``w − lr/(1−β1ᵏ) · m / (√v / √(1−β2ᵏ) + eps)``, in torch's
+    order of operations (decoupled decay is applied to ``before`` already)."""
+    shape = (-1,) + (1,) * (before.dim() - 1)
+    k = ages.to(torch.float64)
+    bias_correction1 = 1 - torch.pow(betas[0], k)
+    bias_correction2_sqrt = (1 - torch.pow(betas[1], k)).sqrt()
+    step_size = (lr / bias_correction1).to(before.device, before.dtype).view(shape)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.to(before.device, before.dtype).view(shape)).add_(eps)
+    return before - step_size * (exp_avg / denom)
+
+
 class HFTPlugin:
     """The ``hft`` plugin: holds the current stage's selection and the optimizer (for its state)."""
 
     def __init__(self) -> None:
         self.selection: Selection | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        # Per routed-experts module, per global expert: the fused weights' AdamW step count when its moments started.
+        self.moment_start: dict[str, list[int]] = {}
+        self._pending: dict[nn.Parameter, _PendingRows] = {}
 
     # --- registration, validation ---------------------------------------------------------------------------------
 
@@ -275,6 +331,9 @@ class HFTPlugin:
     def expertrain_transform_model(self, model: nn.Module, config: JobConfig) -> None:
         cfg: HFTConfig = getattr(config, SECTION)
         self.selection = select(model, cfg.seed, 0, cfg.train_router)
+        self.moment_start = {
+            path: [0] * model.get_submodule(path).num_experts for path in self.selection.experts
+        }
         console.info(self._summary(model, cfg))
 
     @hookimpl
@@ -327,9 +386,22 @@ class HFTPlugin:
         stage = stage_of(step, cfg.stage_every)
         if stage == self.selection.stage:
             return
+        previous = self.selection
         self.selection = select(model, cfg.seed, stage, cfg.train_router)
         self._freeze_state(model)
+        self._start_new_experts(model, previous)
         console.info(self._summary(model, cfg))
+
+    def _start_new_experts(self, model: nn.Module, previous: Selection) -> None:
+        """Experts trained now but not in the previous stage start their moments at the weights' current step count."""
+        assert self.selection is not None and self.optimizer is not None
+        for path, ids in self.selection.experts.items():
+            module = model.get_submodule(path)
+            starts = self.moment_start.setdefault(path, [0] * module.num_experts)
+            first = next(iter(module.parameters()))
+            count = _step_count(self.optimizer.state.get(first, {}))
+            for expert in set(ids) - set(previous.experts.get(path, [])):
+                starts[expert] = count
 
     def _freeze_state(self, model: nn.Module) -> None:
         """Reset the optimizer state of frozen matrices to a fresh one (step 0, moments 0) and zero the moments of
@@ -364,6 +436,58 @@ class HFTPlugin:
                 if wd and group is not None:
                     # AdamW's decoupled decay, applied before the step exactly as torch's AdamW does, trained rows only.
                     _local(p)[~frozen_rows] *= 1 - group["lr"] * wd
+        self._keep_young_rows(model, group)
+
+    def _keep_young_rows(self, model: nn.Module, group: dict[str, Any] | None) -> None:
+        """Before the step: keep the weights of trained expert rows whose bias correction differs from the tensor's."""
+        self._pending = {}
+        if group is None or self.optimizer is None or not any(any(s) for s in self.moment_start.values()):
+            return
+        assert self.selection is not None
+        for path, ids in self.selection.experts.items():
+            module = model.get_submodule(path)
+            starts_E = torch.tensor(self.moment_start.get(path, [0] * module.num_experts), dtype=torch.long)
+            for p in module.parameters():
+                if p.grad is None:
+                    continue  # no step for this weight
+                t = _step_count(self.optimizer.state.get(p, {})) + 1
+                first, count = local_expert_rows(p)
+                starts = starts_E[first : first + count]
+                trained = ~frozen_expert_mask(p, ids, module.num_experts).cpu()
+                differs = torch.tensor(
+                    [
+                        _bias_corrections(group["betas"], t - int(s)) != _bias_corrections(group["betas"], t)
+                        for s in starts
+                    ]
+                )
+                rows = torch.nonzero(trained & differs).flatten()
+                if rows.numel():
+                    local_rows = rows.to(_local(p).device)
+                    self._pending[p] = _PendingRows(
+                        local_rows, _local(p).detach()[local_rows].clone(), starts[rows], float(group["lr"])
+                    )
+
+    @hookimpl
+    def expertrain_after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Recompute the update of the rows kept before the step with their own Adam age."""
+        group = self._expert_group()
+        if not self._pending or group is None:
+            return
+        with torch.no_grad():
+            for p, pending in self._pending.items():
+                state = optimizer.state[p]
+                ages = _step_count(state) - pending.starts
+                rows = pending.rows
+                _local(p)[rows] = adam_update_rows(
+                    pending.before,
+                    _local(state["exp_avg"])[rows],
+                    _local(state["exp_avg_sq"])[rows],
+                    ages,
+                    pending.lr,
+                    group["betas"],
+                    group["eps"],
+                )
+        self._pending = {}
 
     def _expert_group(self) -> dict[str, Any] | None:
         if self.optimizer is None:
@@ -380,7 +504,9 @@ class HFTPlugin:
 
     @hookimpl
     def expertrain_state_dict(self) -> dict[str, Any] | None:
-        return self.selection.to_state() if self.selection is not None else None
+        if self.selection is None:
+            return None
+        return {**self.selection.to_state(), "moment_start": self.moment_start}
 
     @hookimpl
     def expertrain_load_state_dict(self, model: nn.Module, state: dict[str, Any], config: JobConfig) -> None:
@@ -398,6 +524,12 @@ class HFTPlugin:
                 "hft.train_router or the model changed); restore them or start a new run directory",
             )
         self.selection = saved
+        # Checkpoints from before moment_start was kept: every expert's moments counted from step 0.
+        saved_starts = state.get("moment_start") or {}
+        self.moment_start = {
+            path: [int(s) for s in saved_starts.get(path, [0] * model.get_submodule(path).num_experts)]
+            for path in saved.experts
+        }
 
     @hookimpl
     def expertrain_train_end(self, model: nn.Module, summary: dict[str, Any]) -> None:

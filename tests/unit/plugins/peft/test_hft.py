@@ -9,6 +9,7 @@ experts is the very operation torch's AdamW performs, so it must match bit for b
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,23 @@ def _job(
     return model, config, pm, plugin
 
 
-def _train(
-    model: nn.Module, config: JobConfig, pm: PluginManager, steps: int, probe: Any = None
-) -> torch.optim.Optimizer:
-    """The trainer's step sequence with the real AdamW (plugin groups, weight decay)."""
+def _optimizer(model: nn.Module, config: JobConfig, pm: PluginManager) -> torch.optim.Optimizer:
+    """The real AdamW (plugin groups, weight decay), handed to the plugins as the trainer does."""
     optimizer = build_optimizer(model, config.optim, pm.param_groups(model, config), torch.device("cpu"))
     pm.hook.expertrain_after_optimizer(model=model, optimizer=optimizer, config=config)
-    for step in range(1, steps + 1):
+    return optimizer
+
+
+def _run_steps(
+    model: nn.Module,
+    config: JobConfig,
+    pm: PluginManager,
+    optimizer: torch.optim.Optimizer,
+    steps: range,
+    probe: Any = None,
+) -> None:
+    """The trainer's full step sequence, after_optimizer_step included."""
+    for step in steps:
         pm.hook.expertrain_step_begin(step=step, model=model, optimizer=optimizer, config=config)
         model(IDS).logsumexp(-1).mean().backward()
         pm.hook.expertrain_after_backward(step=step, model=model, config=config)
@@ -74,6 +85,15 @@ def _train(
             probe(step, optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        pm.hook.expertrain_after_optimizer_step(step=step, model=model, optimizer=optimizer, config=config)
+
+
+def _train(
+    model: nn.Module, config: JobConfig, pm: PluginManager, steps: int, probe: Any = None
+) -> torch.optim.Optimizer:
+    """The trainer's step sequence with the real AdamW, steps 1 to ``steps``."""
+    optimizer = _optimizer(model, config, pm)
+    _run_steps(model, config, pm, optimizer, range(1, steps + 1), probe)
     return optimizer
 
 
@@ -256,3 +276,77 @@ def test_the_options_table_in_the_docs_matches_the_code() -> None:
     for field, typ, default, meaning in section_docs(hft.HFTConfig):
         row = f"| `hft.{field}` | {typ} | `{default}` | {meaning} |"
         assert row in doc, f"docs/plugins/hft.md is stale for hft.{field}: expected the row\n{row}"
+
+
+# --- Adam's age of expert rows across stage boundaries ------------------------------------------------------------
+
+
+def _staged_job() -> tuple[Transformer, JobConfig, PluginManager, hft.HFTPlugin, torch.optim.Optimizer]:
+    model, config, pm, plugin = _job(stage_every=2)
+    return model, config, pm, plugin, _optimizer(model, config, pm)
+
+
+def test_experts_trained_anew_at_a_stage_boundary_step_like_a_fresh_adamw() -> None:
+    """Step 3 opens stage 1. Independent reference, per expert row: a new expert's row equals a fresh torch AdamW's
+    first step (same lr, betas, eps, weight decay) on that row with the same gradient; a continuing expert's row
+    equals torch's AdamW step from the row's own state (step 2, its moments). Tolerance: fp32 round-off (rtol 1e-6,
+    atol 1e-8 on weights of ~0.02 moved by ~1e-2): the plugin recomputes the same formula outside the fused kernel.
+    Uncorrected, a new row would move by (1−β1)/(1−β1³)·√((1−β2³)/(1−β2)) ≈ 0.62× a fresh step here."""
+    model, config, pm, plugin, optimizer = _staged_job()
+    params = dict(model.named_parameters())
+    _run_steps(model, config, pm, optimizer, range(1, 3))
+    stage0 = plugin.selection
+    before = _snapshot(model)
+    states = {
+        n: {k: v.clone() for k, v in optimizer.state[params[n]].items()} for n in _expert_rows(model, stage0)
+    }
+    grads: dict[str, torch.Tensor] = {}
+
+    def probe(step: int, optimizer: torch.optim.Optimizer) -> None:
+        grads.update({n: params[n].grad.clone() for n in _expert_rows(model, plugin.selection)})
+
+    _run_steps(model, config, pm, optimizer, range(3, 4), probe)
+    stage1 = plugin.selection
+    assert stage1.stage == 1
+    opt = config.optim
+    hyper = {"lr": opt.lr, "betas": (opt.beta1, opt.beta2), "eps": opt.eps, "weight_decay": opt.weight_decay}
+    new_rows = continuing_rows = 0
+    for name, (trained_ids, _) in _expert_rows(model, stage1).items():
+        path = name.rsplit(".", 1)[0]
+        for e in trained_ids:
+            row = nn.Parameter(before[name][e].clone())
+            reference = torch.optim.AdamW([row], **hyper)
+            if e in stage0.experts[path]:
+                continuing_rows += 1
+                state = states[name]
+                reference.state[row] = {
+                    "step": state["step"].clone(),
+                    "exp_avg": state["exp_avg"][e].clone(),
+                    "exp_avg_sq": state["exp_avg_sq"][e].clone(),
+                }
+            else:
+                new_rows += 1
+                assert plugin.moment_start[path][e] == 2, (name, e)
+            row.grad = grads[name][e].clone()
+            reference.step()
+            torch.testing.assert_close(params[name].detach()[e], row.detach(), rtol=1e-6, atol=1e-8)
+    assert new_rows and continuing_rows  # both kinds were checked
+
+
+def test_resume_after_a_stage_boundary_repeats_the_uninterrupted_steps_bit_for_bit() -> None:
+    """The experts' moment starts travel in the plugin state: a job rebuilt from the step-3 model, optimizer and
+    plugin states takes steps 4-5 exactly as the uninterrupted job (``torch.equal``)."""
+    model, config, pm, _, optimizer = _staged_job()
+    _run_steps(model, config, pm, optimizer, range(1, 4))
+    model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    optim_state = copy.deepcopy(optimizer.state_dict())  # a checkpoint's copy, not the live tensors
+    plugin_state = copy.deepcopy(pm.plugin_state_dicts(model, config)["hft"])
+    assert any(any(starts) for starts in plugin_state["moment_start"].values())
+    model2, config2, pm2, plugin2, optimizer2 = _staged_job()
+    model2.load_state_dict(model_state)
+    optimizer2.load_state_dict(optim_state)
+    plugin2.expertrain_load_state_dict(model2, plugin_state, config2)
+    _run_steps(model, config, pm, optimizer, range(4, 6))
+    _run_steps(model2, config2, pm2, optimizer2, range(4, 6))
+    for (name, a), b in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(a, b), name
