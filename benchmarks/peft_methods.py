@@ -7,7 +7,7 @@ per-method table, printed, ``--lr METHOD=VALUE`` to override) and the method's o
 
 - **exact match**: greedy answers to the first ``--eval-rows`` held-out rows (the trainer's ``sft.eval_exact_match``);
 - **forgetting**: validation loss on the PRETRAINING corpus before (the base) and after the fine-tune, on the very
-  batches the base run validated on (its data section, seed, ``train.eval_batches × micro_batch × ranks`` samples),
+  batches the base run validated on (its data section, data.val_seed, ``train.eval_batches × micro_batch`` samples),
   each model rebuilt from its final checkpoint with its plugins (``framework.checkpoint.export.load_model``), fp32;
 - **trained parameters**: what the method updates, from its start-up coverage line (HFT: its trained share, expert
   slices counted per expert; full fine-tuning: every parameter), and its share of the adapted model's total;
@@ -289,11 +289,17 @@ class PretrainingValidation:
         cfg = resolve({k: v for k, v in base_cfg.items() if not k.startswith("_")}, pm.config_sections,
                       source="the base checkpoint")  # fmt: skip
         t = cfg.train
-        n_val = t.eval_batches * t.micro_batch_size * base_cfg["_world_size"]
+        n_val = t.eval_batches * t.micro_batch_size
         tokenizer = load_tokenizer(cfg.data, progress=False)
         # The base trainer's exact call, so the samples are the ones its final val_loss was measured on.
         _, val = build_pretrain_datasets(
-            cfg.data, cfg.data.seq_len, t.seed, t.steps * t.global_batch_size, n_val, tokenizer
+            cfg.data,
+            cfg.data.seq_len,
+            t.seed,
+            t.steps * t.global_batch_size,
+            n_val,
+            tokenizer,
+            val_seed=cfg.data.val_seed,
         )
         if val is None:
             raise SystemExit("the base's data section has no validation split (data.val_fraction is 0)")
