@@ -262,6 +262,7 @@ class Trainer:
                 val_samples,
                 self.tokenizer,
                 val_seed=cfg.data.val_seed,
+                vocab_size=cfg.model.vocab_size,
             ),
         )
 
