@@ -371,7 +371,8 @@ class CheckpointConfig:
     save_on_signals: list[str] = option(
         default_factory=lambda: ["SIGTERM", "SIGUSR1"],
         doc="Signals that stop the job cleanly: every rank finishes the current step, a checkpoint is saved and the "
-        "job exits with code 75 (resume by rerunning it). Empty = the signals keep their default action.",
+        "job exits with code 75 (resume by rerunning it); a rank still running parallel.timeout_s after the signal "
+        "is taken as hung and exits. Empty = the signals keep their default action.",
     )
     on_damaged: Literal["fallback", "fail"] = option(
         "fallback",

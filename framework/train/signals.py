@@ -9,6 +9,7 @@ changes nothing: the flag is already set, and the save is atomic.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Sequence
@@ -48,16 +49,32 @@ def signal_numbers(names: Sequence[str]) -> list[signal.Signals]:
 
 
 class StopSignals:
-    """Records the first of ``names`` this process receives while installed (a context manager)."""
+    """Records the first of ``names`` this process receives while installed (a context manager).
 
-    def __init__(self, names: Sequence[str]) -> None:
+    A process that does not stop within ``grace_s`` of the signal (it is hung: in a collective whose peer died, in a
+    plugin) gets the signal's default action after all, so a launcher's SIGTERM still ends it (torchrun sends SIGTERM
+    to the surviving workers when one fails, and SIGKILL only 30 s later)."""
+
+    def __init__(self, names: Sequence[str], grace_s: float) -> None:
         self.signals = signal_numbers(names)
+        self.grace_s = grace_s
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
+        self._timer: threading.Timer | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(signum)
+            self._timer = threading.Timer(self.grace_s, self._default_action, args=(self.received,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _default_action(self, sig: signal.Signals) -> None:
+        # A timer thread may not change signal handlers, and a main thread stuck in a collective would not run a
+        # Python handler anyway: end the process here, with the exit status a death by ``sig`` gives.
+        message = f"expertrain: did not stop within {self.grace_s:g} s of {sig.name} (hung?): exiting\n"
+        os.write(2, message.encode())
+        os._exit(128 + int(sig))
 
     @property
     def pending(self) -> bool:
@@ -71,6 +88,8 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)  # type: ignore[arg-type]
         self._previous.clear()

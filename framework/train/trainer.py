@@ -103,7 +103,7 @@ class Trainer:
         )
         self.accumulation = check_world(config, self.layout.dp)
         self.state = RunState()
-        self.stop = StopSignals(config.checkpoint.save_on_signals)
+        self.stop = StopSignals(config.checkpoint.save_on_signals, grace_s=config.parallel.timeout_s)
         self.stop_after_step = False
         self.collate: Callable[[list[Any]], Any] | None = None  # set for SFT data (triples with position ids)
 

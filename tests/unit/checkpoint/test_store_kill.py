@@ -60,10 +60,12 @@ def _latest(root: Path, name: str) -> tuple[Path, ...]:
 # the last complete one: 0 = that one, 1 = the one being saved): from the temporary folder's creation through the
 # shards, the manifest and the rename to the ``latest`` pointer. Before the rename only the previous checkpoint is
 # visible; after it, the new one is complete and synced, and is used even if ``latest`` still names the previous one.
-KILL_POINTS: list[tuple[str, Marker, float, set[int]]] = [
+KILL_POINTS: list[tuple[str, Marker, float, set[int] | None]] = [
     ("the temporary folder appears", _tmp, 0.0, {0}),
-    ("0.1 s after the temporary folder appears (shards being written)", _tmp, 0.1, {0, 1}),
-    ("0.25 s after the temporary folder appears (fsync, checksums)", _tmp, 0.25, {0, 1}),
+    # A timed kill can land after that save and the next have finished (a loaded machine): any intact checkpoint not
+    # older than the last save that returned is right there.
+    ("0.1 s after the temporary folder appears (shards being written)", _tmp, 0.1, None),
+    ("0.25 s after the temporary folder appears (fsync, checksums)", _tmp, 0.25, None),
     ("the manifest is written", _manifest, 0.0, {0, 1}),
     ("the folder is renamed", _renamed, 0.0, {1}),
     ("latest is replaced", _latest, 0.0, {1}),
@@ -120,7 +122,7 @@ def test_sigkill_at_every_point_of_a_save_resumes_from_an_intact_checkpoint_with
         assert path is not None, f"killed after {label}: no checkpoint"
         step = CheckpointStore.read_meta(path)["step"]
         assert step >= saved, f"killed after {label}: step {saved} had been saved, resumed from {step}"
-        assert step - resumed in allowed, (
+        assert allowed is None or step - resumed in allowed, (
             f"killed after {label}: resumed from step {step}, the last was {resumed}"
         )
         state, meta, rng = CheckpointStore.load(path, zeros_like_state())
@@ -134,4 +136,4 @@ def test_sigkill_at_every_point_of_a_save_resumes_from_an_intact_checkpoint_with
         outcomes.append((label, step))
         resumed = step
     # Both outcomes occur: killed before the rename, the previous step; after it, the new one.
-    assert {step - prev for (_, step), prev in zip(outcomes, [1] + [s for _, s in outcomes])} == {0, 1}
+    assert {step - prev for (_, step), prev in zip(outcomes, [1] + [s for _, s in outcomes])} >= {0, 1}
