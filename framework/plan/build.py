@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from framework.config import ConfigError, JobConfig, check_world, load_raw, plugin_names, resolve
+from framework.config import ConfigError, JobConfig, check_world, load_raw
 from framework.hooks import PluginManager
 from framework.parallel.mesh import ParallelLayout, ParallelMeshes, build_meshes
 
@@ -122,16 +122,15 @@ def plan_job_config(
     hf_config: str | None = None,
 ) -> tuple[JobConfig, PluginManager, ParallelLayout, int, list[str]]:
     """Type the job for ``world`` ranks as the launcher would: ``(config, plugins, layout, accumulation, notes)``."""
-    from framework.models import default_registry
 
     if config_path is None and hf_config is None:
         raise ConfigError(
             "--config", None, "expected a job file (--config F) or a model (--hf-config FOLDER)"
         )
+    from framework.train.launch import load_job
+
     raw, notes = _raw_plan_job(config_path, overrides, hf_config)
-    pm = PluginManager(default_registry())
-    pm.load(plugin_names(raw))
-    config = resolve(raw, pm.config_sections, source=config_path or "--hf-config")
+    config, pm = load_job(config_path or "--hf-config", overrides, raw, world=world)
     if config.train.engine != "native":
         raise ConfigError(
             "train.engine",
@@ -139,9 +138,7 @@ def plan_job_config(
             "expected native: the planner follows DDP/FSDP2 (DeepSpeed ZeRO shards by its own rules)",
         )
     layout = ParallelLayout.from_config(config.parallel, world, config.model, config.moe, config.data.seq_len)
-    accumulation = check_world(config, layout.dp)
-    pm.hook.expertrain_validate_config(config=config, world_size=world)
-    return config, pm, layout, accumulation, notes
+    return config, pm, layout, check_world(config, layout.dp), notes
 
 
 @contextlib.contextmanager
@@ -176,18 +173,16 @@ def parallelize_for_plan(
 def _apply_plugins(model: nn.Module, config: JobConfig, pm: PluginManager) -> None:
     """Plugin transforms and trainable sets on the meta model; a plugin that needs real weights is named."""
     from framework.hooks import PluginHookError
+    from framework.train.assembly import transform_and_select
 
     try:
-        pm.hook.expertrain_transform_model(model=model, config=config)
+        transform_and_select(model, config, pm)
     except PluginHookError as exc:
         cause = exc.original
         raise PlanError(
             f"plugin '{exc.plugin}' is not plannable on meta: its model transform needs real weights "
             f"({type(cause).__name__}: {cause}); plan without it and add its adapter memory by hand"
         ) from None
-    trainable = pm.trainable_names(model, config)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable)
 
 
 def _moe_shapes(model: nn.Module) -> list[dict[str, int]]:

@@ -65,18 +65,16 @@ def assemble_model(
     base_keys = set(model.state_dict())
     read: list[int] = []
     whole = _why_whole(config, pm)
-    if whole is not None and not quiet:
-        console.info(f"building the whole model on every rank before sharding: {whole}")
+    if whole is not None:
+        if not quiet:
+            console.info(f"building the whole model on every rank before sharding: {whole}")
         model.to_empty(device=device)
         _init_base(model, config, base_keys, resuming, read)
-    pm.hook.expertrain_transform_model(model=model, config=config)
+    transform_and_select(model, config, pm)
     if whole is not None:
         pm.hook.expertrain_init_weights(
             model=model, config=config, init=KeyedInit.for_model(config.train.seed, model), resumed=resuming
         )
-    trainable = pm.trainable_names(model, config)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable)
     counts = model.param_counts()
     flops = model.flops_per_token(config.data.seq_len)
     parallelize_model(model, config, meshes, device)
@@ -95,6 +93,15 @@ def assemble_model(
         )
     replicated = wrap_replicated(model, config, meshes, device)
     return AssembledModel(model, replicated, counts, flops, whole, sum(read) if read else None)
+
+
+def transform_and_select(model: nn.Module, config: JobConfig, pm: PluginManager) -> None:
+    """The plugins' transforms (``expertrain_transform_model``), then the trainable set: ``requires_grad`` from
+    ``expertrain_trainable_parameters``. On the meta device when no plugin needs real weights."""
+    pm.hook.expertrain_transform_model(model=model, config=config)
+    trainable = pm.trainable_names(model, config)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
 
 
 def assemble_single_process(config: JobConfig, pm: PluginManager) -> AssembledModel:

@@ -58,10 +58,10 @@ def _raw_job(config_path: str, overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def load_job(
-    config_path: str, overrides: Sequence[str], raw: dict[str, Any] | None = None
+    config_path: str, overrides: Sequence[str], raw: dict[str, Any] | None = None, world: int | None = None
 ) -> tuple[JobConfig, PluginManager]:
     """Type the job file and overrides (or the ``raw`` job :func:`read_job` returned for them), load the plugins it
-    names, and let them validate it."""
+    names, and let them validate it for ``world`` ranks (default: the world size torchrun announced)."""
     from framework.hooks import PluginManager
     from framework.models import default_registry
     from framework.parallel.mesh import ParallelLayout
@@ -72,7 +72,7 @@ def load_job(
     pm = PluginManager(default_registry())
     pm.load(names)
     config = resolve(raw, pm.config_sections, source=config_path)
-    world = env_world_size()
+    world = env_world_size() if world is None else world
     layout = ParallelLayout.from_config(config.parallel, world, config.model, config.moe, config.data.seq_len)
     check_world(config, layout.dp)
     pm.hook.expertrain_validate_config(config=config, world_size=world)
