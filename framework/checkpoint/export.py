@@ -11,9 +11,11 @@ in one process, as a training rank would, and the export is written from it. Bot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,21 @@ def _move_into(staging: Path, out: Path) -> None:
             shutil.rmtree(target)  # a folder of the same name as one this export writes (e.g. a tokenizer's)
         os.replace(entry, target)
     staging.rmdir()
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write the export into: moved into ``out`` when the block ends, removed when
+    it raises, so a failed export leaves no half-written folder."""
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _move_into(staging, out)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -253,32 +270,29 @@ def export_plugin_format(
     """
     out = prepare_output(output, overwrite=overwrite)
     model, config, pm, path = load_model(checkpoint)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with _staged(out) as staging:
         answers = pm.call_per_plugin(
             "expertrain_export", model=model, config=config, output_dir=staging, export_format=export_format
         )
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if not answers:
-        shutil.rmtree(staging, ignore_errors=True)
-        plugins = ", ".join(config.plugins) if config.plugins else "none"
-        raise ExportFormatUnavailable(
-            f"export format '{export_format}' is not available for {path}: no plugin of its job provides it "
-            f"(plugins: {plugins}); 'native' is always available"
+        if not answers:
+            plugins = ", ".join(config.plugins) if config.plugins else "none"
+            raise ExportFormatUnavailable(
+                f"export format '{export_format}' is not available for {path}: no plugin of its job provides it "
+                f"(plugins: {plugins}); 'native' is always available"
+            )
+        written = [name for files in answers.values() for name in files]
+        (staging / EXPORT_RECORD).write_text(
+            json.dumps(
+                {
+                    "checkpoint": path.name,
+                    "format": export_format,
+                    "plugins": list(answers),
+                    "files": written,
+                },
+                indent=1,
+            ),
+            encoding="utf-8",
         )
-    written = [name for files in answers.values() for name in files]
-    (staging / EXPORT_RECORD).write_text(
-        json.dumps(
-            {"checkpoint": path.name, "format": export_format, "plugins": list(answers), "files": written},
-            indent=1,
-        ),
-        encoding="utf-8",
-    )
-    _move_into(staging, out)
     return written
 
 
@@ -319,34 +333,28 @@ def export_hf(
             tokenizer = load_hf_tokenizer(tokenizer_dir)
         except DataError:
             tokenizer = None
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        shard = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
-        if model is not None:
-            written = save_pretrained(model, staging, tokenizer=tokenizer, max_shard_bytes=shard)
-        else:
-            written = _write_hf_streamed(path, config, pm, staging, tokenizer, shard)
-    except (HFCheckpointError, HFConfigError) as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if config.plugins and not merge:
-            raise HFCheckpointError(
-                f"{exc} (the job's plugins {', '.join(config.plugins)} may add tensors: pass --merge to fold "
-                "mergeable adapters into the base weights, or export the adapters with their own format)"
-            ) from None
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    (staging / EXPORT_RECORD).write_text(
-        json.dumps(
-            {"checkpoint": path.name, "format": "hf", "merged": {k: list(v) for k, v in merged.items()},
-             "files": written},
-            indent=1,
-        ),
-        encoding="utf-8",
-    )  # fmt: skip
-    _move_into(staging, out)
+    shard = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
+    with _staged(out) as staging:
+        try:
+            if model is not None:
+                written = save_pretrained(model, staging, tokenizer=tokenizer, max_shard_bytes=shard)
+            else:
+                written = _write_hf_streamed(path, config, pm, staging, tokenizer, shard)
+        except (HFCheckpointError, HFConfigError) as exc:
+            if config.plugins and not merge:
+                raise HFCheckpointError(
+                    f"{exc} (the job's plugins {', '.join(config.plugins)} may add tensors: pass --merge to fold "
+                    "mergeable adapters into the base weights, or export the adapters with their own format)"
+                ) from None
+            raise
+        (staging / EXPORT_RECORD).write_text(
+            json.dumps(
+                {"checkpoint": path.name, "format": "hf", "merged": {k: list(v) for k, v in merged.items()},
+                 "files": written},
+                indent=1,
+            ),
+            encoding="utf-8",
+        )  # fmt: skip
     return written
 
 
