@@ -47,8 +47,8 @@ from framework.checkpoint.manifest import (
 )
 from framework.checkpoint.safe_reader import CheckpointFormatError, SafeFileSystemReader
 from framework.checkpoint.tree import overlay_plain, split_tensors
+from framework.comm import collectives as C
 from framework.observe import console
-from framework.parallel import collectives as C
 
 META = "meta.json"
 LATEST = "latest"

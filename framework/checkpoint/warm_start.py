@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from framework.checkpoint.export import resolve_checkpoint
 from framework.checkpoint.safe_reader import SafeFileSystemReader
 from framework.checkpoint.store import CheckpointStore
+from framework.comm import collectives as C
 from framework.config.errors import ConfigError
-from framework.parallel import collectives as C
 
 KEY = "model.init_from"
 

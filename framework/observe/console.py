@@ -14,7 +14,7 @@ def _collectives() -> ModuleType | None:
     the rank then comes from torchrun's environment)."""
     if "torch" not in sys.modules:
         return None
-    from framework.parallel import collectives
+    from framework.comm import collectives
 
     return collectives
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from framework.parallel import collectives as C
+from framework.comm import collectives as C
 
 
 class MetricsWriter:

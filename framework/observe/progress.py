@@ -6,7 +6,7 @@ import sys
 
 from tqdm import tqdm
 
-from framework.parallel import collectives as C
+from framework.comm import collectives as C
 
 
 class ProgressBar:

@@ -1,1 +1,1 @@
-"""Process groups, the collectives wrapper and data-parallel wrapping (DDP / FSDP2)."""
+"""Process groups, device meshes and data-parallel wrapping (DDP / FSDP2); the collectives wrapper is framework.comm."""

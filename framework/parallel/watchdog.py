@@ -32,8 +32,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from framework.comm import collectives as C
 from framework.hooks.markers import hookimpl
-from framework.parallel import collectives as C
 
 PLUGIN_NAME = "expertrain-watchdog"
 """The name of the step-tracking plugin :func:`install` registers (it shows in ``EXPERTRAIN_TRACE_HOOKS`` output)."""

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from framework.comm import collectives as C
 from framework.config import JobConfig
 from framework.hooks import PluginManager
 from framework.models import Transformer
 from framework.models.init import KeyedInit
 from framework.observe import console
-from framework.parallel import collectives as C
 from framework.parallel.mesh import ParallelMeshes
 from framework.parallel.parallelize import parallelize_model, wrap_replicated
 

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors that describe the user's input: one line, no traceback."""
     from framework.checkpoint import CheckpointFormatError, CheckpointSaveError, RunDirLocked
+    from framework.comm import collectives as C
     from framework.data import DataError
     from framework.hooks import ComponentError, PluginError, PluginHookError
-    from framework.parallel import collectives as C
     from framework.train.trainer import CheckpointMismatch, TrainingDiverged
 
     return (

@@ -19,6 +19,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from framework.checkpoint import CheckpointStore, RunLock, acquire_run_lock
+from framework.comm import collectives as C
 from framework.config import ConfigError, JobConfig, check_world
 from framework.config.job import save_resolved
 from framework.data import MicroBatchStream, build_pretrain_datasets, load_tokenizer, unigram_entropy
@@ -28,7 +29,6 @@ from framework.observe import console
 from framework.observe.metrics import MetricsWriter, read_metrics
 from framework.observe.mfu import mfu, peak_tflops
 from framework.observe.progress import ProgressBar
-from framework.parallel import collectives as C
 from framework.parallel.mesh import ParallelLayout, build_meshes
 from framework.parallel.setup import DistInfo, set_deterministic
 from framework.train.loss import IGNORE_INDEX, count_loss_tokens, lm_loss_sum

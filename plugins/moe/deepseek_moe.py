@@ -30,12 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from framework.comm import collectives as C
 from framework.config import ConfigError, JobConfig, MoEConfig, option
 from framework.hooks import ComponentRegistry, hookimpl
 from framework.models.moe.balancing import expert_counts
 from framework.models.moe.layer import MoELayer
 from framework.models.moe.router import RouterOutput
-from framework.parallel import collectives as C
 from plugins.moe.shared_experts import SharedExperts
 
 SECTION = "deepseek_moe"

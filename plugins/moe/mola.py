@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.comm import collectives as C
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import PluginError, hookimpl
 from framework.models.init import InitSource, KeyedInit
 from framework.observe import console
-from framework.parallel import collectives as C
 from plugins.peft.low_rank import (
     LoRAInit,
     experts_to_peft,

@@ -58,12 +58,12 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from framework.comm import collectives as C
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import PluginError, hookimpl
 from framework.models.moe.dispatch import LocalDispatcher
 from framework.models.sharding import local_part
 from framework.observe import console
-from framework.parallel import collectives as C
 from plugins.peft.low_rank import (
     ExpertsLoRA,
     LoRAExperts,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from framework.parallel import collectives as C
+from framework.comm import collectives as C
 from tests.distributed.spawn import run_ranks
 
 

@@ -74,7 +74,7 @@ def _batches(rank: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
 
 def _step(engine: Any, raw: torch.nn.Module, scheduler: Any, micro: list, grads: Any = None) -> tuple:
     """One optimizer step as ``Trainer.train_step`` does it; returns (loss, grad norm, gradients or None)."""
-    from framework.parallel import collectives as C
+    from framework.comm import collectives as C
     from framework.train.loss import count_loss_tokens, lm_loss_sum
 
     world = C.world_size()

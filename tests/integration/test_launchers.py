@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from framework.comm.collectives import RankFailure, is_collective_failure
 from framework.hooks import PluginHookError
 from framework.parallel import watchdog
-from framework.parallel.collectives import RankFailure, is_collective_failure
 from framework.parallel.watchdog import check_window_s
 from tests.distributed.spawn import free_port
 from tests.integration.launch import (

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from framework.parallel import collectives as C
+from framework.comm import collectives as C
 
 
 def _sum_over(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -19,8 +19,8 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
+from framework.comm import collectives as C
 from framework.models.moe.balancing import deterministic_sums, expert_counts
-from framework.parallel import collectives as C
 
 
 @dataclass

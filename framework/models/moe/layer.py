@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from framework.comm import collectives as C
 from framework.config.sections import MoEConfig
 from framework.models.moe.balancing import (
     expert_counts,
@@ -33,7 +34,6 @@ from framework.models.moe.balancing import (
 from framework.models.moe.dispatch import LocalDispatcher, TokenDispatcher
 from framework.models.moe.experts import GroupedExperts
 from framework.models.moe.router import RouterOutput, TopKRouter
-from framework.parallel import collectives as C
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ import torch
 
 from framework.checkpoint import CheckpointFormatError, CheckpointStore
 from framework.checkpoint.manifest import MANIFEST
-from framework.parallel import collectives as C
+from framework.comm import collectives as C
 from tests.distributed.spawn import run_ranks
 
 NUMEL = 40_000  # 160 kB per rank: room for 64 KiB of zeros inside a shard
