@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from framework.models.moe.dispatch import LocalDispatcher, expert_capacity
@@ -24,11 +25,44 @@ def test_round_trip_groups_by_expert_stably_and_combines_weighted() -> None:
     assert int(ctx.dropped_N) == 0
 
 
-def test_combine_accumulates_in_fp32_and_returns_input_dtype() -> None:
-    x = torch.randn(4, 8, dtype=torch.bfloat16)
-    d = LocalDispatcher(2)
-    x_ND, _, ctx = d.dispatch(x, torch.tensor([[0, 1]] * 4), torch.full((4, 2), 0.5))
-    assert d.combine(x_ND, ctx).dtype == torch.bfloat16
+def _bf16_ulps(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """|value - reference| in units of the bf16 spacing at the reference (8 significant bits)."""
+    spacing = torch.exp2(torch.floor(torch.log2(reference.abs())) - 7)
+    return (value.double() - reference).abs() / spacing
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["index_add", "fixed_order"])
+def test_combine_accumulates_in_fp32_and_returns_input_dtype(deterministic: bool) -> None:
+    """Each token's 64 weighted expert rows (bf16 expert outputs, fp32 gate weights) are summed; experts alternate in
+    sign, so the terms (~0.75·|x| each) cancel to a sum ~20x smaller and any rounding of a term to bf16 shows.
+    Reference: the same sum in fp64. fp32 products and accumulation, then one rounding to bf16, stay within half a
+    bf16 spacing of it (fp32 round-off of 64 terms is ~4e-4 of a spacing here; 0.01 allowed). Products rounded to bf16
+    and summed by ``index_add_`` measured 6.8 spacings off, a bf16 running sum 17.9: the check tells them apart."""
+    T, E, D = 8, 64, 32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, D, generator=g).to(torch.bfloat16)
+    w = torch.rand(T, E, generator=g)
+    sign_E = torch.tensor([1.0, -1.0]).repeat(E // 2)
+    ids = torch.arange(E).expand(T, E).contiguous()  # every token to every expert: 64 terms per sum
+    d = LocalDispatcher(E)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        x_ND, counts_E, ctx = d.dispatch(x, ids, w)
+        y_ND = (x_ND.float() * sign_E.repeat_interleave(counts_E).unsqueeze(-1)).to(
+            torch.bfloat16
+        )  # rows by expert
+        out = d.combine(y_ND, ctx)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert out.dtype == torch.bfloat16
+    reference = x.double() * (w.double() * sign_E.double()).sum(-1, keepdim=True)
+    assert _bf16_ulps(out, reference).max() <= 0.5 + 0.01
+    rounded_terms = (x.float().unsqueeze(1) * (w * sign_E).unsqueeze(-1)).to(torch.bfloat16)  # (T, E, D)
+    bf16_sum = torch.zeros(T, D, dtype=torch.bfloat16).index_add_(
+        0, torch.arange(T).repeat_interleave(E), rounded_terms.reshape(T * E, D)
+    )
+    assert _bf16_ulps(bf16_sum, reference).max() > 2  # what bf16 products would give
 
 
 def test_capacity_drop_by_probs_keeps_highest_weights() -> None:
