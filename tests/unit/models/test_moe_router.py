@@ -37,11 +37,20 @@ def test_scores_weights_and_scale(score_func: str, route_norm: bool) -> None:
 
 
 def test_router_is_fp32_under_bf16_autocast_and_bf16_cast() -> None:
+    """A bf16 model under bf16 autocast still routes in fp32. Reference: the logits of the same (bf16) input and gate
+    weight in fp64. fp32 products of bf16 values are exact and 8 of them sum with ~1e-7 relative round-off (rtol 1e-6
+    allowed); a bf16 matmul rounds every logit to 8 bits (up to 2^-9 relative), measured here above 1e-3."""
     r = _router(use_expert_bias=True).to(torch.bfloat16)
     assert r.expert_bias.dtype == torch.float32  # the bias never becomes bf16
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = r(torch.randn(4, 8, dtype=torch.bfloat16))
+        out = r(x)
+        bf16_logits = torch.nn.functional.linear(x, r.gate.weight)
     assert out.logits_TE.dtype == torch.float32 and out.scores_TE.dtype == torch.float32
+    logits = x.double() @ r.gate.weight.double().T
+    torch.testing.assert_close(out.logits_TE.double(), logits, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.scores_TE.double(), logits.softmax(-1), rtol=1e-6, atol=1e-7)
+    assert ((bf16_logits.double() - logits).abs() / logits.abs()).max() > 1e-3  # what bf16 routing would give
 
 
 def test_bias_changes_selection_not_weights() -> None:
