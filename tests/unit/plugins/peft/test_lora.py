@@ -331,12 +331,36 @@ FIELDS = (
 )
 
 
-def test_export_matches_peft_on_llama(tmp_path: Path) -> None:
+def _peft_reproduces(
+    model: nn.Module, config: JobConfig, pm: PluginManager, adapter: Path, tmp: Path
+) -> None:
+    """Independent reference: real peft applies our exported adapter to the Hugging Face form of the same base
+    weights (a fresh build with the same init seed, written by ``save_pretrained``); its logits equal our adapted
+    model's to fp32 round-off (atol 1e-5 on logits of ~1: the same sums in another order). The adapters must move the
+    logits by more than 1e-3 for the check to see them."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from framework.interop.hf import save_pretrained
+
+    save_pretrained(_model(config, pm), tmp / "base")
+    with torch.no_grad():
+        expected = model(IDS)
+        hf = AutoModelForCausalLM.from_pretrained(tmp / "base").eval()
+        before = hf(IDS).logits
+        got = peft.PeftModel.from_pretrained(hf, str(adapter)).eval()(IDS).logits
+    assert (expected - before).abs().max() > 1e-3, "the adapters must move the model for this to test them"
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0.0)
+
+
+def test_export_matches_peft_on_llama_and_peft_reproduces_the_logits(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     section = {"targets": ["q_proj", "v_proj", "o_proj", "gate_proj"], "r": 4, "alpha": 8.0}
     section["rank_pattern"] = {"v_proj": 2}
     model, config, pm = _adapted(section, moe={"num_experts": 0})
+    _train_adapters(model)
     ours, our_cfg = _export(model, config, pm, tmp_path / "ours")
+    _peft_reproduces(model, config, pm, tmp_path / "ours", tmp_path)
     m = config.model
     hf = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
@@ -364,12 +388,13 @@ def test_export_matches_peft_on_llama(tmp_path: Path) -> None:
         )
 
 
-def test_export_matches_peft_on_mixtral_experts(tmp_path: Path) -> None:
+def test_export_matches_peft_on_mixtral_experts_and_peft_reproduces_the_logits(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     section = {"targets": ["q_proj", "k_proj"], "target_experts": True, "r": 2, "alpha": 4.0}
     model, config, pm = _adapted(section, moe={"every": 1})  # both layers MoE
     _train_adapters(model)
     ours, our_cfg = _export(model, config, pm, tmp_path / "ours")
+    _peft_reproduces(model, config, pm, tmp_path / "ours", tmp_path)
     m, moe = config.model, config.moe
     hf = transformers.MixtralForCausalLM(
         transformers.MixtralConfig(
