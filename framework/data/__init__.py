@@ -8,6 +8,7 @@ from framework.data.corpus import CorpusDocuments, CorpusFile, EmbeddedCorpus, s
 from framework.data.embedded import default_cache_dir, embedded_tokenizer_dir, prepare_embedded
 from framework.data.errors import DataError
 from framework.data.indexed import IndexInfo, open_indexed, validate_indexed, write_indexed
+from framework.data.labels import IGNORE_INDEX
 from framework.data.loader import MicroBatchStream
 from framework.data.prepare import PrepareResult, add_prepare_arguments, prepare, run_prepare
 from framework.data.pretrain import (
@@ -29,6 +30,7 @@ from framework.data.tokenizer import (
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "IGNORE_INDEX",
     "SPECIAL_TOKENS",
     "CorpusDocuments",
     "CorpusFile",

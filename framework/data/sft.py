@@ -55,9 +55,9 @@ from tokenizers import Tokenizer as _HFTokenizer
 from framework.config.errors import ConfigError
 from framework.config.sections import SFTDataConfig
 from framework.data.errors import DataError
+from framework.data.labels import IGNORE_INDEX
 from framework.data.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 from framework.observe import console
-from framework.train.loss import IGNORE_INDEX
 
 KNOWN_ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 """Roles a message may have; anything else is a bad row (a typo such as ``asistant`` would silently lose its loss)."""

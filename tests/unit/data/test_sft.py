@@ -13,6 +13,7 @@ from framework.config.errors import ConfigError
 from framework.config.schema import build_section, section_docs
 from framework.config.sections import SFTDataConfig
 from framework.data.errors import DataError
+from framework.data.labels import IGNORE_INDEX
 from framework.data.loader import MicroBatchStream
 from framework.data.sft import (
     ChatTokenizer,
@@ -22,7 +23,6 @@ from framework.data.sft import (
     conversation_segments,
 )
 from framework.data.tokenizer import Tokenizer
-from framework.train.loss import IGNORE_INDEX
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from framework.config.sections import SFTDataConfig
+from framework.data.labels import IGNORE_INDEX
 from framework.data.sft import build_sft_datasets
 from framework.data.sft_tasks import (
     TASKS,
@@ -18,7 +19,6 @@ from framework.data.sft_tasks import (
     write_task,
 )
 from framework.data.tokenizer import Tokenizer
-from framework.train.loss import IGNORE_INDEX
 
 
 def read(path: Path) -> list[dict]:
