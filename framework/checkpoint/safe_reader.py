@@ -14,6 +14,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
+from framework.errors import CheckpointFormatError
+
 _ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
 _ALLOWED = {
     ("torch", "Size"),
@@ -26,10 +28,6 @@ _ALLOWED = {
     ("pathlib", "PosixPath"),
     ("pathlib", "WindowsPath"),
 }
-
-
-class CheckpointFormatError(ValueError):
-    """A checkpoint file that is not what expertrain writes."""
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -32,7 +32,7 @@ from typing import Protocol
 
 import torch
 
-from framework.checkpoint.safe_reader import CheckpointFormatError
+from framework.errors import CheckpointFormatError
 
 
 class HFCheckpointError(CheckpointFormatError):
