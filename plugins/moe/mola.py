@@ -40,6 +40,8 @@ from framework.comm import collectives as C
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import PluginError, hookimpl
 from framework.models.init import InitSource, KeyedInit
+from framework.models.moe.balancing import expert_counts
+from framework.models.recompute import in_backward
 from framework.observe import console
 from plugins.peft.low_rank import (
     LoRAInit,
@@ -131,16 +133,11 @@ def resolve_experts(cfg: MoLAConfig, n_layers: int) -> list[int]:
 # --- the adapted projection ---------------------------------------------------------------------------------------
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (activation checkpointing recomputing a forward)."""
-    return torch._C._current_graph_task_id() != -1
-
-
 def switch_balance_loss(probs_TN: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
     """Switch Transformer balance loss ``N · Σ_i f_i · P_i``: ``f_i`` the share of the ``T·k`` routing slots that
     chose expert ``i``, ``P_i`` the mean router probability of ``i``. 1 at perfect balance."""
     N = probs_TN.shape[-1]
-    f_N = torch.bincount(ids_TK.flatten(), minlength=N).to(probs_TN.dtype) / ids_TK.numel()
+    f_N = expert_counts(ids_TK, N).to(probs_TN.dtype) / ids_TK.numel()
     return N * (f_N * probs_TN.mean(dim=0)).sum()
 
 
@@ -205,7 +202,7 @@ class MoLALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         x_TD = x.reshape(-1, self.in_features)
         gates_TN, ids_TK, probs_TN = self.route(x_TD)
-        if self.training and not _in_backward():
+        if self.training and not in_backward():
             self._record(ids_TK, probs_TN)
         # All experts at once: h = A·dropout(x) for every expert [T, N, r], gated (0 for unselected experts), then
         # one contraction over (expert, rank) with B.
@@ -215,7 +212,7 @@ class MoLALinear(nn.Linear):
         return y + (self.scaling * delta_TO).view(*x.shape[:-1], self.out_features).to(y.dtype)
 
     def _record(self, ids_TK: torch.Tensor, probs_TN: torch.Tensor) -> None:
-        counts_N = torch.bincount(ids_TK.flatten(), minlength=self.num_experts)
+        counts_N = expert_counts(ids_TK, self.num_experts)  # fixed shape: no graph break under torch.compile
         self._counts_N = counts_N if self._counts_N is None else self._counts_N + counts_N
         if self.track_balance:
             self._balance = switch_balance_loss(probs_TN, ids_TK)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from framework.comm import collectives as C
 from framework.models.moe.balancing import deterministic_sums, expert_counts
+from framework.models.recompute import in_backward
 
 
 @dataclass
@@ -52,11 +53,6 @@ class TokenDispatcher(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]: ...
 
     def combine(self, y_ND: torch.Tensor, ctx: DispatchContext) -> torch.Tensor: ...
-
-
-def _in_backward() -> bool:
-    """True while autograd recomputes a forward (activation checkpointing): traffic is counted once."""
-    return torch._C._current_graph_task_id() != -1
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -216,7 +212,7 @@ class AllToAllDispatcher:
             )
             to_expert_major_M = torch.sort(local_expert_of_row_M, stable=True).indices
             tokens_per_local_expert_L = recv_RL.sum(0)
-        if torch.is_grad_enabled() and not _in_backward():  # training forwards, once each
+        if torch.is_grad_enabled() and not in_backward():  # training forwards, once each (not a recompute)
             self.rows_sent += sum(input_splits)
             self.rows_sent_remote += sum(input_splits) - input_splits[self.ep_rank]
         x_MD = C.all_to_all_autograd(x_ND, output_splits, input_splits, self.group)

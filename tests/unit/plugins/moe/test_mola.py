@@ -134,6 +134,32 @@ def test_counts_are_exact_and_once_per_token_with_activation_checkpointing() -> 
     assert all(v == 0 for k, v in again.items() if "/tokens_e" in k)
 
 
+def test_counts_equal_bincount_and_trace_without_a_graph_break() -> None:
+    """MoLA counts its routed (token, expert) pairs by a scatter-add into N bins: the same integers as ``bincount``
+    (so the same Switch balance loss, bit for bit), with a fixed output shape, so the counting and the balance loss
+    trace under torch.compile as one graph (``bincount``'s data-dependent size broke it)."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    layer = MoLALinear(nn.Linear(8, 6), num_experts=4, top_k=2, r=2, alpha=4.0)
+    layer.track_balance = True
+    layer.train()
+    x = torch.randn(3, 5, 8)
+    layer(x)
+    layer(x)
+    _, ids_TK, probs_TN = layer.route(x.reshape(-1, 8))
+    bincount_N = torch.bincount(ids_TK.flatten(), minlength=4)
+    assert torch.equal(layer.consume_counts(), 2 * bincount_N)
+    reference = 4 * (bincount_N.float() / ids_TK.numel() * probs_TN.mean(dim=0)).sum()
+    assert torch.equal(layer.pop_balance_loss(), reference)
+    torch._dynamo.reset()
+    for explanation in (
+        torch._dynamo.explain(layer._record)(ids_TK, probs_TN),
+        torch._dynamo.explain(switch_balance_loss)(probs_TN, ids_TK),
+    ):
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 def test_bf16_autocast_stays_close_to_fp32() -> None:
     layer = _trained_projection()
     x = torch.randn(4, 12, generator=torch.Generator().manual_seed(4))
