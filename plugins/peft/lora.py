@@ -42,6 +42,14 @@ from plugins.peft.low_rank import (
     peft_param_wrapper_paths,
     write_adapter,
 )
+from plugins.peft.modules_to_save import (
+    coverage_detail,
+    modules_to_save_option,
+    peft_fields,
+    peft_tensors,
+    resolve,
+    trainable_names,
+)
 from plugins.peft.targets import (
     ALL_LINEAR,
     Targets,
@@ -96,6 +104,7 @@ class LoRAConfig:
         doc="Init of every A: kaiming (uniform, bound 1/sqrt(in), peft's default) or gaussian (std 1/r).",
     )
     seed: int = option(0, doc="Seed of the adapter init (the same adapters on every rank and layout).", min=0)
+    modules_to_save: list[str] = modules_to_save_option()
 
 
 def _check_patterns(cfg: LoRAConfig) -> None:
@@ -222,7 +231,10 @@ def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
     detail = f"r={cfg.r}, alpha={cfg.alpha:g} (scale {scale})"
     if cfg.rank_pattern or cfg.alpha_pattern:
         detail += f", rank_pattern={cfg.rank_pattern}, alpha_pattern={cfg.alpha_pattern}"
-    console.info(format_coverage(SECTION, model, targets, trainable, detail))
+    saved, count = coverage_detail(model, resolve(model, cfg.modules_to_save, SECTION))
+    if saved:
+        detail += f"; {saved}"
+    console.info(format_coverage(SECTION, model, targets, trainable + count, detail))
 
 
 @hookimpl
@@ -231,8 +243,9 @@ def expertrain_init_weights(model: nn.Module, config: JobConfig) -> None:
 
 
 @hookimpl
-def expertrain_trainable_parameters(model: nn.Module) -> list[str]:
-    return adapter_parameter_names(model)
+def expertrain_trainable_parameters(model: nn.Module, config: JobConfig) -> list[str]:
+    saved = resolve(model, getattr(config, SECTION).modules_to_save, SECTION)
+    return adapter_parameter_names(model) + trainable_names(saved)
 
 
 # --- export (peft format) -----------------------------------------------------------------------------------------
@@ -277,7 +290,8 @@ def _hf_targets(cfg: LoRAConfig, model: nn.Module, plugin: str) -> list[str] | s
 
 def adapter_config(model: nn.Module, config: JobConfig, plugin: str = SECTION) -> dict[str, Any]:
     """``adapter_config.json`` as peft's ``LoraConfig.save_pretrained`` writes it. Patterns are resolved to the
-    transformers paths of the modules whose rank or alpha differs from ``r`` / ``alpha``."""
+    transformers paths of the modules whose rank or alpha differs from ``r`` / ``alpha``; ``modules_to_save`` (and
+    ``ensure_weight_tying``) as :func:`plugins.peft.modules_to_save.peft_fields` gives them."""
     cfg: LoRAConfig = getattr(config, SECTION)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
@@ -308,7 +322,7 @@ def adapter_config(model: nn.Module, config: JobConfig, plugin: str = SECTION) -
         "init_lora_weights": True if cfg.init == "kaiming" else "gaussian",
         "bias": "none",
         "fan_in_fan_out": False,
-        "modules_to_save": None,
+        **peft_fields(model, resolve(model, cfg.modules_to_save, SECTION)),
         "exclude_modules": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -325,7 +339,9 @@ def expertrain_export(
 ) -> list[str] | None:
     if export_format != EXPORT_FORMAT:
         return None
-    return write_adapter(output_dir, adapter_tensors(model), adapter_config(model, config))
+    saved = resolve(model, getattr(config, SECTION).modules_to_save, SECTION)
+    tensors = {**adapter_tensors(model), **peft_tensors(model, saved)}
+    return write_adapter(output_dir, tensors, adapter_config(model, config))
 
 
 @hookimpl

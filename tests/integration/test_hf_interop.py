@@ -173,6 +173,8 @@ def _train_in_process(config: Path, overrides: list[str]) -> None:
 
 
 def test_lora_on_an_hf_base_exports_an_adapter_peft_reproduces(tmp_path: Path) -> None:
+    """With the head and final norm trained in full (lora.modules_to_save): peft loads them with the adapters, and
+    the merged folder holds them as the model's own weights."""
     from transformers import AutoModelForCausalLM
 
     from framework.checkpoint.export import load_model
@@ -183,6 +185,7 @@ def test_lora_on_an_hf_base_exports_an_adapter_peft_reproduces(tmp_path: Path) -
         *TINY,
         f"model.init_from=hf:{folder}",
         f"run.dir={run_dir}",
+        "lora.modules_to_save=[lm_head, norm]",
         "train.steps=2",
         "optim.lr=1e-2",
         "data.val_fraction=0",
@@ -208,6 +211,14 @@ def test_lora_on_an_hf_base_exports_an_adapter_peft_reproduces(tmp_path: Path) -
     )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(merged_logits, expected, atol=1e-5, rtol=0)
+    # The trained head and norm: in the adapter under peft's keys, and in the merged folder as the model's own.
+    base_tensors, merged_tensors = _tensors(folder), _tensors(merged)
+    adapter_tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    for ours_name, hf_name in (("output.weight", "lm_head.weight"), ("norm.weight", "model.norm.weight")):
+        trained = ours.state_dict()[ours_name]
+        assert not torch.equal(trained, base_tensors[hf_name]), f"{ours_name} must have trained"
+        assert torch.equal(merged_tensors[hf_name], trained)
+        assert torch.equal(adapter_tensors[f"base_model.model.{hf_name}"], trained)
 
 
 def test_export_hf_of_adapters_without_merge_names_the_way_out(tmp_path: Path) -> None:
