@@ -373,9 +373,16 @@ def test_check_tensor_parallel_rejects_uneven_splits(
 
 
 def test_check_tensor_parallel_accepts_even_splits() -> None:
+    """Each accepted case beside the refusal one value away, so acceptance is the check's verdict, not a no-op."""
     check_tensor_parallel(_cfg(), 2, 16, True)
+    with pytest.raises(ConfigError, match="model.n_heads"):
+        check_tensor_parallel(_cfg(), 8, 16, True)
     check_tensor_parallel(_cfg(), 2, 15, False)  # the sequence is only split with sequence parallelism
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        check_tensor_parallel(_cfg(), 2, 15, True)
     check_tensor_parallel(_cfg(vocab_size=97, n_kv_heads=1), 1, 15, True)  # tp = 1 splits nothing
+    with pytest.raises(ConfigError, match="model.n_kv_heads|model.vocab_size"):
+        check_tensor_parallel(_cfg(vocab_size=97, n_kv_heads=1), 2, 16, True)
 
 
 def test_tp2_attention_bias_and_head_norms(tp2: list[dict]) -> None:

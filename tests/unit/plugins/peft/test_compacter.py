@@ -182,18 +182,6 @@ def test_bad_configs_name_the_key(overrides: dict[str, Any], key: str) -> None:
         pm.hook.expertrain_validate_config(config=config, world_size=2)
 
 
-@pytest.mark.parametrize("sequence_parallel", [True, False])
-def test_tensor_parallelism_is_accepted(sequence_parallel: bool) -> None:
-    raw = _raw()
-    raw["parallel"] = {"tp": 2, "sequence_parallel": sequence_parallel}
-    pm = PluginManager(default_registry())
-    pm.register_object("compacter", compacter)
-    config = resolve(raw, pm.config_sections)
-    pm.hook.expertrain_validate_config(
-        config=config, world_size=2
-    )  # tests/distributed/test_compacter.py trains it
-
-
 def test_optimizer_groups_keep_the_core_decay_policy() -> None:
     raw = _raw()
     raw["optim"] = {"weight_decay": 0.1}

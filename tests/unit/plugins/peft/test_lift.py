@@ -226,11 +226,6 @@ def test_unsupported_settings_are_refused(section: dict[str, Any], train: dict[s
         _job(world=2, train=train, **section)
 
 
-def test_tensor_and_expert_parallelism_and_experts_are_accepted() -> None:
-    for parallel in ({"tp": 2}, {"ep": 2}, {"tp": 2, "ep": 2, "etp": 1}):
-        _job(parallel=parallel, world=4, moe=MOE, target_experts=True, targets=[])
-
-
 # --- routed experts -----------------------------------------------------------------------------------------------
 
 MOE = {"num_experts": 4, "top_k": 2, "expert_hidden": 16, "every": 2}  # layer 0 MoE, layer 1 dense
