@@ -1,12 +1,18 @@
 """Exports of a checkpoint: ``expertrain export native|hf`` and the formats plugins provide.
 
-When no plugin of the checkpoint's job changes the built model or exports from it (:func:`streams_tensors`: the
-core model, or plugins that only provide blocks or observe training, like ``deepseek_moe`` and the watchdog), the
-model's weights are never materialised: the model is built on the ``meta`` device (names, shapes, dtypes and the
-modules the HF config is read from, no data), its tensors are read from the checkpoint one at a time and written to
-their safetensors files as they come (:mod:`framework.checkpoint.stream`), so peak memory is about one tensor.
-Otherwise (adapters, ``--merge`` with a merging plugin, plugin formats) :func:`load_model` rebuilds the whole model
-in one process, as a training rank would, and the export is written from it. Both give the same bytes.
+No export holds the whole model. When no plugin of the checkpoint's job changes the built model or exports from it
+(:func:`streams_tensors`: the core model, or plugins that only provide blocks or observe training, like
+``deepseek_moe`` and the watchdog), the model is built on the ``meta`` device (names, shapes, dtypes and the modules
+the HF config is read from, no data), its tensors are read from the checkpoint one at a time and written to their
+safetensors files as they come (:mod:`framework.checkpoint.stream`), so peak memory is about one tensor.
+
+Otherwise the job's model is built and transformed by its plugins on ``meta`` (:class:`~framework.checkpoint.partial.
+PartialModel`) and only what the export reads is loaded: the tensors plugins added (adapters, masks), the trainable
+ones and what a plugin declares (``expertrain_export_tensors``); plugin formats (``export peft``, ``lift``, ...)
+are written from that model, ``native`` and ``hf`` stream the base weights past it, and ``hf --merge`` folds the
+adapters into each base tensor as it streams (``expertrain_merge_tensor``). Only a plugin whose transform needs real
+weights, or a merge by a plugin that implements only ``expertrain_merge_adapters``, rebuilds the whole model
+(:func:`load_model`). Every path writes the same bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from framework.checkpoint.partial import TIED, PartialModel, reading_base_weights_is_an_error
 from framework.checkpoint.safe_reader import CheckpointFormatError
 from framework.checkpoint.store import CheckpointStore
 from framework.checkpoint.stream import CheckpointTensors, SafetensorsWriter, TensorEntry
@@ -210,30 +217,40 @@ class _StreamedModel:
         return self._tensors.load([source], self.dtypes[name])[source]
 
 
-def _write_native_weights(out: Path, path: Path, config: JobConfig, pm: PluginManager) -> None:
+def _write_native_weights(out: Path, source: _StreamedModel | PartialModel) -> None:
     """``model.safetensors`` from the checkpoint, tensor by tensor (the bytes ``save_file`` of the state dict gives)."""
-    source = _StreamedModel(path, config, pm)
     entries = [TensorEntry(name, source.dtypes[name], tuple(shape)) for name, shape in source.shapes.items()]
     with SafetensorsWriter(out / NATIVE_WEIGHTS, entries, NATIVE_METADATA) as writer:
         for entry in entries:
             writer.write(entry.name, source.load(entry.name))
 
 
-def export_native(checkpoint: str | Path, output: str | Path, *, overwrite: bool = False) -> list[str]:
+def export_native(
+    checkpoint: str | Path, output: str | Path, *, overwrite: bool = False, whole_model: bool = False
+) -> list[str]:
     """Write ``model.safetensors`` + ``config.yaml`` (+ the run's tokenizer, + what plugins export) to ``output``.
     ``output`` is checked first (:func:`prepare_output`); with ``overwrite`` a previous export's files are removed.
 
-    Streamed from the checkpoint when :func:`streams_tensors`; else from the model :func:`load_model` rebuilds."""
+    Streamed from the checkpoint: without building the model when :func:`streams_tensors`, else past the job's
+    model with only its plugins' tensors loaded (:class:`PartialModel`). ``whole_model``: rebuild the whole model
+    first (:func:`load_model`, the path before streaming; the same bytes)."""
     out = prepare_output(output, overwrite=overwrite)
     config, pm, path = checkpoint_job(checkpoint)
+    source: _StreamedModel | PartialModel | None = None
     model = None
-    if not streams_tensors(pm):
+    if streams_tensors(pm) and not whole_model:
+        source = _StreamedModel(path, config, pm)
+    elif whole_model or pm.transforms_needing_weights():
         model, config, pm, path = load_model(path)
+    else:
+        source = PartialModel(path, config, pm, "native")
+        model = source.model
     out.mkdir(parents=True, exist_ok=True)
     remove_previous_export(out)
-    if model is None:
-        _write_native_weights(out, path, config, pm)
+    if source is not None:
+        _write_native_weights(out, source)
     else:
+        assert model is not None
         tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(tensors, str(out / NATIVE_WEIGHTS), metadata=NATIVE_METADATA)
         del tensors
@@ -245,10 +262,11 @@ def export_native(checkpoint: str | Path, output: str | Path, *, overwrite: bool
             shutil.copy2(f, out / f.name)
             written.append(f.name)
     if model is not None:
-        for result in pm.hook.expertrain_export(
-            model=model, config=config, output_dir=out, export_format="native"
-        ):
-            written.extend(result or [])
+        with reading_base_weights_is_an_error("expertrain_export"):
+            for result in pm.hook.expertrain_export(
+                model=model, config=config, output_dir=out, export_format="native"
+            ):
+                written.extend(result or [])
     (out / EXPORT_RECORD).write_text(
         json.dumps({"checkpoint": path.name, "files": written}, indent=1), encoding="utf-8"
     )
@@ -260,20 +278,37 @@ class ExportFormatUnavailable(ValueError):
 
 
 def export_plugin_format(
-    checkpoint: str | Path, output: str | Path, export_format: str, *, overwrite: bool = False
+    checkpoint: str | Path,
+    output: str | Path,
+    export_format: str,
+    *,
+    overwrite: bool = False,
+    whole_model: bool = False,
 ) -> list[str]:
     """``expertrain export <format>`` for a format a plugin provides through ``expertrain_export``.
 
-    The model is rebuilt with the checkpoint's plugins (:func:`load_model`); the core writes nothing of its own for
-    such a format. Raises :class:`ExportFormatUnavailable` (before anything is written) when no plugin answers.
-    ``output`` is checked first (:func:`prepare_output`); with ``overwrite`` a previous export's files are removed.
+    The plugins export from the job's model with only what they read loaded (:class:`PartialModel`: their own
+    tensors, the trainable ones and those they declare), or, when a plugin's transform needs real weights or
+    ``whole_model``, from the whole model rebuilt (:func:`load_model`); the same bytes either way. The core writes
+    nothing of its own for such a format. Raises :class:`ExportFormatUnavailable` (before anything is written) when
+    no plugin answers. ``output`` is checked first (:func:`prepare_output`); with ``overwrite`` a previous
+    export's files are removed.
     """
     out = prepare_output(output, overwrite=overwrite)
-    model, config, pm, path = load_model(checkpoint)
+    config, pm, path = checkpoint_job(checkpoint)
+    if whole_model or pm.transforms_needing_weights():
+        model, config, pm, path = load_model(path)
+    else:
+        model = PartialModel(path, config, pm, export_format).model
     with _staged(out) as staging:
-        answers = pm.call_per_plugin(
-            "expertrain_export", model=model, config=config, output_dir=staging, export_format=export_format
-        )
+        with reading_base_weights_is_an_error("expertrain_export"):
+            answers = pm.call_per_plugin(
+                "expertrain_export",
+                model=model,
+                config=config,
+                output_dir=staging,
+                export_format=export_format,
+            )
         if not answers:
             plugins = ", ".join(config.plugins) if config.plugins else "none"
             raise ExportFormatUnavailable(
@@ -296,6 +331,15 @@ def export_plugin_format(
     return written
 
 
+def merges_per_tensor(pm: PluginManager) -> bool:
+    """Whether ``export hf --merge`` can stream: every plugin that changes the model implements
+    ``expertrain_merge_tensor`` and none needs real weights to transform it."""
+    changing = [n for n in pm.plugin_names if MODEL_HOOKS.intersection(pm.hooks_implemented(n))]
+    return not pm.transforms_needing_weights() and all(
+        "expertrain_merge_tensor" in pm.hooks_implemented(n) for n in changing
+    )
+
+
 def export_hf(
     checkpoint: str | Path,
     output: str | Path,
@@ -303,16 +347,21 @@ def export_hf(
     merge: bool = False,
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
+    whole_model: bool = False,
 ) -> list[str]:
     """``expertrain export hf``: the checkpoint's model as a folder ``transformers.AutoModelForCausalLM`` loads
     (``config.json``, safetensors, the run's tokenizer). ``merge``: plugins first fold their adapters into the base
-    weights (``expertrain_merge_adapters``). Written to a temporary sibling and then moved in, so a failed export
-    leaves no half-written folder. An existing non-empty ``output`` is refused unless ``overwrite``; with it, only a
-    previous export's files are replaced, anything else in the folder is kept (:func:`prepare_output`).
-    ``max_shard_bytes``: the largest safetensors file (transformers' 5 GB by default).
+    weights. Written to a temporary sibling and then moved in, so a failed export leaves no half-written folder. An
+    existing non-empty ``output`` is refused unless ``overwrite``; with it, only a previous export's files are
+    replaced, anything else in the folder is kept (:func:`prepare_output`). ``max_shard_bytes``: the largest
+    safetensors file (transformers' 5 GB by default).
 
-    Streamed from the checkpoint, shard file by shard file, when :func:`streams_tensors`; else written from the
-    model :func:`load_model` rebuilds (same bytes)."""
+    Streamed from the checkpoint, shard file by shard file: without building the model when
+    :func:`streams_tensors`; else past the job's model with only its plugins' tensors loaded
+    (:class:`PartialModel`), a merge folding the adapters into each base tensor as it is written
+    (``expertrain_merge_tensor``, :func:`merges_per_tensor`). A merge by a plugin that implements only
+    ``expertrain_merge_adapters``, or ``whole_model``, writes from the whole model :func:`load_model` rebuilds (the
+    path before streaming; the same bytes)."""
     from framework.data.errors import DataError
     from framework.interop.hf import HFCheckpointError, HFConfigError, save_pretrained
     from framework.interop.hf.folders import DEFAULT_MAX_SHARD_BYTES
@@ -321,11 +370,16 @@ def export_hf(
     out = prepare_output(output, overwrite=overwrite)
     config, pm, path = checkpoint_job(checkpoint)
     model = None
+    partial: PartialModel | None = None
     merged: dict[str, Any] = {}
-    if not streams_tensors(pm):
+    if whole_model or (
+        not streams_tensors(pm) and (pm.transforms_needing_weights() or merge and not merges_per_tensor(pm))
+    ):
         model, config, pm, path = load_model(path)
         if merge:
             merged = pm.call_per_plugin("expertrain_merge_adapters", model=model, config=config)
+    elif not streams_tensors(pm):
+        partial = PartialModel(path, config, pm, "hf", plugin_state=merge)
     tokenizer_dir = path.parent.parent / "tokenizer"
     tokenizer = None
     if tokenizer_dir.is_dir():
@@ -338,8 +392,26 @@ def export_hf(
         try:
             if model is not None:
                 written = save_pretrained(model, staging, tokenizer=tokenizer, max_shard_bytes=shard)
+            elif partial is None:
+                source = _StreamedModel(path, config, pm)
+                written = _write_hf_streamed(source.skeleton, source.shapes, source.dtypes, source.load,
+                                             staging, tokenizer, shard)  # fmt: skip
+            elif merge:
+                merger = _TensorMerger(partial)
+                base = partial.base.state_dict()
+                written = _write_hf_streamed(
+                    partial.base,
+                    {k: v.shape for k, v in base.items()},
+                    {k: v.dtype for k, v in base.items()},
+                    merger.load,
+                    staging,
+                    tokenizer,
+                    shard,
+                )
+                merged = merger.merged
             else:
-                written = _write_hf_streamed(path, config, pm, staging, tokenizer, shard)
+                written = _write_hf_streamed(partial.model, partial.shapes, partial.dtypes, partial.load,
+                                             staging, tokenizer, shard)  # fmt: skip
         except (HFCheckpointError, HFConfigError) as exc:
             if config.plugins and not merge:
                 raise HFCheckpointError(
@@ -358,20 +430,60 @@ def export_hf(
     return written
 
 
+class _TensorMerger:
+    """Each base tensor of a merged export, read from the checkpoint with the plugins' adapters folded in
+    (``expertrain_merge_tensor``, plugin by plugin in hook order); ``merged`` records, per plugin, the modules whose
+    tensors it changed (as ``expertrain_merge_adapters`` reports them)."""
+
+    def __init__(self, partial: PartialModel) -> None:
+        self.partial = partial
+        self.merged: dict[str, list[str]] = {}
+
+    def load(self, name: str) -> torch.Tensor:
+        p = self.partial
+        tensor = p.load(name)
+        if name in p.loaded:
+            tensor = tensor.clone()  # a tensor the model holds (a trainable one) is not merged in place
+        tied = p.config.model.tie_embeddings and name in TIED
+        for alias in TIED if tied else (name,):  # a tied head's adapters fold into the shared tensor too
+            with reading_base_weights_is_an_error("expertrain_merge_tensor"):
+                answers = p.pm.call_per_plugin(
+                    "expertrain_merge_tensor", model=p.model, config=p.config, name=alias, tensor=tensor
+                )
+            for plugin, result in answers.items():
+                if result.dtype != tensor.dtype or result.shape != tensor.shape:
+                    raise CheckpointFormatError(
+                        f"plugin '{plugin}' returned a {result.dtype} {tuple(result.shape)} tensor from "
+                        f"expertrain_merge_tensor for '{alias}', which is {tensor.dtype} {tuple(tensor.shape)}"
+                    )
+                tensor = result
+                module = alias.rpartition(".")[0]
+                paths = self.merged.setdefault(plugin, [])
+                if module not in paths:
+                    paths.append(module)
+        return tensor
+
+
 def _write_hf_streamed(
-    path: Path, config: JobConfig, pm: PluginManager, out: Path, tokenizer: Any, max_shard_bytes: int
+    skeleton: torch.nn.Module,
+    shapes: dict[str, torch.Size],
+    dtypes: dict[str, torch.dtype],
+    load: Any,
+    out: Path,
+    tokenizer: Any,
+    max_shard_bytes: int,
 ) -> list[str]:
-    """:func:`~framework.interop.hf.save_pretrained` of the checkpoint's model, its weights streamed."""
+    """:func:`~framework.interop.hf.save_pretrained` of a model known by its ``meta`` skeleton (modules, the
+    config's dtype) and ``load(name)`` giving each tensor's values in turn."""
     from framework.interop.hf.folders import spec_from_model, write_pretrained
 
-    source = _StreamedModel(path, config, pm)
     return write_pretrained(
-        spec_from_model(source.skeleton),
-        source.shapes,
-        source.dtypes,
-        source.load,
+        spec_from_model(skeleton),
+        shapes,
+        dtypes,
+        load,
         out,
-        dtype=next(p.dtype for p in source.skeleton.parameters()),
+        dtype=next(p.dtype for p in skeleton.parameters()),
         max_shard_bytes=max_shard_bytes,
         tokenizer=tokenizer,
     )

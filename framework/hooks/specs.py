@@ -255,16 +255,48 @@ def expertrain_load_state_dict(model: nn.Module, state: dict[str, Any], config: 
 
 
 @hookspec
+def expertrain_export_tensors(model: nn.Module, config: JobConfig, export_format: str) -> list[str] | None:
+    """Name the frozen base tensors the plugin's export reads, so a streamed export loads them.
+
+    When: during ``expertrain export``, in one process, on the job's model built and transformed on the ``meta``
+    device, before any value is loaded. An export loads from the checkpoint only the tensors plugins added, the
+    trainable parameters and the names returned here; every other base weight stays on ``meta``, and an
+    ``expertrain_export`` or ``expertrain_merge_tensor`` that reads one is an error naming this hook.
+    ``export_format``: the format being written (``hf`` for ``export hf --merge``).
+    May change: nothing.
+    Returns: state-dict names of the model, or ``None`` when the plugin's export reads no base weight.
+    """
+
+
+@hookspec
 def expertrain_export(
     model: nn.Module, config: JobConfig, output_dir: Path, export_format: str
 ) -> list[str] | None:
     """Write the plugin's artefacts for ``expertrain export <format>`` (e.g. a peft adapter).
 
-    When: during an export, in one process, with the model rebuilt from the checkpoint and the job's plugins. For
+    When: during an export, in one process, on the job's model with the plugins' own tensors, the trainable ones
+    and those named by ``expertrain_export_tensors`` loaded from the checkpoint (frozen base weights on ``meta``). For
     ``native`` after the core wrote its own files; for any other format the core writes only ``export.json``, and a
     format that no plugin answers is an error ("no plugin of its job provides it").
     May change: nothing in the model.
     Returns: the file names the plugin wrote in ``output_dir``, or ``None`` if the format is not the plugin's.
+    """
+
+
+@hookspec
+def expertrain_merge_tensor(
+    model: nn.Module, config: JobConfig, name: str, tensor: torch.Tensor
+) -> torch.Tensor | None:
+    """Fold the plugin's adapters into one base tensor of a merged export (the streamed ``--merge``).
+
+    When: ``expertrain export hf --merge``, once per tensor of the job's model without plugin transforms, in
+    state-dict order, in one process; ``tensor`` is that tensor's trained value (whole, on the CPU) and ``name``
+    its state-dict name. ``model`` is the job's model with only the tensors plugins added and the trainable ones
+    loaded (frozen base weights on ``meta``, see ``expertrain_export_tensors``). Used when every plugin that
+    changes the model implements it; otherwise the whole model is rebuilt and ``expertrain_merge_adapters`` runs.
+    May change: ``tensor`` (in place), nothing in the model.
+    Returns: the merged tensor (``tensor`` itself, or a new one of its dtype and shape), or ``None`` when the plugin
+    adapts nothing of ``name``. Must give the bytes ``expertrain_merge_adapters`` gives for that tensor.
     """
 
 

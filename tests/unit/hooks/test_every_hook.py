@@ -111,11 +111,19 @@ class Every:
         self.counter = state["counter"]
 
     @hookimpl
+    def expertrain_export_tensors(self, model, config, export_format):
+        return ["weight"] if export_format == "every" else None
+
+    @hookimpl
     def expertrain_export(self, model, config, output_dir, export_format):
         if export_format != "every":
             return None
         (output_dir / "every.txt").write_text(f"{model.every_scale.item()}\n")
         return ["every.txt"]
+
+    @hookimpl
+    def expertrain_merge_tensor(self, model, config, name, tensor):
+        return None  # every_scale changes no base tensor
 
     @hookimpl
     def expertrain_merge_adapters(self, model, config):
