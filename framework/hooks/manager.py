@@ -502,6 +502,22 @@ class PluginManager:
         names = {caller.name for caller in self._pm.get_hookcallers(obj) or []}
         return sorted(names, key=lambda n: (_HOOKS.index(n) if n in _HOOKS else len(_HOOKS), n))
 
+    def hook_argument_takers(self, hook_name: str, argument: str) -> list[str]:
+        """The plugins whose implementation of ``hook_name`` declares ``argument``, in plugin order.
+
+        Declaring an argument is how a plugin asks for something costly: e.g. ``expertrain_extra_losses`` taking
+        ``logits`` makes the trainer compute the LM head at every position (see the hook specifications). An
+        ``argument`` the hook does not pass is a ``ValueError``.
+        """
+        caller = self._caller(hook_name)
+        passed = list(inspect.signature(getattr(specs, hook_name)).parameters)
+        if argument not in passed:
+            raise ValueError(
+                f"hook {hook_name} passes no argument {argument!r}; it passes: {', '.join(passed)}"
+            )
+        takers = {impl.plugin_name for impl in caller.get_hookimpls() if argument in impl.argnames}
+        return [name for name in self.plugin_names if name in takers]
+
     # --- calling ----------------------------------------------------------------------------------------------
 
     def _caller(self, hook_name: str) -> Any:

@@ -186,8 +186,10 @@ def expertrain_extra_losses(
 
     When: after each micro-batch forward, before backward.
     Arguments: ``logits`` are the fp32 logits ``[B, S, V]`` of every position. Declare ``logits`` only when the
-    loss needs them: while no implementation takes them, the trainer runs the LM head only at the positions that
-    carry a label (much cheaper for SFT batches, whose prompts carry none).
+    loss needs them: declaring the argument is the option that asks for them. While no implementation takes them
+    (:meth:`framework.hooks.PluginManager.hook_argument_takers` answers which do), the trainer runs the LM head only
+    at the positions that carry a label (much cheaper for SFT batches, whose prompts carry none) and passes
+    ``logits=None``.
     May change: nothing.
     Returns: ``{name: scalar tensor}`` already weighted by the plugin's coefficient, or ``None``. Each term is added
     to the language-model loss (scaled for gradient accumulation like it) and logged as ``loss/<name>``. A name

@@ -220,6 +220,25 @@ def test_extra_loss_must_be_a_scalar_tensor():
         pm.merge_extra_losses(model=None, input_ids=None, logits=None, config=None)
 
 
+class InputOnlyLoss:
+    """An extra loss that declares no ``logits``."""
+
+    @hookimpl
+    def expertrain_extra_losses(self, input_ids):
+        return None
+
+
+def test_hook_argument_takers_are_the_plugins_declaring_the_argument_in_plugin_order():
+    pm = _manager(b=Answers(), plain=InputOnlyLoss(), a=Answers(), metrics_only=Records())
+    assert pm.hook_argument_takers("expertrain_extra_losses", "logits") == ["b", "a"]
+    assert pm.hook_argument_takers("expertrain_extra_losses", "input_ids") == ["plain"]
+    assert _manager(plain=InputOnlyLoss()).hook_argument_takers("expertrain_extra_losses", "logits") == []
+    with pytest.raises(ValueError, match="hook expertrain_extra_losses passes no argument 'logit'"):
+        pm.hook_argument_takers("expertrain_extra_losses", "logit")
+    with pytest.raises(ValueError, match="not an expertrain hook"):
+        pm.hook_argument_takers("expertrain_extra_loss", "logits")
+
+
 def test_metrics_are_merged_as_floats_and_conflicts_refused():
     pm = _manager(a=Answers(metrics={"a/n": 2, "a/t": torch.tensor(0.5)}))
     assert pm.merge_metrics(step=1, model=None, config=None) == {"a/n": 2.0, "a/t": 0.5}
