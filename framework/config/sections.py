@@ -285,6 +285,12 @@ class OptimConfig:
     lr: float = option(3e-3, doc="Peak learning rate.", min=0.0)
     min_lr_ratio: float = option(0.1, doc="Final learning rate as a fraction of lr.", min=0.0, max=1.0)
     warmup_steps: int = option(20, doc="Linear warmup steps.", min=0)
+    decay_steps: int = option(
+        0,
+        doc="Steps of the cosine decay after warmup, then min_lr_ratio * lr; 0 = to the end of the run "
+        "(train.steps), which ties the schedule to train.steps: set it to extend a run exactly.",
+        min=0,
+    )
     weight_decay: float = option(
         0.1, doc="Decoupled weight decay (not applied to norms, biases, router biases).", min=0.0
     )

@@ -121,6 +121,13 @@ def validate_indexed(prefix: str | os.PathLike[str], hint: str | None = None) ->
 
 
 @functools.lru_cache(maxsize=256)
+def sequence_lengths(info: IndexInfo, count: int | None = None) -> np.ndarray:
+    """The token counts of the first ``count`` sequences (all when ``None``) of a prefix :func:`validate_indexed`
+    accepted, read from its ``.idx``."""
+    n = info.num_sequences if count is None else min(count, info.num_sequences)
+    return np.fromfile(info.prefix + ".idx", dtype=np.int32, count=n, offset=_HEADER_BYTES)
+
+
 def _token_id_range(bin_path: str, version: tuple[int, int, int], dtype_name: str) -> tuple[int, int]:
     """The smallest and largest id in ``bin_path`` (one sequential pass over its memory map; cached per file
     ``version``, its inode, size and mtime, so every dataset build of a process reads a file once and a rewritten

@@ -1,8 +1,10 @@
 """Deterministic, resumable micro-batches for data-parallel ranks.
 
 The stream is a fixed sequence of sample positions ``p = 0, 1, 2, ...`` mapped to dataset indices (epoch ``e`` covers
-positions ``e*N .. (e+1)*N - 1`` of a dataset of length ``N``; with ``seed`` set, each epoch uses its own seeded
-permutation, otherwise the dataset's own order, which megatron already shuffles by seed).
+positions ``e*N .. (e+1)*N - 1`` of a dataset of length ``N``; with ``seed`` set, each epoch uses its own
+permutation, seeded by ``(seed, e)``, otherwise the dataset's own order, which megatron already shuffles by seed;
+``shuffle_first_epoch=False`` keeps the dataset's order for epoch 0 and permutes the later ones). Nothing in the
+mapping depends on how many positions a run will read, so a longer run starts with the same samples.
 
 Contract (what makes a run equivalent across world sizes). With global batch ``G``, micro-batch ``m``, ``D``
 data-parallel ranks and accumulation ``A = G / (D * m)`` micro-batches per rank per optimizer step, global batch
@@ -45,6 +47,7 @@ class MicroBatchStream:
         seed: int | None = None,
         as_pairs: bool = False,
         collate: Callable[[list[Any]], Any] | None = None,
+        shuffle_first_epoch: bool = True,
     ) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, dp_size); got dp_rank={dp_rank}, dp_size={dp_size}")
@@ -71,6 +74,7 @@ class MicroBatchStream:
         self.dp_size = dp_size
         self.start_sample = start_sample
         self.seed = seed
+        self.shuffle_first_epoch = shuffle_first_epoch
         self.as_pairs = as_pairs
         self.collate = collate
         self.accumulation_steps = global_batch_size // (dp_size * micro_batch_size)
@@ -82,7 +86,7 @@ class MicroBatchStream:
     def dataset_index(self, position: int) -> int:
         """The dataset index at stream position ``position`` (deterministic, epoch-wrapping)."""
         epoch, offset = divmod(position, self.num_samples)
-        if self.seed is None:
+        if self.seed is None or (epoch == 0 and not self.shuffle_first_epoch):
             return offset
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)

@@ -47,7 +47,7 @@ from framework.data._megatron import megatron_datasets, quiet_megatron_logs
 from framework.data._util import file_lock
 from framework.data.embedded import prepare_embedded, resolve_cache_dir
 from framework.data.errors import DataError
-from framework.data.indexed import check_token_ids, validate_indexed
+from framework.data.indexed import IndexInfo, check_token_ids, sequence_lengths, validate_indexed
 from framework.data.tokenizer import TOKENIZER_FILE, Tokenizer
 
 INDEX_FORMAT_VERSION = 1
@@ -203,6 +203,13 @@ def _split_documents(source: Any) -> Iterable[np.ndarray] | None:
     return (indexed[int(i)] for i in indices)
 
 
+def _one_epoch_samples(info: IndexInfo, n_train: int, seq_len: int) -> int:
+    """The samples of ``seq_len + 1`` tokens one pass over a prefix's first ``n_train`` sequences gives (megatron's
+    count: samples overlap by one token)."""
+    tokens = int(sequence_lengths(info, n_train).sum(dtype=np.int64))
+    return max(1, (tokens - 1) // seq_len)
+
+
 def split_inputs_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, labels)`` = ``(x[..., :-1], x[..., 1:])`` of samples of ``seq_len + 1`` tokens."""
     return tokens[..., :-1], tokens[..., 1:]
@@ -214,7 +221,7 @@ def _build_splits(
     tokenizer: Tokenizer,
     seq_len: int,
     seed: int,
-    train_samples: int,
+    train_samples: int | None,
     val_samples: int,
 ) -> tuple[Any, Any]:
     """megatron's ``(train, validation)`` splits shuffled by ``seed`` (cached; see the module docstring)."""
@@ -265,7 +272,7 @@ def build_pretrain_datasets(
     data_cfg: DataConfig,
     seq_len: int,
     seed: int,
-    train_samples: int,
+    train_samples: int | None,
     val_samples: int,
     tokenizer: Tokenizer,
     *,
@@ -275,7 +282,13 @@ def build_pretrain_datasets(
     """Build ``(train, validation)`` datasets of ``seq_len + 1``-token samples; validation is None if val_fraction is 0.
 
     ``train_samples`` / ``val_samples`` are the least numbers of samples wanted (megatron builds whole epochs, so the
-    datasets may be longer). The training split is shuffled by ``seed``; the validation split by ``val_seed``
+    datasets may be longer). ``train_samples=None`` (what the trainer passes) builds the training split as one pass
+    over its data: its length and order then depend on the data, ``seq_len`` and ``seed`` only, never on how many
+    samples a run will draw (:class:`~framework.data.loader.MicroBatchStream` reads on past its end, one seeded
+    permutation per further epoch), so a run extended to more steps keeps its samples. For a run shorter than one
+    epoch it is the same dataset a ``train_samples`` build gives (megatron builds one epoch either way). A blend
+    gets as many samples as one pass over every prefix's training documents holds, mixed by ``data.weights``.
+    The training split is shuffled by ``seed``; the validation split by ``val_seed``
     (``None`` = ``seed``), so with a fixed ``val_seed`` every training seed is scored on the same held-out text.
     Deterministic for the seeds. Call on every rank when torch.distributed is initialised. Every token id must be
     below ``vocab_size`` (the model's; ``None``: the tokenizer's, which the trainer keeps <= the model's), else a
@@ -283,15 +296,17 @@ def build_pretrain_datasets(
     """
     if seq_len < 1:
         raise ConfigError("data.seq_len", seq_len, "expected an integer >= 1")
-    if train_samples < 1:
-        raise ValueError(f"train_samples must be >= 1, got {train_samples}")
+    if train_samples is not None and train_samples < 1:
+        raise ValueError(f"train_samples must be >= 1 or None, got {train_samples}")
     sources = resolve_data_sources(data_cfg)
     _check_tokenizer(sources, tokenizer)
     val_fraction = float(data_cfg.val_fraction)
+    one_pass_samples = 0
     for prefix in sources.prefixes:
         info = validate_indexed(prefix)
         check_token_ids(info, tokenizer.vocab_size if vocab_size is None else vocab_size)
         n_train, n_val = _split_counts(info.num_sequences, val_fraction)
+        one_pass_samples += _one_epoch_samples(info, n_train, seq_len)
         if n_train < 1 or (val_fraction > 0 and n_val < 1):
             raise ConfigError(
                 "data.val_fraction",
@@ -303,6 +318,8 @@ def build_pretrain_datasets(
     if has_val and val_samples < 1:
         raise ValueError(f"val_samples must be >= 1 when data.val_fraction > 0, got {val_samples}")
 
+    if train_samples is None and len(sources.prefixes) > 1:
+        train_samples = one_pass_samples  # megatron needs a size to blend by weights
     train, val = _build_splits(
         data_cfg, sources, tokenizer, seq_len, seed, train_samples, val_samples if has_val else 0
     )

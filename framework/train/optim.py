@@ -88,10 +88,12 @@ def build_optimizer(
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr_ratio."""
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr_ratio
+    over ``optim.decay_steps`` (0: until ``total_steps``), then min_lr_ratio. With ``decay_steps`` set the factor
+    does not depend on ``total_steps``."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    decay_steps = cfg.decay_steps or max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
@@ -144,10 +146,15 @@ def apply_group_settings(
     scheduler._last_lr = [group["lr"] for group in groups]
 
 
-def optim_changes(saved: Mapping[str, Any], cfg: OptimConfig, step: int) -> list[str]:
+def optim_changes(
+    saved: Mapping[str, Any], cfg: OptimConfig, step: int, steps: tuple[int, int] | None = None
+) -> list[str]:
     """One line per ``optim`` key whose value differs from the checkpoint's job (``saved``: its ``optim`` section),
-    saying that the new value applies from ``step`` on."""
+    saying that the new value applies from ``step`` on; and, with ``steps`` = (the checkpoint's ``train.steps``,
+    this job's), one line saying what a changed run length does to the schedule (:func:`steps_change`)."""
     lines = []
+    if steps is not None and steps[0] != steps[1]:
+        lines.append(steps_change(steps[0], steps[1], cfg, step))
     for field in dataclasses.fields(cfg):
         new = getattr(cfg, field.name)
         old = saved.get(field.name, new)
@@ -157,3 +164,22 @@ def optim_changes(saved: Mapping[str, Any], cfg: OptimConfig, step: int) -> list
                 f"{step} with the new value"
             )
     return lines
+
+
+def steps_change(saved_steps: int, steps: int, cfg: OptimConfig, step: int) -> str:
+    """The line a resume with another ``train.steps`` logs: with ``optim.decay_steps`` set the schedule does not
+    depend on the run length and continues unchanged (the run equals one of ``steps`` from the start); without it
+    the cosine is re-fitted to the new total and continues from ``step`` with that schedule's value (no re-warm),
+    so the lr jumps and the steps before ``step`` followed another schedule."""
+    head = f"resuming with train.steps {steps} (checkpoint {saved_steps})"
+    if cfg.decay_steps:
+        return (
+            f"{head}: the lr schedule does not depend on train.steps (optim.decay_steps={cfg.decay_steps}) and "
+            f"continues from step {step} unchanged, as in a {steps}-step run from the start"
+        )
+    before = cfg.lr * lr_factor(step, saved_steps, cfg)
+    after = cfg.lr * lr_factor(step, steps, cfg)
+    return (
+        f"{head}: the cosine decay is re-fitted to {steps} steps and continues from step {step} without re-warming "
+        f"(lr {before:.3g} -> {after:.3g}); set optim.decay_steps for a schedule that train.steps does not change"
+    )

@@ -58,7 +58,6 @@ _NOT_SHAPE_KEYS = {("model", "init_from")}
 _ORDER_KEYS = (
     ("train", "seed"),
     ("train", "global_batch_size"),
-    ("train", "steps"),
     ("data", "paths"),
     ("data", "weights"),
     ("data", "seq_len"),
@@ -152,6 +151,10 @@ class Trainer:
             dp_rank=self.dp_rank,
             dp_size=self.dp_size,
             start_sample=self.state.samples_consumed,
+            # Pretraining epochs after the first: a permutation of their own (the dataset is one pass, whatever
+            # train.steps is). SFT sets keep repeating their order, as before.
+            seed=cfg.train.seed if self.collate is None else None,
+            shuffle_first_epoch=False,
             **self._batch_format(),
         )
 
@@ -249,7 +252,6 @@ class Trainer:
                     if ds is not None:
                         console.info(ds.stats.summary())
             return
-        train_samples = cfg.train.steps * cfg.train.global_batch_size
         # The validation text depends on neither train.seed nor the data-parallel size (see evaluate).
         val_samples = cfg.train.eval_batches * cfg.train.micro_batch_size
         self.train_ds, self.val_ds = C.run_agreed(
@@ -258,7 +260,7 @@ class Trainer:
                 cfg.data,
                 cfg.data.seq_len,
                 cfg.train.seed,
-                train_samples,
+                None,  # one pass over the data, not train.steps' worth: a longer run keeps the sample order
                 val_samples,
                 self.tokenizer,
                 val_seed=cfg.data.val_seed,
@@ -317,7 +319,9 @@ class Trainer:
         load_scheduler_state(self.scheduler, state["scheduler"])
         apply_group_settings(self.scheduler, job_settings)  # the job's optim section wins, never a mix
         saved_optim = meta.get("config", {}).get("optim", {})
-        for line in optim_changes(saved_optim, self.config.optim, int(meta["step"])):
+        saved_steps = int(meta.get("config", {}).get("train", {}).get("steps", self.config.train.steps))
+        steps = (saved_steps, self.config.train.steps)
+        for line in optim_changes(saved_optim, self.config.optim, int(meta["step"]), steps):
             console.info(line)
         self.pm.load_plugin_state_dicts(state.get("plugins", {}), self.raw_model, self.config)
         self.state.step = int(meta["step"])
