@@ -74,6 +74,16 @@ from plugins.peft.low_rank import (
     peft_param_wrapper_paths,
     write_adapter,
 )
+from plugins.peft.modules_to_save import (
+    coverage_detail,
+    format_fields,
+    modules_to_save_option,
+    native_tensors,
+    peft_fields,
+    resolve,
+    trainable_names,
+)
+from plugins.peft.modules_to_save import peft_tensors as saved_peft_tensors
 from plugins.peft.targets import (
     ALL_LINEAR,
     Targets,
@@ -127,6 +137,7 @@ class CorDAConfig:
     calibration_seq_len: int = option(0, doc="Tokens per calibration sequence; 0 = data.seq_len.", min=0)
     calibration_batch_size: int = option(8, doc="Sequences per calibration forward.", min=1)
     seed: int = option(0, doc="Seed of the calibration sample draw (the same on every rank).", min=0)
+    modules_to_save: list[str] = modules_to_save_option()
 
 
 # --- the adapted modules ------------------------------------------------------------------------------------------
@@ -591,7 +602,8 @@ def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def peft_adapter_config(model: nn.Module, config: JobConfig) -> dict[str, Any]:
     """``adapter_config.json`` of :func:`peft_tensors`: a plain peft LoRA of rank ``2r`` and alpha ``2α`` on the
-    adapted modules (exact transformers paths) and expert weights (``target_parameters``)."""
+    adapted modules (exact transformers paths) and expert weights (``target_parameters``), with the modules trained
+    in full in ``modules_to_save`` (:func:`plugins.peft.modules_to_save.peft_fields`)."""
     cfg: CorDAConfig = getattr(config, SECTION)
     target_parameters = {
         f"{'.'.join(hf_module_path(p).split('.')[-2:])}.{name}"  # mlp.experts.<weight>
@@ -613,7 +625,7 @@ def peft_adapter_config(model: nn.Module, config: JobConfig) -> dict[str, Any]:
         "init_lora_weights": True,
         "bias": "none",
         "fan_in_fan_out": False,
-        "modules_to_save": None,
+        **peft_fields(model, resolve(model, cfg.modules_to_save, SECTION)),
         "use_dora": False,
         "inference_mode": True,
     }
@@ -622,8 +634,9 @@ def peft_adapter_config(model: nn.Module, config: JobConfig) -> dict[str, Any]:
 def write_corda(model: nn.Module, config: JobConfig, output_dir: Path) -> list[str]:
     """``expertrain export corda``: ``corda_adapter.safetensors`` (per module ``<path>.lora_A`` / ``lora_B`` (the
     trained adapter on the residual base) and ``lora_A0`` / ``lora_B0`` (its initial value); per adapted expert
-    weight ``<experts path>.lora_<weight>.lora_A`` ... stacked over the experts) and ``corda_config.json`` (mode,
-    r, alpha, scale, module paths)."""
+    weight ``<experts path>.lora_<weight>.lora_A`` ... stacked over the experts; the modules trained in full
+    (``corda.modules_to_save``) under their model names, ``output.weight``) and ``corda_config.json`` (mode, r,
+    alpha, scale, module paths, ``modules_to_save``)."""
     cfg: CorDAConfig = getattr(config, SECTION)
     tensors: dict[str, torch.Tensor] = {}
     for path, m in corda_modules(model):
@@ -634,6 +647,8 @@ def write_corda(model: nn.Module, config: JobConfig, output_dir: Path) -> list[s
             tensors[f"{path}.lora_{name}.lora_B"] = lora.lora_B
     tensors.update(initial_factors(model))
     tensors = {k: _full(t).detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+    saved = resolve(model, cfg.modules_to_save, SECTION)
+    tensors.update(native_tensors(model, saved))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "corda_adapter.safetensors"), metadata={"format": "expertrain-corda"})
@@ -647,6 +662,7 @@ def write_corda(model: nn.Module, config: JobConfig, output_dir: Path) -> list[s
         "experts": [f"{p}.{name}" for p, m in corda_experts(model) for name in m.adapters()],
         "base_model": config.model.init_from or None,
         "delta": "scaling * (lora_B @ lora_A - lora_B0 @ lora_A0) on the original base (per expert for experts)",
+        **format_fields(model, saved, naming="ours"),
     }
     (out / "corda_config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return ["corda_adapter.safetensors", "corda_config.json"]
@@ -714,7 +730,10 @@ def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
     params = dict(model.named_parameters())
     trainable = sum(params[n].numel() for n in adapter_parameter_names(model))
     detail = f"mode={cfg.mode}, r={cfg.r}, alpha={cfg.alpha:g}, {cfg.calibration_samples} calibration samples"
-    console.info(format_coverage(SECTION, model, targets, trainable, detail))
+    saved, count = coverage_detail(model, resolve(model, cfg.modules_to_save, SECTION))
+    if saved:
+        detail += f"; {saved}"
+    console.info(format_coverage(SECTION, model, targets, trainable + count, detail))
 
 
 @hookimpl
@@ -723,8 +742,9 @@ def expertrain_init_weights(model: nn.Module) -> None:
 
 
 @hookimpl
-def expertrain_trainable_parameters(model: nn.Module) -> list[str]:
-    return adapter_parameter_names(model)
+def expertrain_trainable_parameters(model: nn.Module, config: JobConfig) -> list[str]:
+    saved = resolve(model, getattr(config, SECTION).modules_to_save, SECTION)
+    return adapter_parameter_names(model) + trainable_names(saved)
 
 
 @hookimpl
@@ -772,7 +792,9 @@ def expertrain_export(
             "corda: `expertrain export peft` of a job with both 'lora' and 'corda' would write two adapters to one "
             "file; export 'corda' (and the lora adapters separately) instead"
         )
-    return write_adapter(output_dir, peft_tensors(model), peft_adapter_config(model, config))
+    saved = resolve(model, getattr(config, SECTION).modules_to_save, SECTION)
+    tensors = {**peft_tensors(model), **saved_peft_tensors(model, saved)}
+    return write_adapter(output_dir, tensors, peft_adapter_config(model, config))
 
 
 @hookimpl

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -177,19 +178,17 @@ def _touches_tied(saved: Sequence[SavedModule]) -> bool:
 def peft_tensors(model: nn.Module, saved: Sequence[SavedModule]) -> dict[str, torch.Tensor]:
     """The saved modules' tensors under peft's keys, ``base_model.model.<transformers path>.<tensor>`` (whole, on
     the CPU); under tied embeddings both ``lm_head.weight`` and ``model.embed_tokens.weight``, as peft saves them."""
-    return {
-        f"{PEFT_PREFIX}{key}": value
-        for key, value in hf_tensors(model, _with_tied_partner(model, saved)).items()
-    }
+    return {f"{PEFT_PREFIX}{key}": value for key, value in hf_tensors(model, saved).items()}
 
 
 def hf_tensors(model: nn.Module, saved: Sequence[SavedModule]) -> dict[str, torch.Tensor]:
     """The saved modules' tensors under their transformers state-dict names (``lm_head.weight``,
-    ``model.norm.weight``), whole, on the CPU; the plugins' own export formats store them so."""
+    ``model.norm.weight``), whole, on the CPU; under tied embeddings both the head's and the embedding's name (the
+    same values). The plugins' own export formats in transformers naming store them so."""
     params = dict(model.named_parameters())
     return {
         f"{s.hf_path}.{local}": whole_tensor(params[name]).cpu().contiguous().clone()
-        for s in saved
+        for s in _with_tied_partner(model, saved)
         for local, name in s.parameters.items()
     }
 
@@ -204,3 +203,22 @@ def peft_fields(model: nn.Module, saved: Sequence[SavedModule]) -> dict[str, obj
         return {"modules_to_save": [s.hf_path for s in saved]}
     paths = [s.hf_path for s in saved if s.path not in (EMBEDDING, LM_HEAD)]
     return {"modules_to_save": [*paths, HF_EMBEDDING], "ensure_weight_tying": True}
+
+
+def native_tensors(model: nn.Module, saved: Sequence[SavedModule]) -> dict[str, torch.Tensor]:
+    """The saved modules' tensors under our state-dict names (``output.weight``, ``norm.weight``; a tied head is
+    ``tok_embeddings.weight``), whole, on the CPU: for export formats written in our naming."""
+    params = dict(model.named_parameters())
+    return {name: whole_tensor(params[name]).cpu().contiguous().clone() for name in trainable_names(saved)}
+
+
+def format_fields(
+    model: nn.Module, saved: Sequence[SavedModule], naming: Literal["hf", "ours"] = "hf"
+) -> dict[str, object]:
+    """What a plugin's own export config says about the saved modules: ``modules_to_save`` (their paths in the
+    format's ``naming``, ``None`` when nothing is saved) and ``tied_embeddings`` (the head and the embedding are one
+    trained matrix)."""
+    return {
+        "modules_to_save": [s.hf_path if naming == "hf" else s.path for s in saved] or None,
+        "tied_embeddings": bool(saved) and is_tied(model) and _touches_tied(saved),
+    }

@@ -372,19 +372,27 @@ def test_merge_folds_the_expert_deltas_with_the_same_logits() -> None:
 
 
 def test_peft_export_on_the_original_base_loads_in_peft(tmp_path: Path) -> None:
+    """With the LM head trained in full (corda.modules_to_save): peft loads it with the rank-2r LoRA."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
     from framework.interop.hf import save_pretrained
 
-    model, base, config, pm = _adapted({"mode": "kpm"})
+    model, base, config, pm = _adapted({"mode": "kpm", "modules_to_save": ["lm_head"]})
+    assert "output.weight" in pm.trainable_names(model, config)
     _train_adapters(model)
+    with torch.no_grad():
+        model.output.weight.add_(
+            torch.randn(model.output.weight.shape, generator=torch.Generator().manual_seed(2))
+        )
     adapter, base_dir = tmp_path / "adapter", tmp_path / "base"
     files = pm.hook.expertrain_export(model=model, config=config, output_dir=adapter, export_format="peft")
     assert files == [["adapter_model.safetensors", "adapter_config.json"]]
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16.0  # rank 2r, alpha doubled: the same scale alpha/r
+    assert cfg["modules_to_save"] == ["lm_head"]
+    assert torch.equal(tensors["base_model.model.lm_head.weight"], model.output.weight.detach())
     q = "base_model.model.model.layers.0.self_attn.q_proj"
     m = model.get_submodule("layers.0.attention.q_proj")
     assert torch.equal(tensors[f"{q}.lora_A.weight"][4:], m.lora_A0)
@@ -434,14 +442,16 @@ def test_peft_export_of_expert_deltas_loads_in_peft_on_the_original_base(tmp_pat
     torch.testing.assert_close(got, expected, **LOGITS_TOL)
 
 
-def test_corda_export_writes_adapters_and_initial_factors(tmp_path: Path) -> None:
-    model, _, config, pm = _adapted()
+def test_corda_export_writes_adapters_initial_factors_and_saved_modules(tmp_path: Path) -> None:
+    model, _, config, pm = _adapted({"modules_to_save": ["norm"]})
     files = pm.hook.expertrain_export(model=model, config=config, output_dir=tmp_path, export_format="corda")
     assert files == [["corda_adapter.safetensors", "corda_config.json"]]
     tensors = load_file(str(tmp_path / "corda_adapter.safetensors"))
-    assert len(tensors) == 4 * 14
+    assert len(tensors) == 4 * 14 + 1
+    assert torch.equal(tensors["norm.weight"], model.norm.weight.detach())
     meta = json.loads((tmp_path / "corda_config.json").read_text())
     assert meta["mode"] == "ipm" and meta["r"] == 4 and meta["scaling"] == 2.0
+    assert meta["modules_to_save"] == ["norm"] and meta["tied_embeddings"] is False
     m = model.get_submodule("layers.1.ffn.down_proj")
     assert torch.equal(tensors["layers.1.ffn.down_proj.lora_B0"], m.lora_B0)
     assert pm.hook.expertrain_export(model=model, config=config, output_dir=tmp_path, export_format="x") == []
