@@ -54,6 +54,14 @@ from framework.models.moe.experts import EXPERT_IMPLS, GroupedExperts, resolve_i
 from framework.models.sharding import local_weight
 from framework.observe import console
 from plugins.peft.low_rank import hf_module_path
+from plugins.peft.modules_to_save import (
+    coverage_detail,
+    format_fields,
+    hf_tensors,
+    modules_to_save_option,
+    resolve,
+    trainable_names,
+)
 from plugins.peft.targets import (
     ALL_LINEAR,
     Targets,
@@ -98,6 +106,7 @@ class SoKAConfig:
     use_elbow: bool = option(
         True, doc="Take the smaller of the energy rank and the elbow rank (false: the energy rank alone)."
     )
+    modules_to_save: list[str] = modules_to_save_option()
 
 
 # --- the math -----------------------------------------------------------------------------------------------------
@@ -643,7 +652,10 @@ def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
         f"{', elbow' if cfg.use_elbow else ''}, max {cfg.max_rank}"
         f"{', per expert' if soka_expert_modules(model) else ''}; factors stored at the max)"
     )
-    console.info(format_coverage(SECTION, model, targets, stored, detail))
+    saved, count = coverage_detail(model, resolve(model, cfg.modules_to_save, SECTION))
+    if saved:
+        detail += f"; {saved}"
+    console.info(format_coverage(SECTION, model, targets, stored + count, detail))
 
 
 @hookimpl
@@ -658,8 +670,9 @@ def expertrain_init_weights(model: nn.Module) -> None:
 
 
 @hookimpl
-def expertrain_trainable_parameters(model: nn.Module) -> list[str]:
-    return factor_parameter_names(model)
+def expertrain_trainable_parameters(model: nn.Module, config: JobConfig) -> list[str]:
+    saved = resolve(model, getattr(config, SECTION).modules_to_save, SECTION)
+    return factor_parameter_names(model) + trainable_names(saved)
 
 
 @hookimpl
@@ -709,7 +722,9 @@ def expertrain_export(
     cfg: SoKAConfig = getattr(config, SECTION)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    saved = resolve(model, cfg.modules_to_save, SECTION)
     tensors = {k: v.contiguous().clone() for k, v in soka_tensors(model).items()}
+    tensors.update(hf_tensors(model, saved))
     save_file(tensors, str(out / "soka_model.safetensors"), metadata={"format": "pt"})
     modules: dict[str, Any] = {
         hf_module_path(p): {"out": [m.m1, m.m2], "in": [m.n1, m.n2], "r": m.rank}
@@ -733,6 +748,9 @@ def expertrain_export(
         "apply": "W += sum_k kron(soka_A[k], soka_B[k]) - sum_k kron(soka_A0[k], soka_B0[k]) on the original base",
         "apply_experts": "per expert e of the fused weight (gate_up_proj as [E, 2I, H], gate rows first; down_proj "
         "[E, H, I]): W[e] += sum_k kron(soka_A[e, k], soka_B[e, k]) - sum_k kron(soka_A0[e, k], soka_B0[e, k])",
+        **format_fields(model, saved),
+        "apply_modules_to_save": "the tensors named <module>.<tensor> (lm_head.weight, model.norm.weight) replace "
+        "the base model's tensors of those names",
     }
     (out / "soka_config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return ["soka_model.safetensors", "soka_config.json"]

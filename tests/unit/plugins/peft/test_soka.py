@@ -148,11 +148,15 @@ def test_output_unchanged_at_step_zero_and_only_factors_train() -> None:
 
 
 def test_merge_and_export(tmp_path: Path) -> None:
-    model, config, pm = _job(max_rank=3)
+    """With the LM head trained in full (soka.modules_to_save): in the export and in the merged model."""
+    model, config, pm = _job(max_rank=3, modules_to_save=["lm_head"])
     _transform(model, config, pm)
+    assert "output.weight" in pm.trainable_names(model, config)
     with torch.no_grad():
         for _, m in soka.soka_modules(model):
             m.soka_B[: m.rank].add_(0.01)
+        model.output.weight.mul_(1.5)  # as training the head would move it
+        trained_head = model.output.weight.detach().clone()
         expected = model(IDS)
     files = pm.hook.expertrain_export(model=model, config=config, output_dir=tmp_path, export_format="soka")
     assert ["soka_model.safetensors", "soka_config.json"] in files
@@ -161,6 +165,7 @@ def test_merge_and_export(tmp_path: Path) -> None:
     q = dict(soka.soka_modules(model))["layers.0.attention.q_proj"]
     hf = "model.layers.0.self_attn.q_proj"
     assert meta["modules"][hf] == {"out": [4, 8], "in": [4, 8], "r": q.rank}
+    assert meta["modules_to_save"] == ["lm_head"] and torch.equal(tensors["lm_head.weight"], trained_head)
     assert tensors[f"{hf}.soka_A"].shape == (q.rank, 4, 4)
     original = q.weight.detach() + soka.kron_sum(q.soka_A0, q.soka_B0)
     applied = (
@@ -171,6 +176,7 @@ def test_merge_and_export(tmp_path: Path) -> None:
     torch.testing.assert_close(applied, q.merged_weight(), rtol=0, atol=1e-5)  # fp32 sums of kron terms
     merged = pm.hook.expertrain_merge_adapters(model=model, config=config)
     assert len(merged[0]) == 14 and not any("soka" in n for n in model.state_dict())
+    assert torch.equal(model.output.weight, trained_head)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), expected, rtol=0, atol=1e-5)
 
