@@ -18,11 +18,10 @@ from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
 from framework.config.job import JobConfig
-from framework.config.schema import build_section
-from framework.hooks import PluginError, PluginManager
+from framework.config.sections import MoEConfig
+from framework.hooks import PluginManager
 from framework.interop.hf.config_map import (
     ARCHITECTURES,
-    MOE_PLUGIN,
     HFConfigError,
     HFModelSpec,
     hf_config_from_spec,
@@ -37,6 +36,7 @@ from framework.interop.hf.state_map import (
 )
 from framework.interop.hf.stream import group_shards, plan_hf_tensors, write_hf_tensors
 from framework.models import Transformer, default_registry
+from framework.models.moe import MoELayer
 from framework.models.sharding import local_box, local_part
 
 CONFIG_FILE = "config.json"
@@ -61,7 +61,7 @@ def read_hf_config(path: str | os.PathLike[str]) -> HFModelSpec:
 
 
 def hf_config_to_job_sections(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``plugins``, ``model``, ``moe`` and plugin sections describing the folder's model, for a job file."""
+    """``model`` and ``moe`` describing the folder's model, for a job file."""
     return read_hf_config(path).job_sections()
 
 
@@ -74,7 +74,7 @@ class HFLoad:
     config: JobConfig
     """A job config holding the model sections (other sections at their defaults)."""
     plugin_manager: PluginManager
-    """With the plugins the model needs enabled (``plugin_manager.plugin_names()``)."""
+    """The plugin manager whose registry built the model (every supported family is built from core components)."""
 
 
 def load_pretrained(
@@ -86,14 +86,14 @@ def load_pretrained(
 ) -> HFLoad:
     """Build the folder's model and load its weights (on the CPU, in ``dtype``; router biases stay fp32).
 
-    ``plugin_manager``: where the plugins the family needs are enabled (a fresh one on the core registry by
-    default). ``max_seq_len`` overrides ``max_position_embeddings`` (the size of our RoPE tables).
+    ``plugin_manager``: whose registry builds the model (a fresh one on the core registry by default).
+    ``max_seq_len`` overrides ``max_position_embeddings`` (the size of our RoPE tables).
     """
     spec = read_hf_config(path)
     if max_seq_len is not None:
         spec.model = dataclasses.replace(spec.model, max_seq_len=max_seq_len)
     pm = plugin_manager if plugin_manager is not None else PluginManager(default_registry())
-    config = _job_config(spec, pm)
+    config = JobConfig(model=spec.model, moe=spec.moe)
     model = Transformer(config.model, config.moe, pm.registry)
     load_hf_weights(model, path, spec)
     model.hf_rope_interleave = spec.rope_interleave  # read back by save_pretrained
@@ -110,29 +110,9 @@ def from_pretrained(
     max_seq_len: int | None = None,
 ) -> Transformer:
     """Our model from a Hugging Face folder. ``registry``: the component registry to build from (the core one by
-    default); the plugins a family needs register their components into it."""
+    default)."""
     pm = PluginManager(registry if registry is not None else default_registry())
     return load_pretrained(path, dtype=dtype, plugin_manager=pm, max_seq_len=max_seq_len).model
-
-
-def _job_config(spec: HFModelSpec, pm: PluginManager) -> JobConfig:
-    """Enable the plugins ``spec`` needs, type their sections and let them validate the job."""
-    for name in spec.plugins:
-        if name in pm:
-            continue
-        try:
-            pm.enable_builtin(name, f"the {spec.family} checkpoint's MoE layers need its block")
-        except PluginError as exc:
-            raise PluginError(f"loading a {spec.family} checkpoint needs plugin '{name}': {exc}") from exc
-    sections = {
-        name: build_section(pm.config_sections[name], spec.plugin_sections.get(name, {}), name)
-        for name in spec.plugins
-    }
-    config = JobConfig(model=spec.model, moe=spec.moe, plugins=list(spec.plugins), plugin_sections=sections)
-    if spec.plugins:
-        for name in spec.plugins:
-            pm.call_plugin(name, "expertrain_validate_config", config=config, world_size=1)
-    return config
 
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -300,50 +280,67 @@ def _hf_keys_of(natives: Collection[str], layout: Layout, tied: bool) -> set[str
 
 
 def spec_from_model(model: Transformer, family: str | None = None) -> HFModelSpec:
-    """The :class:`HFModelSpec` of one of our models: its sections plus the shared-expert options read from its
-    MoE blocks; ``family`` inferred when not given (mla -> deepseek_v3, gated shared experts -> qwen2_moe, q/k
-    norms -> qwen3_moe, other MoE -> mixtral, q/k/v biases -> qwen2, else llama)."""
+    """The :class:`HFModelSpec` of one of our models: its ``model`` section and the core ``moe`` section its MoE
+    blocks compute (:func:`core_moe_section`); ``family`` inferred when not given (mla -> deepseek_v3, shared experts
+    -> qwen2_moe, q/k norms -> qwen3_moe, other MoE -> mixtral, q/k/v biases -> qwen2, else llama)."""
     m, moe = model.model_cfg, model.moe_cfg
     blocks = model.moe_layers()
-    plugins: list[str] = []
-    sections: dict[str, dict[str, Any]] = {}
-    shared = getattr(blocks[0], "shared_experts", None) if blocks else None
-    if blocks and moe.block != "moe":
-        if moe.block != MOE_PLUGIN:
-            raise HFConfigError("moe.block", moe.block, f"expected 'moe' or '{MOE_PLUGIN}' to export")
-        first = blocks[0]
-        moe = dataclasses.replace(
-            moe, num_experts=first.num_experts, top_k=first.top_k, expert_hidden=first.experts.hidden
-        )
-        plugins = [MOE_PLUGIN]
-        sections[MOE_PLUGIN] = {
-            "segments": 1,
-            "isolate_shared": False,
-            "n_shared_experts": 1 if shared is not None else 0,
-            "shared_expert_hidden": shared.hidden if shared is not None else 0,
-            "shared_expert_gate": shared is not None and shared.gate is not None,
-        }
+    if blocks:
+        moe = core_moe_section(blocks[0], moe)
     if family is None:
-        family = _infer_family(m, moe, shared)
-    if family == "deepseek_v3" and shared is not None:
-        if shared.hidden % moe.expert_hidden:
+        family = _infer_family(m, moe)
+    if family == "deepseek_v3" and moe.shared_experts:
+        hidden = moe.resolved_shared_hidden  # deepseek_v3 counts shared experts of moe_intermediate_size
+        if hidden % moe.expert_hidden:
             raise HFConfigError(
-                "deepseek_moe.shared_expert_hidden",
-                shared.hidden,
+                "moe.shared_expert_hidden",
+                hidden,
                 f"expected a multiple of moe.expert_hidden={moe.expert_hidden} (deepseek_v3 n_shared_experts)",
             )
-        sections[MOE_PLUGIN].update(
-            n_shared_experts=shared.hidden // moe.expert_hidden, shared_expert_hidden=0
-        )
+        moe = dataclasses.replace(moe, shared_experts=hidden // moe.expert_hidden, shared_expert_hidden=0)
     interleave = bool(getattr(model, "hf_rope_interleave", family == "deepseek_v3"))
-    return HFModelSpec(family, m, moe, plugins, sections, rope_interleave=interleave)
+    return HFModelSpec(family, m, moe, rope_interleave=interleave)
 
 
-def _infer_family(m: Any, moe: Any, shared: Any) -> str:
+_CORE_COMPUTE = ("forward", "forward_tokens", "route_and_compute")
+"""The :class:`MoELayer` methods that decide a block's output: a block overriding none computes as the core block
+(``aux_terms`` and ``balance_probs`` shape training losses and metrics only)."""
+
+
+def core_moe_section(block: Any, moe: MoEConfig) -> MoEConfig:
+    """The core ``moe`` section (``block: moe``) whose layers compute what ``block`` computes: ``moe`` itself for a
+    core block; for a variant (a plugin's :class:`MoELayer` subclass that changes only training losses or the
+    shapes it builds) the routed experts, top-k and shared experts read from the built block through the
+    :class:`~framework.models.moe.MoEBlock` contract. A block that computes otherwise (several routing sites, its
+    own forward) raises :class:`HFConfigError` naming ``moe.block``."""
+    if moe.block == "moe":
+        return moe
+    overridden = [n for n in _CORE_COMPUTE if getattr(type(block), n, None) is not getattr(MoELayer, n)]
+    if not isinstance(block, MoELayer) or overridden or len(block.site_routers()) != 1:
+        raise HFConfigError(
+            "moe.block",
+            moe.block,
+            "expected a block that computes as the core 'moe' block to export (one routing site, no own "
+            f"{', '.join(overridden) or 'forward'}): Hugging Face families have no layout for it",
+        )
+    shared = block.shared_experts
+    return dataclasses.replace(
+        moe,
+        block="moe",
+        num_experts=block.num_experts,
+        top_k=block.top_k,
+        expert_hidden=block.experts.hidden,
+        shared_experts=1 if shared is not None else 0,
+        shared_expert_hidden=shared.hidden if shared is not None else 0,
+        shared_expert_gate=shared is not None and shared.gate is not None,
+    )
+
+
+def _infer_family(m: Any, moe: MoEConfig) -> str:
     if m.attention == "mla":
         return "deepseek_v3"
     if moe.num_experts:
-        if shared is not None:
+        if moe.shared_experts:
             return "qwen2_moe"
         return "qwen3_moe" if m.qk_norm else "mixtral"
     return "qwen2" if m.qkv_bias and not m.o_bias else "llama"
@@ -376,20 +373,33 @@ def save_pretrained(
 
     ``family``: the ``model_type`` to write (one of ``ARCHITECTURES``); inferred by default
     (:func:`spec_from_model`). Raises :class:`HFConfigError` naming the field the family cannot hold. The files are
-    written tensor by tensor (no second copy of the model in memory)."""
+    written tensor by tensor (no second copy of the model in memory).
+
+    A model sharded over ranks (DTensor parameters of any layout: FSDP2, TP, EP) is saved collectively: every rank
+    calls this; each tensor is gathered whole (``full_tensor``) one at a time, in writing order, and rank 0 writes
+    it, so no rank holds more than its shards plus one whole tensor. The folder is the one a whole model gives; the
+    other ranks write nothing and get ``[]``."""
     _check_family(family)
     spec = spec_from_model(model, family)
     state = model.state_dict()
     dtype = next(p.dtype for p in model.parameters())
+    sharded = any(isinstance(v, DTensor) for v in state.values())
+    writer = not sharded or torch.distributed.get_rank() == 0
+
+    def load(name: str) -> torch.Tensor:
+        value = state[name]
+        return value.full_tensor() if isinstance(value, DTensor) else value
+
     return write_pretrained(
         spec,
         {k: v.shape for k, v in state.items()},
         {k: v.dtype for k, v in state.items()},
-        lambda name: state[name],
+        load,
         path,
         dtype=dtype,
         max_shard_bytes=max_shard_bytes,
         tokenizer=tokenizer,
+        write=writer,
     )
 
 
@@ -408,11 +418,14 @@ def write_pretrained(
     dtype: torch.dtype,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     tokenizer: Any = None,
+    write: bool = True,
 ) -> list[str]:
     """:func:`save_pretrained` of a model known by its tensors: ``shapes`` and ``dtypes`` of our state dict (in
     its order), ``load(name)`` giving one tensor at a time (from a live model or a checkpoint, see
     :mod:`framework.interop.hf.stream`). ``dtype`` is the one config.json names. Every check (config fields,
-    tensors without a HF counterpart) runs before anything is written."""
+    tensors without a HF counterpart) runs before anything is written. ``write=False``: only call ``load`` for
+    each tensor in the same order and write nothing (a rank taking part in the gathers of a sharded save);
+    returns ``[]``."""
     config = hf_config_from_spec(spec, dtype=str(dtype).removeprefix("torch."))
     layout = Layout(
         family=spec.family,
@@ -425,6 +438,10 @@ def write_pretrained(
     )
     rules = rules_for(shapes, layout, spec.model.tie_embeddings)
     shards = group_shards(plan_hf_tensors(rules, shapes, dtypes), max_shard_bytes)
+    if not write:
+        for rule in rules:
+            load(rule.native)
+        return []
     names = (
         [WEIGHTS_FILE]
         if len(shards) == 1
