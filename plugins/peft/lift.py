@@ -67,6 +67,14 @@ from framework.models.moe.experts import EXPERT_IMPLS, GroupedExperts, resolve_i
 from framework.models.sharding import local_weight
 from framework.observe import console
 from plugins.peft.low_rank import hf_module_path
+from plugins.peft.modules_to_save import (
+    coverage_detail,
+    format_fields,
+    hf_tensors,
+    modules_to_save_option,
+    resolve,
+    trainable_names,
+)
 from plugins.peft.targets import (
     ALL_LINEAR,
     Targets,
@@ -119,6 +127,7 @@ class LIFTConfig:
         doc="Steps between mask refreshes (SVD of the updated weights); 0 = one mask for the whole run.",
         min=0,
     )
+    modules_to_save: list[str] = modules_to_save_option()
 
 
 # --- the mask -----------------------------------------------------------------------------------------------------
@@ -541,7 +550,10 @@ class LIFTPlugin:
             f"r={cfg.r} budget, {cfg.mask_type} entries of {mask}, "
             f"refresh every {cfg.update_interval or 'never'} steps"
         )
-        console.info(format_coverage(SECTION, model, targets, trainable, detail))
+        saved, count = coverage_detail(model, resolve(model, cfg.modules_to_save, SECTION))
+        if saved:
+            detail += f"; {saved}"
+        console.info(format_coverage(SECTION, model, targets, trainable + count, detail))
 
     @hookimpl
     def expertrain_init_weights(self, model: nn.Module, config: JobConfig) -> None:
@@ -549,8 +561,9 @@ class LIFTPlugin:
         draw_masks(model, getattr(config, SECTION))
 
     @hookimpl
-    def expertrain_trainable_parameters(self, model: nn.Module) -> list[str]:
-        return value_parameter_names(model)
+    def expertrain_trainable_parameters(self, model: nn.Module, config: JobConfig) -> list[str]:
+        saved = resolve(model, getattr(config, SECTION).modules_to_save, SECTION)
+        return value_parameter_names(model) + trainable_names(saved)
 
     @hookimpl
     def expertrain_optimizer_param_groups(self, model: nn.Module, config: JobConfig) -> list[dict[str, Any]]:
@@ -639,11 +652,14 @@ def lift_tensors(model: nn.Module, plugin: str = SECTION) -> dict[str, torch.Ten
 
 
 def write_lift(model: nn.Module, config: JobConfig, output_dir: str | Path) -> list[str]:
-    """Write ``lift_model.safetensors`` (:func:`lift_tensors`) and ``lift_config.json`` into ``output_dir``."""
+    """Write ``lift_model.safetensors`` (:func:`lift_tensors`, plus the modules trained in full, ``lift.modules_to_save``,
+    under their transformers names) and ``lift_config.json`` into ``output_dir``."""
     cfg: LIFTConfig = getattr(config, SECTION)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    saved = resolve(model, cfg.modules_to_save, SECTION)
     tensors = {k: v.contiguous().clone() for k, v in lift_tensors(model).items()}
+    tensors.update(hf_tensors(model, saved))
     save_file(tensors, str(out / "lift_model.safetensors"), metadata={"format": "pt"})
     modules: dict[str, dict[str, Any]] = {}
     for p, m in lift_modules(model):
@@ -668,6 +684,9 @@ def write_lift(model: nn.Module, config: JobConfig, output_dir: str | Path) -> l
         "apply": "weight[lift_indices[0], lift_indices[1]] = lift_values; routed experts (K per expert): "
         "weight[e, lift_indices[e, 0], lift_indices[e, 1]] = lift_values[e] (absolute trained weights at the last "
         "mask; entries that left an earlier mask are only in a merged export)",
+        **format_fields(model, saved),
+        "apply_modules_to_save": "the tensors named <module>.<tensor> (lm_head.weight, model.norm.weight) replace "
+        "the base model's tensors of those names",
     }
     (out / "lift_config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return ["lift_model.safetensors", "lift_config.json"]

@@ -172,16 +172,20 @@ def test_refresh_keeps_moments_of_surviving_entries_and_zeroes_new_ones() -> Non
 
 
 def test_resume_from_model_and_optimizer_state_is_bit_identical() -> None:
-    model, config, pm, _ = _job()
+    """With the final norm and the head trained in full (lift.modules_to_save), resumed with the masks."""
+    saved = ["norm", "lm_head"]
+    model, config, pm, _ = _job(modules_to_save=saved)
+    norm_before = model.norm.weight.detach().clone()
     opt = _optimizer(model, config, pm)
     _steps(model, config, pm, opt, range(1, 3))
+    assert not torch.equal(model.norm.weight, norm_before), "the saved norm must train"
     saved_model, saved_opt = {k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict()
     saved_opt = {
         "state": {k: {n: t.clone() for n, t in s.items()} for k, s in saved_opt["state"].items()},
         "param_groups": saved_opt["param_groups"],
     }
     _steps(model, config, pm, opt, range(3, 6))
-    again, config2, pm2, _ = _job()
+    again, config2, pm2, _ = _job(modules_to_save=saved)
     again.init_weights(7)  # other weights: everything must come from the checkpoint (mask buffers included)
     again.load_state_dict(saved_model)
     opt2 = _optimizer(again, config2, pm2)
@@ -192,9 +196,13 @@ def test_resume_from_model_and_optimizer_state_is_bit_identical() -> None:
 
 
 def test_merge_and_export(tmp_path: Path) -> None:
-    model, config, pm, _ = _job()
+    """With the LM head trained in full (lift.modules_to_save): in the export and in the merged model."""
+    model, config, pm, _ = _job(modules_to_save=["lm_head"])
+    base_head = model.output.weight.detach().clone()
     opt = _optimizer(model, config, pm)
     _steps(model, config, pm, opt, range(1, 4))
+    trained_head = model.output.weight.detach().clone()
+    assert not torch.equal(trained_head, base_head)
     with torch.no_grad():
         expected = model(IDS)
     files = pm.hook.expertrain_export(model=model, config=config, output_dir=tmp_path, export_format="lift")
@@ -207,9 +215,11 @@ def test_merge_and_export(tmp_path: Path) -> None:
     )
     meta = json.loads((tmp_path / "lift_config.json").read_text())
     assert meta["method"] == "LIFT" and meta["modules"]["model.layers.1.self_attn.q_proj"]["K"] == q.budget
+    assert meta["modules_to_save"] == ["lm_head"] and torch.equal(tensors["lm_head.weight"], trained_head)
     merged = pm.hook.expertrain_merge_adapters(model=model, config=config)
     assert len(merged[0]) == 14 and not lift.lift_modules(model)
     assert all(not n.endswith("lift_values") for n in model.state_dict())
+    assert torch.equal(model.output.weight, trained_head)
     with torch.no_grad():
         assert torch.equal(model(IDS), expected)  # same weights, same kernel
 
