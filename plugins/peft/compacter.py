@@ -58,6 +58,14 @@ from framework.models.norms import RMSNorm
 from framework.models.sharding import local_weight
 from framework.observe import console
 from plugins.peft.low_rank import write_adapter
+from plugins.peft.modules_to_save import (
+    coverage_detail,
+    format_fields,
+    modules_to_save_option,
+    native_tensors,
+    resolve,
+    trainable_names,
+)
 
 SECTION = "compacter"
 EXPORT_FORMAT = "compacter"
@@ -91,6 +99,7 @@ class CompacterConfig:
         True, doc="Also train every RMSNorm weight (the paper trains the layer norms)."
     )
     seed: int = option(0, doc="Seed of the adapter init (the same adapters on every rank and layout).", min=0)
+    modules_to_save: list[str] = modules_to_save_option()
 
 
 def bottleneck_size(dim: int, cfg: CompacterConfig) -> int:
@@ -358,10 +367,16 @@ def expertrain_transform_model(model: nn.Module, config: JobConfig) -> None:
     n_adapter = sum(params[n].numel() for n in adapter_parameter_names(model))
     n_norms = sum(params[n].numel() for n in norm_parameter_names(model)) if cfg.train_norms else 0
     total = sum(p.numel() for p in model.parameters())
+    saved = resolve(model, cfg.modules_to_save, SECTION)
+    trained = set(trainable_names(saved)) - (set(norm_parameter_names(model)) if cfg.train_norms else set())
+    # Norm weights that train_norms already counts are not counted again.
+    n_saved = sum(params[n].numel() for n in trained)
+    detail, _ = coverage_detail(model, saved)
     console.info(
         f"compacter: {cfg.variant}, {len(paths)} adapters (n={cfg.n}, bottleneck {bottleneck_size(model.model_cfg.dim, cfg)}); "
-        f"{n_adapter:,} adapter parameters + {n_norms:,} norm weights trained = "
-        f"{100 * (n_adapter + n_norms) / max(total, 1):.3f}% of {total:,}"
+        f"{n_adapter:,} adapter parameters + {n_norms:,} norm weights"
+        f"{f' + {n_saved:,} of {detail}' if saved else ''} trained = "
+        f"{100 * (n_adapter + n_norms + n_saved) / max(total, 1):.3f}% of {total:,}"
     )
 
 
@@ -372,10 +387,12 @@ def expertrain_init_weights(model: nn.Module, config: JobConfig) -> None:
 
 @hookimpl
 def expertrain_trainable_parameters(model: nn.Module, config: JobConfig) -> list[str]:
+    cfg: CompacterConfig = getattr(config, SECTION)
     names = adapter_parameter_names(model)
-    if getattr(config, SECTION).train_norms:
+    if cfg.train_norms:
         names += norm_parameter_names(model)
-    return names
+    names += trainable_names(resolve(model, cfg.modules_to_save, SECTION))
+    return list(dict.fromkeys(names))
 
 
 @hookimpl
@@ -402,12 +419,16 @@ def expertrain_optimizer_param_groups(model: nn.Module, config: JobConfig) -> li
 
 def adapter_tensors(model: nn.Module, config: JobConfig) -> dict[str, torch.Tensor]:
     """What ``adapter_model.safetensors`` holds: ``compacter_rules.rules [n, n, n]``, per adapter
-    ``<path>.{down,up}.{s,t,bias}`` and, with ``train_norms``, every RMSNorm weight under its model name."""
+    ``<path>.{down,up}.{s,t,bias}``, with ``train_norms`` every RMSNorm weight, and the modules trained in full
+    (``compacter.modules_to_save``), all under their model names (``output.weight``)."""
+    cfg: CompacterConfig = getattr(config, SECTION)
     params = dict(model.named_parameters())
     names = adapter_parameter_names(model)
-    if getattr(config, SECTION).train_norms:
+    if cfg.train_norms:
         names += norm_parameter_names(model)
-    return {n: params[n].detach() for n in names}
+    tensors = {n: params[n].detach() for n in names}
+    tensors.update(native_tensors(model, resolve(model, cfg.modules_to_save, SECTION)))
+    return tensors
 
 
 def adapter_config(model: nn.Module, config: JobConfig) -> dict[str, Any]:
@@ -420,6 +441,7 @@ def adapter_config(model: nn.Module, config: JobConfig) -> dict[str, Any]:
         **dataclasses.asdict(cfg),
         "bottleneck": bottleneck_size(config.model.dim, cfg),
         "adapters": [path for path, _ in compacter_modules(model)],
+        **format_fields(model, resolve(model, cfg.modules_to_save, SECTION), naming="ours"),
         "tensor_layout": {
             "compacter_rules.rules": "[n, n, n]: the shared rules A_i",
             "<adapter>.{down,up}.s": "[n, out/n]",

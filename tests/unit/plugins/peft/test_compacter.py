@@ -224,8 +224,10 @@ def test_export_writes_its_own_format_and_refuses_peft(tmp_path: Path) -> None:
 def test_export_reloaded_from_its_files_reproduces_the_model_bit_for_bit(tmp_path: Path) -> None:
     """The export applied again: a job built from ``adapter_config.json`` alone (base model and compacter settings)
     on the same base weights, with every tensor of ``adapter_model.safetensors`` loaded by name, computes the exported
-    model's logits bit for bit (the same modules on the same values); before loading they differ by more than 1e-3."""
-    model, _, config, pm = _job(_raw(train_norms=True))
+    model's logits bit for bit (the same modules on the same values); before loading they differ by more than 1e-3.
+    The LM head is trained in full (compacter.modules_to_save) and travels in the export too."""
+    model, _, config, pm = _job(_raw(train_norms=True, modules_to_save=["lm_head"]))
+    assert "output.weight" in pm.trainable_names(model, config)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # every adapter tensor and norm as if trained
         for name in compacter.adapter_tensors(model, config):
@@ -234,6 +236,7 @@ def test_export_reloaded_from_its_files_reproduces_the_model_bit_for_bit(tmp_pat
     pm.hook.expertrain_export(model=model, config=config, output_dir=tmp_path, export_format="compacter")
     adapter = json.loads((tmp_path / "adapter_config.json").read_text())
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert adapter["modules_to_save"] == ["output"] and "output.weight" in tensors
     fields = [f.name for f in dataclasses.fields(compacter.CompacterConfig)]
     raw = {
         "plugins": ["compacter"],
