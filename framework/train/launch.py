@@ -84,9 +84,11 @@ def train(config_path: str, overrides: Sequence[str], raw: dict[str, Any] | None
 
     from framework.parallel import watchdog
     from framework.parallel.setup import init_distributed
+    from framework.train.signals import watch_launcher
     from framework.train.trainer import Trainer
 
     config, pm = load_job(config_path, overrides, raw)
+    watch_launcher(config.checkpoint.save_on_signals)  # a worker whose torchrun was killed stops, not runs on
     info = init_distributed(config.train.device, config.parallel.timeout_s, config.train.deterministic)
     watchdog.install(config.parallel.timeout_s, pm)  # names a rank that hangs
     torch.manual_seed(config.train.seed + info.rank)

@@ -9,9 +9,11 @@ changes nothing: the flag is already set, and the save is atomic.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -46,6 +48,51 @@ def signal_numbers(names: Sequence[str]) -> list[signal.Signals]:
         if out[-1] in (signal.SIGKILL, signal.SIGSTOP):
             raise ConfigError(KEY, name, "SIGKILL and SIGSTOP cannot be caught; use SIGTERM or SIGUSR1")
     return out
+
+
+LAUNCHER_POLL_S = 0.5
+"""How often a worker checks that its launcher is still its parent."""
+
+_launcher_watch: threading.Thread | None = None
+
+
+def launcher_pid() -> int | None:
+    """The pid of the launcher that started this worker (torchrun's agent, or any launcher that sets ``LOCAL_RANK``
+    for its workers), or ``None`` for a process started by hand (its parent is a shell: no watch)."""
+    return os.getppid() if "LOCAL_RANK" in os.environ else None
+
+
+def watch_launcher(names: Sequence[str], interval_s: float = LAUNCHER_POLL_S) -> int | None:
+    """Stop this worker when its launcher dies; returns the launcher's pid (``None``: nothing to watch).
+
+    A SIGKILLed torchrun agent cannot stop its workers, which run in sessions of their own: they would go on to finish
+    the job, and a restart would then have two jobs writing one run folder. A daemon thread checks every
+    ``interval_s`` whether the launcher is still this process's parent; once it is not (the worker was reparented),
+    it prints one line and sends this process the first of ``checkpoint.save_on_signals`` (``names``), else SIGTERM.
+    In the training loop that is a clean stop (every rank notices, finishes the step, saves, exits with
+    :data:`EXIT_CODE`; a rank hung in a collective exits after the grace time); before or after it the signal's
+    default action ends the process. Either way the run folder's lock goes with the process and only complete
+    checkpoints are ever visible. Polling ``getppid`` rather than ``PR_SET_PDEATHSIG``: the latter fires when the
+    launcher *thread* that forked the worker ends, which need not be the launcher's end. Started once per process.
+    """
+    global _launcher_watch
+    parent = launcher_pid()
+    if parent is None or _launcher_watch is not None:
+        return parent
+    sig = signal_numbers(names)[0] if names else signal.SIGTERM
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        line = f"[rank {rank}] expertrain: the launcher (pid {parent}) is gone: stopping this worker ({sig.name})\n"
+        with contextlib.suppress(OSError):  # stderr may have been a pipe to the dead launcher
+            os.write(2, line.encode())
+        os.kill(os.getpid(), sig)
+
+    _launcher_watch = threading.Thread(target=watch, name="expertrain-launcher-watch", daemon=True)
+    _launcher_watch.start()
+    return parent
 
 
 class StopSignals:
