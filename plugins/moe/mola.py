@@ -44,6 +44,7 @@ from framework.models.moe.balancing import expert_counts
 from framework.models.recompute import in_backward
 from framework.observe import console
 from plugins.peft.low_rank import (
+    PEFT_PREFIX,
     LoRAInit,
     experts_to_peft,
     init_lora_,
@@ -51,6 +52,14 @@ from plugins.peft.low_rank import (
     lora_scaling,
     peft_key,
     write_adapter,
+)
+from plugins.peft.modules_to_save import (
+    coverage_detail,
+    format_fields,
+    modules_to_save_option,
+    native_tensors,
+    resolve,
+    trainable_names,
 )
 from plugins.peft.targets import claim
 
@@ -103,6 +112,7 @@ class MoLAConfig:
         "The reference uses 1e-3 when it is on.",
         min=0.0,
     )
+    modules_to_save: list[str] = modules_to_save_option()
 
 
 # --- expert allocation --------------------------------------------------------------------------------------------
@@ -304,6 +314,8 @@ def init_adapters(model: nn.Module, cfg: MoLAConfig, seed: int) -> None:
 def _coverage_line(model: nn.Module, cfg: MoLAConfig, adapted: list[str], experts: list[int]) -> str:
     modules = mola_modules(model)
     trainable = sum(p.numel() for _, m in modules for p in (m.router.weight, m.lora_A, m.lora_B))
+    saved, count = coverage_detail(model, resolve(model, cfg.modules_to_save, SECTION))
+    trainable += count
     total = sum(p.numel() for p in model.parameters())
     by_proj = Counter(path.rsplit(".", 1)[-1] for path in adapted)
     layers = sorted({m.layer_id for _, m in modules})
@@ -311,6 +323,7 @@ def _coverage_line(model: nn.Module, cfg: MoLAConfig, adapted: list[str], expert
     return (
         f"mola: adapted {len(adapted)} projections in {len(layers)} of {len(experts)} layers ({where}); "
         f"experts per layer {experts}, top-{cfg.top_k}, r={cfg.r}, alpha={cfg.alpha:g}; "
+        f"{f'{saved}; ' if saved else ''}"
         f"{trainable:,} trainable parameters = {100 * trainable / max(total, 1):.2f}% of {total:,}"
     )
 
@@ -398,12 +411,13 @@ def expertrain_init_weights(model: nn.Module, config: JobConfig) -> None:
 
 
 @hookimpl
-def expertrain_trainable_parameters(model: nn.Module) -> list[str]:
-    return [
+def expertrain_trainable_parameters(model: nn.Module, config: JobConfig) -> list[str]:
+    adapters = [
         f"{path}.{name}"
         for path, module in mola_modules(model)
         for name in ("router.weight", "lora_A", "lora_B")
     ]
+    return adapters + trainable_names(resolve(model, getattr(config, SECTION).modules_to_save, SECTION))
 
 
 @hookimpl
@@ -473,6 +487,7 @@ def adapter_config(model: nn.Module, config: JobConfig) -> dict[str, Any]:
         "target_modules": list(cfg.targets),
         "experts_per_layer": resolve_experts(cfg, config.model.n_layers),
         "allocation": "custom" if cfg.experts else cfg.allocation,
+        **format_fields(model, resolve(model, cfg.modules_to_save, SECTION), naming="ours"),
         "modules": {
             path: {
                 "layer": m.layer_id,
@@ -487,6 +502,7 @@ def adapter_config(model: nn.Module, config: JobConfig) -> dict[str, Any]:
             "lora_A.weight": "[num_experts * r, in_features]; rows e*r .. e*r+r-1 are expert e",
             "lora_B.weight": "[out_features, r * num_experts]; column j*num_experts + e is rank j of expert e",
             "delta": "sum over the top_k experts e of gate_e * scaling * B_e A_e x, scaling = lora_alpha / r",
+            "base_model.model.<name>": "a module trained in full (modules_to_save): replaces the base's <name>",
         },
         "base_model": {
             "framework": "expertrain",
@@ -512,7 +528,10 @@ def expertrain_export(
 ) -> list[str] | None:
     if export_format != EXPORT_FORMAT:
         return None
-    return write_adapter(output_dir, adapter_tensors(model), adapter_config(model, config))
+    saved = resolve(model, getattr(config, SECTION).modules_to_save, SECTION)
+    tensors = adapter_tensors(model)
+    tensors.update({f"{PEFT_PREFIX}{name}": t for name, t in native_tensors(model, saved).items()})
+    return write_adapter(output_dir, tensors, adapter_config(model, config))
 
 
 @hookimpl

@@ -7,6 +7,7 @@ of mantissa (relative error ~4e-3 per op): 3e-2 there.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -318,13 +319,16 @@ def test_targets_that_match_nothing_are_refused() -> None:
 
 
 def test_export_writes_peft_like_keys_that_round_trip(tmp_path: Path) -> None:
+    """With the head and final norm trained in full (mola.modules_to_save): in the export under our names."""
     pm = _manager()
-    config = _config(pm, {"targets": ["q_proj", "down_proj"]})
+    config = _config(pm, {"targets": ["q_proj", "down_proj"], "modules_to_save": ["lm_head", "norm"]})
     model = _model(config, pm)
     pm.hook.expertrain_transform_model(model=model, config=config)
+    assert {"output.weight", "norm.weight"} <= pm.trainable_names(model, config)
     with torch.no_grad():
         for _, m in mola_modules(model):
             m.lora_B.normal_()
+        model.output.weight.mul_(2.0)  # as training the head would move it
     assert (
         pm.hook.expertrain_export(model=model, config=config, output_dir=tmp_path, export_format="native")
         == []
@@ -333,7 +337,11 @@ def test_export_writes_peft_like_keys_that_round_trip(tmp_path: Path) -> None:
     assert files == [["adapter_model.safetensors", "adapter_config.json"]]
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     modules = dict(mola_modules(model))
-    assert len(tensors) == 3 * len(modules)
+    assert len(tensors) == 3 * len(modules) + 2
+    assert torch.equal(tensors["base_model.model.output.weight"], model.output.weight.detach())
+    assert torch.equal(tensors["base_model.model.norm.weight"], model.norm.weight.detach())
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["modules_to_save"] == ["norm", "output"] and meta["tied_embeddings"] is False
     q0 = modules["layers.0.attention.q_proj"]
     prefix = "base_model.model.layers.0.attention.q_proj"
     assert tensors[f"{prefix}.lora_A.weight"].shape == (q0.num_experts * 8, 32)
