@@ -71,6 +71,15 @@ def _zeros_inside(path: Path) -> None:
         f.write(bytes(64 << 10))
 
 
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _garbage(path: Path) -> None:
+    """Random bytes of the file's own length (a size check alone cannot see it)."""
+    path.write_bytes(torch.randint(0, 256, (path.stat().st_size,), dtype=torch.uint8).numpy().tobytes())
+
+
 def _drop_meta_key(path: Path) -> None:
     meta = json.loads(path.read_text())
     del meta["samples_consumed"]
@@ -82,6 +91,8 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "truncated shard": (_truncate, "__1_0.distcp", "truncated"),
     "truncated DCP metadata": (_truncate, ".metadata", "truncated"),
     "64 KiB of zeros inside a shard": (_zeros_inside, "__1_0.distcp", "checksum"),
+    "0-byte shard": (_empty, "__0_0.distcp", "0 bytes"),
+    "garbage RNG file of rank 0": (_garbage, "rng_rank0.safetensors", "checksum"),
     "missing RNG file of rank 1": (Path.unlink, "rng_rank1.safetensors", "missing"),
     "meta.json without samples_consumed": (_drop_meta_key, "meta.json", "lacks samples_consumed"),
     "truncated manifest": (_truncate, MANIFEST, "unreadable"),
