@@ -84,7 +84,9 @@ def load_pretrained(
     plugin_manager: PluginManager | None = None,
     max_seq_len: int | None = None,
 ) -> HFLoad:
-    """Build the folder's model and load its weights (on the CPU, in ``dtype``; router biases stay fp32).
+    """Build the folder's model and load its weights (on the CPU, in ``dtype``; router biases stay fp32). The model
+    goes through the training assembly on the ``meta`` device and is allocated once, then every tensor is read
+    from the folder (as ``model.init_from: hf:`` does).
 
     ``plugin_manager``: whose registry builds the model (a fresh one on the core registry by default).
     ``max_seq_len`` overrides ``max_position_embeddings`` (the size of our RoPE tables).
@@ -94,12 +96,21 @@ def load_pretrained(
         spec.model = dataclasses.replace(spec.model, max_seq_len=max_seq_len)
     pm = plugin_manager if plugin_manager is not None else PluginManager(default_registry())
     config = JobConfig(model=spec.model, moe=spec.moe)
-    model = Transformer(config.model, config.moe, pm.registry)
+    model = _assembled(config, pm)
     load_hf_weights(model, path, spec)
     model.hf_rope_interleave = spec.rope_interleave  # read back by save_pretrained
     model.to(dtype)
     model.eval()
     return HFLoad(model, spec, config, pm)
+
+
+def _assembled(config: JobConfig, pm: PluginManager) -> Transformer:
+    """The model of ``config`` through the one model assembly (:func:`~framework.train.assembly.
+    assemble_single_process`: built on ``meta``, then allocated once and keyed-initialised), from ``pm``'s registry
+    with no plugin hook run (the folder's model is the core one; a caller's plugins have no sections here)."""
+    from framework.train.assembly import assemble_single_process
+
+    return assemble_single_process(config, PluginManager(pm.registry)).raw
 
 
 def from_pretrained(
