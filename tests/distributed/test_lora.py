@@ -4,7 +4,8 @@ from each run's final checkpoint (which also checks that sharded adapters are sa
 
 The model has an MoE layer (0) and a dense layer (1): ``all-linear`` adapts attention (column- and row-parallel
 projections) and the dense MLP, ``target_experts`` the routed experts (cut over ``ep``, sliced on their hidden
-dimension under ``tp``). The layouts train inside the shared per-world spawns (``layouts.py``).
+dimension under ``tp``). The LM head and the final norm are trained in full (``lora.modules_to_save``): vocab-sharded
+under ``tp``, FSDP-sharded like any weight. The layouts train inside the shared per-world spawns (``layouts.py``).
 
 Tolerances as in test_parallel_equivalence.py (fp32): step-1 gradients to 1e-5 relative (sums over ranks reorder
 additions), losses over 3 steps to 1e-3 relative (Adam amplifies round-off through tiny second moments); the final
@@ -35,8 +36,10 @@ LORA = (
     "lora.r=4",
     "lora.alpha=8",
     "lora.dropout=0",
+    "lora.modules_to_save=[lm_head, norm]",
     "checkpoint.save_final=true",
 )
+SAVED = ("output.weight", "norm.weight")
 FSDP = "parallel.data=fsdp"
 LAYOUTS = {
     "lora-dp2": (*LORA, FSDP),
@@ -48,9 +51,10 @@ register(2, LAYOUTS)
 
 
 def _adapters(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained tensors of a run's final checkpoint: every adapter and the modules trained in full."""
     model, _, _, _ = load_model(run_dir)
     params = dict(model.named_parameters())
-    return {n: params[n].detach() for n in adapter_parameter_names(model)}
+    return {n: params[n].detach() for n in [*adapter_parameter_names(model), *SAVED]}
 
 
 def test_dp_tp_ep_train_the_same_adapters_as_one_rank(
@@ -60,7 +64,8 @@ def test_dp_tp_ep_train_the_same_adapters_as_one_rank(
     ref = ones["lora-one"]
     assert isinstance(ref, dict), f"one rank failed:\n{ref}"
     ref_adapters = _adapters(one_root / "lora-one")
-    # Only adapters get gradients (the base is frozen); every kind of adapted module is there.
+    # Only adapters and the saved head and norm get gradients (the rest of the base is frozen); every kind of
+    # adapted module is there.
     assert set(ref["grads"]) == set(ref_adapters)
     for part in (
         "attention.q_proj.lora",
