@@ -104,12 +104,19 @@ def test_a_module_both_adapted_and_saved_is_refused() -> None:
         _adapted({"targets": ["q_proj", "output"], "modules_to_save": ["lm_head"]})
 
 
-def test_saved_modules_train_with_the_adapters_and_the_rest_stays_frozen() -> None:
+def test_saved_modules_train_with_the_adapters_and_the_rest_stays_frozen(
+    capsys: pytest.CaptureFixture,
+) -> None:
     model, config, pm, _ = _adapted({"targets": ["q_proj", "v_proj"], "modules_to_save": ["lm_head", "norm"]})
     adapters = set(lora.adapter_parameter_names(model))
     trainable = pm.trainable_names(model, config)
     assert trainable == adapters | {"output.weight", "norm.weight"}
     params = dict(model.named_parameters())
+    # The coverage line names them and counts them: head 64 x 32 + norm 32, on top of the adapters.
+    total = sum(params[n].numel() for n in trainable)
+    line = capsys.readouterr().out
+    assert "modules_to_save model.norm, lm_head: 2,080 parameters trained in full" in line
+    assert f"{total:,} trainable parameters" in line
     before = {n: p.detach().clone() for n, p in params.items()}
     for name, p in params.items():
         p.requires_grad_(name in trainable)
