@@ -38,7 +38,7 @@ def info(message: str) -> None:
 def warn(message: str, all_ranks: bool = False) -> None:
     """A warning line on rank 0 (or on every rank, prefixed with its rank, when it is rank-specific)."""
     if all_ranks and _world_size() > 1:
-        print(f"[rank {_rank()}] warning: {message}", file=sys.stderr, flush=True)
+        _write_line(f"[rank {_rank()}] warning: {message}")
     elif _rank() == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
@@ -50,10 +50,17 @@ def error_line(message: str) -> str:
 
 
 def print_error(message: str) -> None:
-    """Write :func:`error_line` to stderr in one ``write`` of the whole line, newline included: the ranks of a job
-    share one pipe, and ``print`` writes the text and the newline separately, so two ranks' lines could run
-    together on one line. One write of up to ``PIPE_BUF`` (4096) bytes to a pipe is never interleaved."""
-    line = (error_line(message) + "\n").encode("utf-8", errors="replace")
+    """Write :func:`error_line` to stderr as one line of its own (:func:`_write_line`)."""
+    _write_line(error_line(message))
+
+
+def _write_line(text: str) -> None:
+    """Write ``text`` to stderr in one ``write`` of the whole line, newline included: the ranks of a job share one
+    pipe, and ``print`` writes the text and the newline separately, so two ranks' lines could run together on one
+    line. One write of up to ``PIPE_BUF`` (4096) bytes to a pipe is never interleaved. A rank other than 0 starts
+    with a newline: rank 0's progress bar, which stays mid-line between its updates, may be on that stream."""
+    lead = "\n" if _world_size() > 1 and _rank() != 0 else ""
+    line = (lead + text + "\n").encode("utf-8", errors="replace")
     sys.stderr.flush()
     try:
         os.write(sys.stderr.fileno(), line)

@@ -85,7 +85,8 @@ def watch_launcher(names: Sequence[str], interval_s: float = LAUNCHER_POLL_S) ->
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(interval_s)
-        line = f"[rank {rank}] expertrain: the launcher (pid {parent}) is gone: stopping this worker ({sig.name})\n"
+        lead = "\n" if rank != "0" else ""  # off rank 0's progress bar line, as console's error lines
+        line = f"{lead}[rank {rank}] expertrain: the launcher (pid {parent}) is gone: stopping this worker ({sig.name})\n"
         with contextlib.suppress(OSError):  # stderr may have been a pipe to the dead launcher
             os.write(2, line.encode())
         os.kill(os.getpid(), sig)
