@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.distributed.tensor import DTensor
 
 from framework.config.job import JobConfig
@@ -192,7 +192,12 @@ def _open_tensors(path: Path, stats: HFReadStats) -> Iterator[dict[str, _FileTen
         for name in files:
             if not (path / name).is_file():
                 raise HFCheckpointError(f"shard '{name}' listed in {INDEX_FILE} is missing from '{path}'")
-            handles[name] = safe_open(str(path / name), framework="pt")
+            try:
+                handles[name] = safe_open(str(path / name), framework="pt")
+            except SafetensorError as exc:  # truncated, empty or not safetensors at all
+                raise HFCheckpointError(
+                    f"'{path / name}' is not a readable safetensors file ({exc}); download or save it again"
+                ) from None
         tensors: dict[str, _FileTensor] = {}
         for name, handle in handles.items():
             for key in handle.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
