@@ -66,18 +66,22 @@ def _job_from_adapter_config(adapter: dict[str, Any]) -> dict[str, Any]:
             "alpha": adapter["lora_alpha"],
             "rslora": adapter["use_rslora"],
             "dropout": adapter["lora_dropout"],
+            "modules_to_save": adapter["modules_to_save"] or [],
         },
     }
 
 
 def test_export_reloaded_from_its_files_reproduces_the_model_bit_for_bit(tmp_path: Path) -> None:
+    """Routers, LoRA experts and the head trained in full (mola.modules_to_save) reloaded from the files alone."""
     section = {"targets": ["q_proj", "v_proj", "down_proj"], "top_k": 2, "r": 4, "alpha": 8.0}
+    section["modules_to_save"] = ["lm_head"]
     model, config, pm = _build({"plugins": ["mola"], **SMALL, "mola": section})
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # adapters and routers as if trained
+    with torch.no_grad():  # adapters, routers and the head as if trained
         for _, m in mola_modules(model):
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
             m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=g))
+        model.output.weight.add_(torch.randn(model.output.weight.shape, generator=g))
     files = pm.hook.expertrain_export(model=model, config=config, output_dir=tmp_path, export_format="mola")
     assert files == [["adapter_model.safetensors", "adapter_config.json"]]
 
@@ -99,5 +103,7 @@ def test_export_reloaded_from_its_files_reproduces_the_model_bit_for_bit(tmp_pat
             m.lora_A.copy_(A)
             m.lora_B.copy_(B)
             m.router.weight.copy_(tensors[f"{key}.router.weight"])
-        assert len(tensors) == 3 * len(modules)  # nothing in the file was left unused
+        assert adapter["modules_to_save"] == ["output"]
+        reloaded.output.weight.copy_(tensors["base_model.model.output.weight"])
+        assert len(tensors) == 3 * len(modules) + 1  # nothing in the file was left unused
         assert torch.equal(reloaded(IDS), expected)
