@@ -46,6 +46,18 @@ def yaml_load(text: str) -> object:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What YAML could not parse, with its line and column (1-based), e.g. ``line 4, column 6: expected ',' or ']',
+    but got ':' (while parsing a flow sequence started at line 3, column 7)``."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return str(exc).splitlines()[0]
+    mark = exc.problem_mark
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
+        text += f" ({exc.context} started at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+    return text
+
+
 @dataclass
 class JobConfig:
     """A validated job: the core sections, the enabled plugins and their sections."""
@@ -128,9 +140,7 @@ def read_job_file(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(
-            "--config", str(path), f"expected valid YAML ({str(exc).splitlines()[0]})"
-        ) from None
+        raise ConfigError("--config", str(path), f"expected valid YAML ({yaml_problem(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -79,6 +79,27 @@ def test_job_file_errors(tmp_path: Path) -> None:
         job(path=str(nested))
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (
+            "train:\n  steps: 3\n  lr: [1, 2\nmodel:\n  dim: 4\n",
+            "line 4, column 6: expected ',' or ']', but got ':'",
+        ),
+        ("train:\n  steps: 3\n   x: 1\n", "line 3, column 5: mapping values are not allowed here"),
+        ("model:\n  dim: 4\n\ttrain: 1\n", "line 3, column 1: found character '\\t'"),
+    ],
+    ids=["unclosed list", "bad indent", "tab"],
+)
+def test_yaml_errors_name_the_line_and_column(tmp_path: Path, text: str, where: str) -> None:
+    """The line and column are the 1-based position an editor shows for the offending character."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        job(path=str(bad))
+    assert f"expected valid YAML ({where}" in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_every_example_config_resolves() -> None:
     configs = sorted((REPO / "examples" / "configs").glob("*.yaml"))
     assert configs, "no example configs"
