@@ -40,10 +40,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
+from framework.checkpoint.stream import save_safetensors
 from framework.models.init import InitSource, normal_, uniform_
 from framework.models.moe.experts import EXPERT_IMPLS, GroupedExperts, resolve_impl
 from framework.models.sharding import local_weight
@@ -297,7 +297,7 @@ class LoRAExperts(GroupedExperts):
         lora_gate_up_proj: ExpertsLoRA | None = None,
         lora_down_proj: ExpertsLoRA | None = None,
     ) -> None:
-        self._wrap(base)  # not GroupedExperts.__init__: the weights are the base module's
+        self.init_from_base(base)  # not GroupedExperts.__init__: the weights are the base module's
         E, hidden, H = base.num_experts, base.hidden, base.dim
         for name, lora, shape in (
             ("lora_gate_up_proj", lora_gate_up_proj, (E, 2 * hidden, H)),
@@ -443,8 +443,8 @@ def write_adapter(
     ``output_dir``; returns the two file names."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(cpu, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    # One tensor at a time (save_file's bytes without its two copies of every tensor).
+    save_safetensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(
         json.dumps(dict(adapter_config), indent=2) + "\n", encoding="utf-8"
     )

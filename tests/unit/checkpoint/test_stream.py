@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from framework.checkpoint.safe_reader import CheckpointFormatError
 from framework.checkpoint.store import CheckpointStore
-from framework.checkpoint.stream import CheckpointTensors, SafetensorsWriter, TensorEntry
+from framework.checkpoint.stream import CheckpointTensors, SafetensorsWriter, TensorEntry, save_safetensors
 
 
 def _mixed_tensors() -> dict[str, torch.Tensor]:
@@ -50,6 +50,9 @@ def test_streamed_safetensors_file_is_byte_identical_to_save_file(
         for name in reversed(list(tensors)):  # any order: each tensor goes to its own offset
             writer.write(name, tensors[name])
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+    save_safetensors(tensors, tmp_path / "whole.safetensors", metadata)  # the plugins' one-call form
+    assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
 def test_writer_refuses_a_tensor_other_than_planned_and_a_missing_one(tmp_path: Path) -> None:
