@@ -16,11 +16,13 @@ from framework.data.errors import DataError
 from framework.data.labels import IGNORE_INDEX
 from framework.data.loader import MicroBatchStream
 from framework.data.sft import (
+    BadRow,
     ChatTokenizer,
     SFTDataset,
     build_sft_datasets,
     collate_sft,
     conversation_segments,
+    read_rows,
 )
 from framework.data.tokenizer import Tokenizer
 
@@ -263,6 +265,17 @@ def test_bad_row_error_names_file_and_line(tmp_path: Path, chat: ChatTokenizer) 
         with pytest.raises(DataError, match=rf"one\.jsonl:3: .*{reason}.*on_bad_row=skip") as info:
             build([file], chat, 64, on_bad_row="error")
         assert "\n" not in str(info.value)
+
+
+def test_bad_json_names_the_column_an_editor_shows(tmp_path: Path) -> None:
+    """The column counts characters from 1, not bytes: the non-ASCII text before the error would move a byte count."""
+    line = '{"prompt": "héllo ✓ 你好", "response": "a",, }'
+    file = write_jsonl(tmp_path / "one.jsonl", [line])
+    (bad,) = list(read_rows(file))
+    assert isinstance(bad, BadRow) and bad.where == f"{file}:1"
+    column = line.index(",,") + 2  # the second comma
+    assert len(line[: column - 1].encode("utf-8")) + 1 != column
+    assert bad.reason.endswith(f"at column {column})"), bad.reason
 
 
 def test_missing_file_and_empty_result(tmp_path: Path, chat: ChatTokenizer) -> None:
