@@ -98,8 +98,9 @@ def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> 
 @torch.no_grad()
 def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
     """``W += s·B·A`` in place. ``weight`` may be any shape with ``ΔW``'s elements in the same memory order, e.g.
-    the fused ``gate_up_proj [E, 2, I, H]`` for a delta of ``[E, 2I, H]``."""
-    delta = delta_weight(lora_A.float(), lora_B.float(), scaling)
+    the fused ``gate_up_proj [E, 2, I, H]`` for a delta of ``[E, 2I, H]``. Holds one ``ΔW`` beside the weight
+    (scaled in place: the bits of :func:`delta_weight`)."""
+    delta = (lora_B.float() @ lora_A.float()).mul_(scaling)
     weight.add_(delta.reshape(weight.shape).to(weight.dtype))
 
 

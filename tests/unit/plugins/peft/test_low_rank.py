@@ -190,3 +190,14 @@ def test_merge_functions_accept_stacked_weights() -> None:
     torch.testing.assert_close(W, 0.5 * B @ A, **TOL)
     unmerge_(W, A, B, 0.5)
     assert W.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("scaling", [2.0, 0.37, 1 / 3])
+def test_merge_adds_exactly_the_bits_of_delta_weight(scaling: float) -> None:
+    """merge_ scales ``B·A`` in place (one ``ΔW`` in memory, for streamed merges): the sum must be bit for bit
+    ``W + delta_weight(A, B, s)``, the merge exports wrote before."""
+    A, B = torch.randn(4, 8, 24, generator=_gen(15)), torch.randn(4, 32, 8, generator=_gen(16))
+    W = torch.randn(4, 32, 24, generator=_gen(17))
+    expected = W + delta_weight(A, B, scaling)
+    merge_(W, A, B, scaling)
+    assert torch.equal(W, expected)
