@@ -207,7 +207,7 @@ def _one_epoch_samples(info: IndexInfo, n_train: int, seq_len: int) -> int:
     """The samples of ``seq_len + 1`` tokens one pass over a prefix's first ``n_train`` sequences gives (megatron's
     count: samples overlap by one token)."""
     tokens = int(sequence_lengths(info, n_train).sum(dtype=np.int64))
-    return max(1, (tokens - 1) // seq_len)
+    return max(0, (tokens - 1) // seq_len)
 
 
 def split_inputs_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,12 +301,12 @@ def build_pretrain_datasets(
     sources = resolve_data_sources(data_cfg)
     _check_tokenizer(sources, tokenizer)
     val_fraction = float(data_cfg.val_fraction)
-    one_pass_samples = 0
+    one_pass: list[int] = []
     for prefix in sources.prefixes:
         info = validate_indexed(prefix)
         check_token_ids(info, tokenizer.vocab_size if vocab_size is None else vocab_size)
         n_train, n_val = _split_counts(info.num_sequences, val_fraction)
-        one_pass_samples += _one_epoch_samples(info, n_train, seq_len)
+        one_pass.append(_one_epoch_samples(info, n_train, seq_len))
         if n_train < 1 or (val_fraction > 0 and n_val < 1):
             raise ConfigError(
                 "data.val_fraction",
@@ -319,7 +319,9 @@ def build_pretrain_datasets(
         raise ValueError(f"val_samples must be >= 1 when data.val_fraction > 0, got {val_samples}")
 
     if train_samples is None and len(sources.prefixes) > 1:
-        train_samples = one_pass_samples  # megatron needs a size to blend by weights
+        train_samples = sum(max(1, n) for n in one_pass)  # megatron needs a size to blend by weights
+    elif train_samples is None and one_pass[0] < 1:
+        train_samples = 1  # a split shorter than one sample: megatron repeats its documents until one fits
     train, val = _build_splits(
         data_cfg, sources, tokenizer, seq_len, seed, train_samples, val_samples if has_val else 0
     )

@@ -84,3 +84,17 @@ def test_later_epochs_are_seeded_permutations_and_the_first_keeps_the_dataset_or
         uninterrupted.next_step()
     for _ in range(3):
         assert [b.tolist() for b in resumed.next_step()] == [b.tolist() for b in uninterrupted.next_step()]
+
+
+def test_a_split_shorter_than_one_sample_repeats_its_documents(
+    tmp_path: Path, small_tokenizer: Tokenizer
+) -> None:
+    docs = ["doc0 def x", "doc1 return y", "doc2 class z"]
+    prefix = write_prefix(tmp_path, "short", docs, small_tokenizer)
+    data = DataConfig(paths=[prefix], cache_dir=str(tmp_path / "c"), val_fraction=0.0)
+    train, _ = build_pretrain_datasets(data, 64, 0, None, 1, small_tokenizer)
+    # Reference: the three documents, each followed by eod, are fewer than 65 tokens; a sample wraps around them.
+    ids = [small_tokenizer.encode(t, parse_special=False) + [0] for t in docs]
+    assert sum(map(len, ids)) < 65 and len(train) >= 1
+    sample = train[0].tolist()
+    assert len(sample) == 65 and set(sample) <= {i for doc in ids for i in doc}
