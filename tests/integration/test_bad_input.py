@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
-from tests.integration.launch import REPO, prepare_dataset, run_training
+from tests.integration.launch import REPO, kill_tree, prepare_dataset, run_training, start_training
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
@@ -111,14 +113,14 @@ def test_checkpoint_of_a_plugin_block_with_other_options(tmp_path: Path) -> None
     """Plugin options can change tensor shapes: the resume is refused in one line naming tensors and options."""
     run_dir = tmp_path / "run"
     plugin = ["plugins=[deepseek_moe]", "moe.block=deepseek_moe", "deepseek_moe.segments=2", "train.steps=1"]
-    assert run_training(run_dir, plugin, nproc=0).returncode == 0
-    proc = run_training(run_dir, [*plugin, "deepseek_moe.n_shared_experts=0", "train.steps=2"], nproc=0)
+    assert run_training(run_dir, [*plugin, "moe.shared_experts=1"], nproc=0).returncode == 0
+    proc = run_training(run_dir, [*plugin, "moe.shared_experts=0", "train.steps=2"], nproc=0)
     assert proc.returncode == 1
     (line,) = error_lines(proc)
     assert (
         "does not fit this job's model (layers.0.ffn.router.gate.weight: (7, 32) there, (8, 32) here" in line
     )
-    assert "deepseek_moe.n_shared_experts: 1 -> 0" in line and "checkpoint.resume=false" in line
+    assert "moe.shared_experts: 1 -> 0" in line and "checkpoint.resume=false" in line
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
@@ -189,3 +191,28 @@ def test_expertrain_train_takes_the_same_arguments(tmp_path: Path) -> None:
     assert error_lines(proc) == [
         "expertrain: error: config key 'train.steps': got 0; expected an integer >= 1"
     ]
+
+
+def test_a_second_job_on_a_run_folder_in_use_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
+    """The first job holds run.dir while it trains; a second job there stops on every rank, naming the holder, and
+    leaves the first job's config.yaml and metrics alone."""
+    run_dir = tmp_path / "run"
+    first = start_training(run_dir, ["train.steps=100000", "optim.lr=1e-4"], nproc=0)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 240
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            assert first.poll() is None, first.stdout.read() if first.stdout else ""
+            assert time.time() < deadline, "the first job never logged a step"
+            time.sleep(0.1)
+        config_before = (run_dir / "config.yaml").read_text()
+        os.killpg(first.pid, signal.SIGSTOP)  # paused, lock still held: the second job gets the CPU
+        second = run_training(run_dir, ["train.steps=3", "optim.lr=3e-4"], nproc=2, timeout=120)
+        os.killpg(first.pid, signal.SIGCONT)
+        assert_fails_on_every_rank(second, f"run folder {run_dir} is in use by another job (pid {first.pid}")
+        assert first.poll() is None, "the first job keeps training"
+        assert (run_dir / "config.yaml").read_text() == config_before
+        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+        assert steps == list(range(1, len(steps) + 1)), "only the first job's rows, each step once"
+    finally:
+        kill_tree(first)
