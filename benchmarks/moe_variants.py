@@ -58,7 +58,7 @@ PRETRAIN: list[tuple[str, tuple[str, ...]]] = [
             "plugins=[deepseek_moe]",
             "moe.block=deepseek_moe",
             "deepseek_moe.segments=2",
-            "deepseek_moe.n_shared_experts=2",
+            "moe.shared_experts=2",
             "deepseek_moe.isolate_shared=true",
         ),
     ),

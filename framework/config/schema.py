@@ -134,14 +134,22 @@ def section_fields(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def build_section(cls: type, data: dict[str, Any] | None, prefix: str) -> Any:
-    """Build dataclass ``cls`` from a mapping; unknown keys, wrong types and bad ranges raise :class:`ConfigError`."""
+    """Build dataclass ``cls`` from a mapping; unknown keys, wrong types and bad ranges raise :class:`ConfigError`.
+
+    A section may declare ``MOVED_KEYS: ClassVar[dict[str, str]]`` (old key -> its new ``section.key``): an old job
+    file that still sets one gets an error naming the new key instead of a silent change or a bare "unknown key"."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(prefix, data, f"expected a mapping of {cls.__name__} keys")
     hints = typing.get_type_hints(cls)
     fields = section_fields(cls)
+    moved: dict[str, str] = getattr(cls, "MOVED_KEYS", {})
     for key in data:
+        if key in moved and key not in fields:
+            raise ConfigError(
+                f"{prefix}.{key}", data[key], f"this key moved to '{moved[key]}': set that key instead"
+            )
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{prefix}.{key}", data[key], f"unknown key; '{prefix}' accepts: {known}")

@@ -126,6 +126,21 @@ class MoEConfig:
     num_experts: int = option(8, doc="Routed experts per MoE layer; 0 makes every layer dense.", min=0)
     top_k: int = option(2, doc="Experts each token is routed to.", min=1)
     expert_hidden: int = option(352, doc="Intermediate size of one expert's SwiGLU.", min=1)
+    shared_experts: int = option(
+        0,
+        doc="Shared experts every token goes through beside its routed ones (DeepSeekMoE, Qwen2-MoE), fused into one "
+        "SwiGLU MLP; 0 = none.",
+        min=0,
+    )
+    shared_expert_hidden: int = option(
+        0,
+        doc="Hidden size of the fused shared-expert MLP; 0 = shared_experts * expert_hidden (Qwen2-MoE's "
+        "shared_expert_intermediate_size sets it).",
+        min=0,
+    )
+    shared_expert_gate: bool = option(
+        False, doc="Scale the shared experts' output by a per-token sigmoid gate sigmoid(x*w_g) (Qwen2-MoE)."
+    )
     every: int = option(
         1, doc="Every k-th layer (counting from the first after first_k_dense) is MoE.", min=1
     )
@@ -174,6 +189,24 @@ class MoEConfig:
             raise ConfigError(
                 f"{prefix}.topk_groups", self.topk_groups, f"expected at most n_groups={self.n_groups}"
             )
+        for name, value in (
+            ("shared_expert_hidden", self.shared_expert_hidden),
+            ("shared_expert_gate", self.shared_expert_gate),
+        ):
+            if value and not self.shared_experts:
+                raise ConfigError(
+                    f"{prefix}.{name}",
+                    value,
+                    f"expected {'0' if name.endswith('hidden') else 'false'} without shared experts; set "
+                    f"{prefix}.shared_experts >= 1 to add them",
+                )
+
+    @property
+    def resolved_shared_hidden(self) -> int:
+        """Hidden size of the fused shared-expert MLP (0 = no shared experts)."""
+        if not self.shared_experts:
+            return 0
+        return self.shared_expert_hidden or self.shared_experts * self.expert_hidden
 
 
 FSDP_OPTION_NAMES = ("param_dtype", "reduce_dtype", "cpu_offload")

@@ -61,6 +61,18 @@ def is_moe_layer(layer_id: int, moe_cfg: MoEConfig) -> bool:
     return (layer_id - moe_cfg.first_k_dense) % moe_cfg.every == 0
 
 
+def _check_moe_block(block: nn.Module, name: str) -> None:
+    """One error naming the ``moe_block`` component and the :class:`MoEBlock` members its block lacks."""
+    from framework.models.moe.layer import missing_block_members
+
+    missing = missing_block_members(block)
+    if missing:
+        raise TypeError(
+            f"moe_block '{name}' built a {type(block).__name__} without {', '.join(missing)}: an MoE block must "
+            "implement framework.models.moe.MoEBlock (subclass MoELayer, see docs/moe.md)"
+        )
+
+
 class TransformerBlock(nn.Module):
     """``h = x + attention(norm(x)); out = h + ffn(norm(h))`` with ``ffn`` a dense SwiGLU or an MoE block.
 
@@ -77,6 +89,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
         if self.is_moe:
             self.ffn = registry.get("moe_block", moe_cfg.block).factory(model_cfg.dim, moe_cfg, registry)
+            _check_moe_block(self.ffn, moe_cfg.block)
         else:
             self.ffn = FeedForward(model_cfg.dim, model_cfg.ffn_hidden)
 

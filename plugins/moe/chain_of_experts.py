@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -31,9 +31,8 @@ from framework.config import ConfigError, JobConfig, option
 from framework.config.sections import MoEConfig
 from framework.hooks import hookimpl
 from framework.hooks.registry import ComponentRegistry
-from framework.models.moe.layer import MoELayer, build_topk_router
+from framework.models.moe import MoELayer, build_topk_router
 from framework.observe import console
-from plugins.moe.shared_experts import SharedExperts
 
 SECTION = "chain_of_experts"
 """The plugin's config section, and its ``moe_block`` component name."""
@@ -41,7 +40,17 @@ SECTION = "chain_of_experts"
 
 @dataclass
 class ChainOfExpertsConfig:
-    """Chain-of-Experts: ``iterations`` sequential routing passes through the same experts in each MoE layer."""
+    """Chain-of-Experts: ``iterations`` sequential routing passes through the same experts in each MoE layer. Shared
+    experts (run in every iteration) are the core's ``moe.shared_experts`` / ``shared_expert_hidden`` /
+    ``shared_expert_gate``."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "n_shared_experts": "moe.shared_experts",
+        "shared_expert_hidden": "moe.shared_expert_hidden",
+        "shared_expert_gate": "moe.shared_expert_gate",
+    }
+    """Keys this section had before shared experts became a core MoE submodule: an old job file gets an error naming
+    the new key."""
 
     iterations: int = option(
         2,
@@ -54,37 +63,6 @@ class ChainOfExpertsConfig:
         doc="inner: x_t = x_(t-1) + f_t(x_(t-1)) from the normed input and the block outputs x_C (the paper's "
         "default); outer: x_t = f_t(x_(t-1)) and the block outputs h + x_C.",
     )
-    n_shared_experts: int = option(
-        0, doc="Shared experts every token goes through in every iteration (0 = none).", min=0
-    )
-    shared_expert_hidden: int = option(
-        0,
-        doc="Hidden size of the shared experts (fused into one SwiGLU MLP); 0 = n_shared_experts * moe.expert_hidden.",
-        min=0,
-    )
-    shared_expert_gate: bool = option(
-        False, doc="Scale the shared experts' output by a per-token sigmoid gate (as Qwen2-MoE does)."
-    )
-
-    def validate(self, prefix: str) -> None:
-        if self.n_shared_experts == 0 and self.shared_expert_hidden > 0:
-            raise ConfigError(
-                f"{prefix}.shared_expert_hidden",
-                self.shared_expert_hidden,
-                f"expected 0 without shared experts; set {prefix}.n_shared_experts >= 1 to add them",
-            )
-        if self.n_shared_experts == 0 and self.shared_expert_gate:
-            raise ConfigError(
-                f"{prefix}.shared_expert_gate",
-                self.shared_expert_gate,
-                f"expected false without shared experts; set {prefix}.n_shared_experts >= 1 to add them",
-            )
-
-    def resolved_shared_hidden(self, moe_cfg: MoEConfig) -> int:
-        """Hidden size of the fused shared-expert MLP (0 when there are no shared experts)."""
-        if self.n_shared_experts == 0:
-            return 0
-        return self.shared_expert_hidden or self.n_shared_experts * moe_cfg.expert_hidden
 
 
 class ChainOfExpertsLayer(MoELayer):
@@ -93,8 +71,8 @@ class ChainOfExpertsLayer(MoELayer):
     Parts: ``routers`` (``C`` routers, one per iteration, each with ``top_k = moe.top_k / C`` and, with
     ``moe.bias_update_rate > 0``, its own aux-loss-free bias), ``experts`` and ``dispatcher`` (the base layer's,
     reused by every iteration: under expert parallelism each iteration is one all-to-all dispatch and combine), and
-    optional ``shared_experts``. ``top_k`` is the per-iteration value; ``active_experts_per_token`` is
-    ``moe.top_k``.
+    the core layer's optional ``shared_experts`` (``moe.shared_experts``), applied in every iteration. ``top_k`` is
+    the per-iteration value; ``active_experts_per_token`` is ``moe.top_k``.
     """
 
     def __init__(
@@ -111,42 +89,27 @@ class ChainOfExpertsLayer(MoELayer):
             )
         per_iteration = dataclasses.replace(moe_cfg, top_k=moe_cfg.top_k // iterations)
         routers = [_build_router(dim, per_iteration, registry) for _ in range(iterations)]
-        super().__init__(dim, per_iteration, router=routers[0])
-        del self.router  # the base layer's single router: this layer keeps one per iteration in ``routers``
-        self.routers = nn.ModuleList(routers)
+        # One routing site per iteration, kept in ``self.routers``.
+        super().__init__(dim, per_iteration, routers=routers)
         self.residual = coe_cfg.residual
         self.owns_residual = coe_cfg.residual == "inner"
-        shared_hidden = coe_cfg.resolved_shared_hidden(moe_cfg)
-        self.shared_experts: SharedExperts | None = (
-            SharedExperts(dim, shared_hidden, gated=coe_cfg.shared_expert_gate) if shared_hidden else None
-        )
-
-    def site_routers(self) -> list[nn.Module]:
-        """One routing site per iteration, in order."""
-        return list(self.routers)
 
     def routing_site_names(self) -> list[str]:
         """``iter0``, ``iter1``, … (metrics ``moe/layer<i>/iter<t>/tokens_e<j>``)."""
         return [f"iter{t}" for t in range(len(self.routers))]
 
-    def _forward_tokens(self, x_BSD: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    def forward_tokens(self, x_BSD: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
         """The ``C`` iterations on this rank's tokens (its sequence slice under tensor parallelism)."""
         B, S, D = x_BSD.shape
         for t, router in enumerate(self.routers):
             x_TD = x_BSD.reshape(B * S, D)
-            y_TD = self._route_and_compute(x_TD, router, t, B, S, tp_group)
+            y_TD = self.route_and_compute(x_TD, router, t, B, S, tp_group)
             if self.shared_experts is not None:
                 y_TD = y_TD + self.shared_experts(x_TD)
             # Added in [B, S, D]: with the inner residual this is the block's output, which must not be a view
             # (FSDP2 warns that an in-place op on a returned view would skip its pre-backward hook).
             x_BSD = x_BSD + y_TD.view(B, S, D) if self.residual == "inner" else y_TD.view(B, S, D)
         return x_BSD
-
-    def init_weights(self, init_std: float, out_std: float, generator: torch.Generator) -> None:
-        """Routers in iteration order, then the experts, then the shared experts, all from ``generator``."""
-        super().init_weights(init_std, out_std, generator)
-        if self.shared_experts is not None:
-            self.shared_experts.init_weights(init_std, out_std, generator)
 
     def extra_repr(self) -> str:
         return f"iterations={len(self.routers)}, residual={self.residual}, top_k_per_iteration={self.top_k}"

@@ -5,11 +5,12 @@
 - **Fine-grained segmentation** (``segments`` m): each of the ``moe.num_experts`` N experts of hidden
   ``moe.expert_hidden`` I is split m ways, giving m·N experts of hidden I/m of which m·K are activated
   (K = ``moe.top_k``): the same FLOPs, far more expert combinations.
-- **Shared-expert isolation** (``n_shared_experts`` Ks): Ks of the fine-grained experts are always on. With
-  ``isolate_shared`` (the paper's constant-compute form) they are taken out of the pool: m·N − Ks routed experts,
-  top-(m·K − Ks). Without it (the convention of Hugging Face configs, ``n_routed_experts + n_shared_experts``) the
-  router keeps m·N experts and top-m·K, and the Ks shared experts come on top. The Ks shared experts are one SwiGLU
-  of hidden Ks·I/m (:class:`~plugins.moe.shared_experts.SharedExperts`), optionally behind Qwen2-MoE's sigmoid gate.
+- **Shared-expert isolation** (the core's ``moe.shared_experts`` Ks): Ks of the fine-grained experts are always on.
+  With ``isolate_shared`` (the paper's constant-compute form) they are taken out of the pool: m·N − Ks routed
+  experts, top-(m·K − Ks). Without it (the convention of Hugging Face configs, ``n_routed_experts +
+  n_shared_experts``) the router keeps m·N experts and top-m·K, and the Ks shared experts come on top. The shared
+  experts are the core MoE layer's ``shared_experts`` submodule (:class:`~framework.models.moe.SharedExperts`), here
+  of hidden Ks·I/m unless ``moe.shared_expert_hidden`` sets it, optionally behind ``moe.shared_expert_gate``.
 - **Balance losses**: expert-level α1·Σ_i f_i·P_i is the core's ``moe.aux_loss_coef`` term on the N′ routed experts
   and top-K′; device-level α2·Σ_d f′_d·P′_d (``device_aux_loss_coef``) over ``devices`` contiguous expert groups,
   the expert-parallel slices: f′_d = mean of f_i over device d's experts, P′_d = their sum.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -33,10 +35,8 @@ from torch import nn
 from framework.comm import collectives as C
 from framework.config import ConfigError, JobConfig, MoEConfig, option
 from framework.hooks import ComponentRegistry, hookimpl
-from framework.models.moe.balancing import expert_counts
-from framework.models.moe.layer import MoELayer
-from framework.models.moe.router import RouterOutput
-from plugins.moe.shared_experts import SharedExperts
+from framework.models.moe import MoELayer, RouterOutput, expert_counts
+from framework.observe import console
 
 SECTION = "deepseek_moe"
 """The plugin's config section (and plugin name)."""
@@ -46,7 +46,17 @@ BLOCK = "deepseek_moe"
 
 @dataclass
 class DeepSeekMoEConfig:
-    """DeepSeekMoE: fine-grained routed experts and always-on shared experts (with ``moe.block: deepseek_moe``)."""
+    """DeepSeekMoE: fine-grained routed experts and isolated shared experts (with ``moe.block: deepseek_moe``). The
+    shared experts themselves are the core's ``moe.shared_experts`` / ``shared_expert_hidden`` / ``shared_expert_gate``.
+    """
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "n_shared_experts": "moe.shared_experts",
+        "shared_expert_hidden": "moe.shared_expert_hidden",
+        "shared_expert_gate": "moe.shared_expert_gate",
+    }
+    """Keys this section had before shared experts became a core MoE submodule: an old job file gets an error naming
+    the new key."""
 
     segments: int = option(
         1,
@@ -54,26 +64,11 @@ class DeepSeekMoEConfig:
         "experts of hidden expert_hidden/m, and m*top_k of them are activated (same FLOPs). 1 = no segmentation.",
         min=1,
     )
-    n_shared_experts: int = option(
-        1,
-        doc="Ks shared experts every token goes through (one SwiGLU of hidden Ks*expert_hidden/m); 0 = none.",
-        min=0,
-    )
     isolate_shared: bool = option(
         True,
-        doc="DeepSeekMoE's constant-compute isolation: the Ks shared experts come out of the m*num_experts "
+        doc="DeepSeekMoE's constant-compute isolation: the Ks = moe.shared_experts come out of the m*num_experts "
         "fine-grained ones (routed m*N-Ks, top m*K-Ks). false: routed m*N, top m*K, Ks shared added on top (the "
         "n_routed_experts + n_shared_experts convention of Hugging Face configs).",
-    )
-    shared_expert_hidden: int = option(
-        0,
-        doc="Hidden size of the fused shared experts; 0 = Ks*expert_hidden/m. Set it to load Qwen2-MoE's "
-        "shared_expert_intermediate_size.",
-        min=0,
-    )
-    shared_expert_gate: bool = option(
-        False,
-        doc="Multiply the shared experts' output by a per-token sigmoid gate sigmoid(x*w_g) (Qwen2-MoE).",
     )
     device_aux_loss_coef: float = option(
         0.0,
@@ -87,20 +82,6 @@ class DeepSeekMoEConfig:
         "expert-parallel ranks); 0 = parallel.ep. Set it explicitly to keep the objective independent of the layout.",
         min=0,
     )
-
-    def validate(self, prefix: str) -> None:
-        if self.shared_expert_hidden and not self.n_shared_experts:
-            raise ConfigError(
-                f"{prefix}.shared_expert_hidden",
-                self.shared_expert_hidden,
-                "expected 0 with n_shared_experts=0 (there is no shared expert to size); set n_shared_experts >= 1",
-            )
-        if self.shared_expert_gate and not self.n_shared_experts:
-            raise ConfigError(
-                f"{prefix}.shared_expert_gate",
-                True,
-                "expected false with n_shared_experts=0 (there is no shared expert to gate)",
-            )
 
 
 @dataclass(frozen=True)
@@ -119,7 +100,7 @@ class DeepSeekShape:
 
 def deepseek_shape(moe: MoEConfig, cfg: DeepSeekMoEConfig) -> DeepSeekShape:
     """Segmentation and isolation arithmetic; a :class:`ConfigError` naming the key when the result is unusable."""
-    m, ks = cfg.segments, cfg.n_shared_experts
+    m, ks = cfg.segments, moe.shared_experts
     if moe.expert_hidden % m:
         raise ConfigError(
             f"{SECTION}.segments",
@@ -132,11 +113,11 @@ def deepseek_shape(moe: MoEConfig, cfg: DeepSeekMoEConfig) -> DeepSeekShape:
     routed, top_k = m * moe.num_experts - isolated, m * moe.top_k - isolated
     if top_k < 1:
         raise ConfigError(
-            f"{SECTION}.n_shared_experts",
+            "moe.shared_experts",
             ks,
-            f"expected fewer than segments*moe.top_k = {m * moe.top_k}: with isolate_shared each shared expert "
-            "replaces one activated fine-grained expert, leaving no routed expert per token; lower "
-            "n_shared_experts, raise moe.top_k or segments, or set isolate_shared: false",
+            f"expected fewer than {SECTION}.segments*moe.top_k = {m * moe.top_k}: with isolate_shared each shared "
+            "expert replaces one activated fine-grained expert, leaving no routed expert per token; lower "
+            f"moe.shared_experts, raise moe.top_k or segments, or set {SECTION}.isolate_shared: false",
         )
     if top_k > routed:
         raise ConfigError(
@@ -145,14 +126,19 @@ def deepseek_shape(moe: MoEConfig, cfg: DeepSeekMoEConfig) -> DeepSeekShape:
             f"expected at most moe.num_experts={moe.num_experts}: the block would route top-{top_k} over only "
             f"{routed} routed experts",
         )
-    shared = cfg.shared_expert_hidden or ks * fine_hidden
+    shared = moe.shared_expert_hidden or ks * fine_hidden
     return DeepSeekShape(routed, top_k, fine_hidden, shared if ks else 0)
 
 
 def effective_moe_config(moe: MoEConfig, shape: DeepSeekShape) -> MoEConfig:
-    """``moe`` with the routed experts' count, top-k and hidden size replaced by the block's."""
+    """``moe`` with the routed experts' count, top-k and hidden size and the shared experts' hidden size replaced by
+    the block's (the core layer builds both from it)."""
     return dataclasses.replace(
-        moe, num_experts=shape.routed_experts, top_k=shape.routed_top_k, expert_hidden=shape.expert_hidden
+        moe,
+        num_experts=shape.routed_experts,
+        top_k=shape.routed_top_k,
+        expert_hidden=shape.expert_hidden,
+        shared_expert_hidden=shape.shared_hidden,
     )
 
 
@@ -175,7 +161,7 @@ def check_config(config: JobConfig) -> DeepSeekShape:
         )
     shape = deepseek_shape(moe, cfg)
     routed = shape.routed_experts
-    isolated = cfg.n_shared_experts if cfg.isolate_shared else 0
+    isolated = moe.shared_experts if cfg.isolate_shared else 0
     how = f"segments*moe.num_experts = {cfg.segments}*{moe.num_experts}" + (
         f" minus {isolated} isolated shared" if isolated else ""
     )
@@ -184,7 +170,7 @@ def check_config(config: JobConfig) -> DeepSeekShape:
             "parallel.ep",
             parallel.ep,
             f"expected a divisor of the {routed} routed experts {SECTION} builds ({how}); change parallel.ep, "
-            f"moe.num_experts, {SECTION}.segments or {SECTION}.n_shared_experts",
+            f"moe.num_experts, {SECTION}.segments or moe.shared_experts",
         )
     etp = parallel.resolved_etp
     if etp > 1 and shape.expert_hidden % etp:
@@ -251,7 +237,8 @@ def device_balance_loss(
 
 
 class DeepSeekMoELayer(MoELayer):
-    """Routed fine-grained experts (the core :class:`MoELayer` on the effective shape) plus shared experts.
+    """Routed fine-grained experts and the shared experts (the core :class:`MoELayer` on the effective shape) plus
+    the device-level balance loss.
 
     ``moe_cfg`` is the job's ``moe`` section (N, K, I before segmentation); ``num_devices`` the resolved device
     groups of the device-level loss. ``router`` defaults to the core top-k router built for the effective shape.
@@ -273,38 +260,19 @@ class DeepSeekMoELayer(MoELayer):
         self.shape = shape
         self.device_aux_loss_coef = settings.device_aux_loss_coef
         self.num_devices = num_devices
-        self.shared_experts: SharedExperts | None = (
-            SharedExperts(dim, shape.shared_hidden, gated=settings.shared_expert_gate)
-            if shape.shared_hidden
-            else None
-        )
 
-    def _forward_tokens(self, x_BSD: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(B * S, D)
-        y_TD = self._route_and_compute(x_TD, self.router, 0, B, S, tp_group)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
-        return y_TD.view(B, S, D)
-
-    def _aux_terms(
+    def aux_terms(
         self, routed: RouterOutput, B: int, S: int, group: dist.ProcessGroup | None
     ) -> dict[str, torch.Tensor]:
-        terms = super()._aux_terms(routed, B, S, group)
+        """The core's terms on the routed experts, plus ``device_balance`` over ``num_devices`` expert groups."""
+        terms = super().aux_terms(routed, B, S, group)
         # One device: f′·P′ = mean(f)·ΣP is constant (no gradient), so the term is left out.
         if self.device_aux_loss_coef > 0 and self.num_devices > 1:
-            probs_TE = self._balance_probs(routed.scores_TE)
+            probs_TE = self.balance_probs(routed.scores_TE)
             terms["device_balance"] = self.device_aux_loss_coef * device_balance_loss(
                 probs_TE, routed.topk_ids_TK, self.num_experts, self.num_devices, group
             )
         return terms
-
-    def init_weights(self, init_std: float, out_std: float, generator: torch.Generator) -> None:
-        """Router and routed experts as the core layer, then the shared experts (gate/up ``init_std``, down
-        ``out_std``, the sigmoid gate ``init_std``), all from ``generator``."""
-        super().init_weights(init_std, out_std, generator)
-        if self.shared_experts is not None:
-            self.shared_experts.init_weights(init_std, out_std, generator)
 
     def extra_repr(self) -> str:
         s = self.shape
@@ -315,6 +283,13 @@ class DeepSeekMoELayer(MoELayer):
 
 
 # --- the plugin -------------------------------------------------------------------------------------------------
+
+NO_SHARED_EXPERTS = (
+    f"{SECTION}: the blocks have no shared experts (moe.shared_experts: 0); the plugin's former "
+    f"{SECTION}.n_shared_experts defaulted to 1, so a job written for it sets moe.shared_experts: 1"
+)
+"""Warned when a job uses the block without shared experts: a job written before they moved into the core relied
+on one shared expert by default."""
 
 
 class DeepSeekMoEPlugin:
@@ -336,6 +311,8 @@ class DeepSeekMoEPlugin:
     @hookimpl
     def expertrain_validate_config(self, config: JobConfig, world_size: int) -> None:
         check_config(config)
+        if config.moe.shared_experts == 0:
+            console.warn(NO_SHARED_EXPERTS)
         self.settings = getattr(config, SECTION)
         self.num_devices = self.settings.devices or config.parallel.ep
 

@@ -47,6 +47,7 @@ refused there. The reference implementations: peft ``src/peft/tuners/lora/corda.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from framework.comm import collectives as C
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import PluginError, hookimpl
-from framework.models.moe.dispatch import LocalDispatcher
+from framework.models.moe import LocalDispatcher
 from framework.models.sharding import local_part
 from framework.observe import console
 from plugins.peft.low_rank import (
@@ -232,12 +233,12 @@ def apply_corda(model: nn.Module, cfg: CorDAConfig) -> Targets:
         model.set_submodule(path, module)
     for path, experts in targets.experts:
         parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
-        if not callable(getattr(getattr(parent, "dispatcher", None), "dispatch", None)):
+        if not callable(getattr(parent, "register_dispatch_observer", None)):
             raise ConfigError(
                 f"{SECTION}.target_experts",
                 True,
-                f"expected the routed experts {path} inside an MoE layer with a token dispatcher (the calibration "
-                "reads the routed tokens there); set it to false for this block",
+                f"expected the routed experts {path} inside an MoE block (framework.models.moe.MoEBlock: the "
+                "calibration observes its routed tokens); set it to false for this block",
             )
         E, H, hidden = experts.num_experts, experts.dim, experts.hidden
         w = experts.gate_up_proj
@@ -358,47 +359,30 @@ class CovarianceCollector:
             h.remove()
 
 
-class _DispatchTap:
-    """Stands in for an MoE layer's dispatcher during calibration: hands every routing pass to the collector, then
-    dispatches as the real one does."""
-
-    def __init__(self, inner: Any, collector: ExpertCovarianceCollector, path: str) -> None:
-        self.inner, self.collector, self.path = inner, collector, path
-
-    def dispatch(
-        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        self.collector.observe(self.path, x_TD, topk_ids_TK, topk_weights_TK)
-        return self.inner.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 class ExpertCovarianceCollector:
     """Per-expert covariances of the routed experts' inputs: for ``gate_up_proj`` the rows routed to expert ``e``
     (``X_e [tokens_e, H]``), for ``down_proj`` its hidden activation ``swiglu(X_e W_gate_up,eᵀ) [tokens_e, I]``;
     each sample's rows scaled by their own ``max|X|``, summed in fp64 (:meth:`covariances` averages over the samples
     that reached the expert).
 
-    Reads every routing pass at the layer's dispatcher (:class:`_DispatchTap`), before any expert-parallel
-    all-to-all, and rebuilds the one-rank view of the calibration batch: under tensor parallelism the layer routes
-    its sequence slice (or, with expert tensor parallelism, all slices in rank order), so the tokens are gathered
-    over the tensor-parallel ranks and put back in sequence order; the rows of each expert then come from a
+    Reads every routing pass through the layer's dispatch observer (``MoELayer.register_dispatch_observer``), before
+    any expert-parallel all-to-all, and rebuilds the one-rank view of the calibration batch: under tensor parallelism
+    the layer routes its sequence slice (or, with expert tensor parallelism, all slices in rank order), so the tokens
+    are gathered over the tensor-parallel ranks and put back in sequence order; the rows of each expert then come from a
     :class:`LocalDispatcher` with the layer's capacity rules. The gate/up weights are gathered whole per pass.
     """
 
     def __init__(self, model: nn.Module, experts: list[tuple[str, LoRAExperts]]) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.samples: dict[str, torch.Tensor] = {}
-        self.layers: dict[str, tuple[nn.Module, LoRAExperts, Any]] = {}
+        self.layers: dict[str, tuple[nn.Module, LoRAExperts]] = {}
         self.shape: dict[str, tuple[int, int, Any]] = {}
         self.handles = []
         for path, module in experts:
             layer_path = path.rpartition(".")[0]
             layer = model.get_submodule(layer_path) if layer_path else model
-            self.layers[path] = (layer, module, layer.dispatcher)
-            layer.dispatcher = _DispatchTap(layer.dispatcher, self, path)
+            self.layers[path] = (layer, module)
+            self.handles.append(layer.register_dispatch_observer(functools.partial(self.observe, path)))
             self.handles.append(layer.register_forward_pre_hook(self._layer_hook(path)))
 
     def _layer_hook(self, path: str) -> Any:
@@ -415,12 +399,12 @@ class ExpertCovarianceCollector:
     def observe(
         self, path: str, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
     ) -> None:
-        layer, experts, dispatcher = self.layers[path]
+        layer, experts = self.layers[path]
         B, S, group = self.shape[path]
         x, ids, weights = x_TD.detach(), topk_ids_TK.detach(), topk_weights_TK.detach()
         if group is not None:
             n = C.group_size(group)
-            if not getattr(layer, "expert_tensor_parallel", False):  # this rank's slice: gather the others
+            if not layer.expert_tensor_parallel:  # this rank's slice: gather the others
                 x, ids, weights = (C.all_gather_no_grad(t, group) for t in (x, ids, weights))
             # [rank, B, S/n, ...] -> [B, S, ...]: the order of a one-rank forward
             x, ids, weights = (
@@ -428,9 +412,7 @@ class ExpertCovarianceCollector:
                 for t in (x, ids, weights)
             )
         E = experts.num_experts
-        local = LocalDispatcher(
-            E, getattr(dispatcher, "capacity_factor", 0.0), getattr(dispatcher, "drop_policy", "probs")
-        )
+        local = LocalDispatcher(E, layer.capacity_factor, layer.drop_policy)
         x_ND, tokens_per_expert_E, ctx = local.dispatch(x, ids, weights)
         sample_N = ctx.token_idx_N // S
         w_gate_up = _full(experts.gate_up_proj.detach()).flatten(1, 2).double()  # [E, 2I, H]
@@ -458,8 +440,6 @@ class ExpertCovarianceCollector:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        for layer, _, dispatcher in self.layers.values():
-            layer.dispatcher = dispatcher
 
 
 @torch.no_grad()

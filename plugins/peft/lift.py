@@ -349,7 +349,7 @@ class LIFTExperts(GroupedExperts):
     """
 
     def __init__(self, base: GroupedExperts, r: int) -> None:
-        self._wrap(base)  # not GroupedExperts.__init__: the weights are the base module's
+        self.init_from_base(base)  # not GroupedExperts.__init__: the weights are the base module's
         E, H, hidden = base.num_experts, base.dim, base.hidden
         kw = {"device": base.gate_up_proj.device, "dtype": base.gate_up_proj.dtype}
         self.lift_gate_up_proj = ExpertMasks(E, 2 * hidden, H, budget(2 * hidden, H, r), **kw)

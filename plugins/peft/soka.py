@@ -441,7 +441,7 @@ class SoKAExperts(GroupedExperts):
     the columns (down) or gate/up rows of the delta that match its part of the hidden dimension."""
 
     def __init__(self, base: GroupedExperts, tau: float, max_rank: int, use_elbow: bool = True) -> None:
-        self._wrap(base)  # not GroupedExperts.__init__: the weights are the base module's
+        self.init_from_base(base)  # not GroupedExperts.__init__: the weights are the base module's
         self.tau, self.max_rank, self.use_elbow = tau, max_rank, use_elbow
         E, H, hidden = base.num_experts, base.dim, base.hidden
         kw = {"device": base.gate_up_proj.device, "dtype": base.gate_up_proj.dtype}

@@ -24,7 +24,7 @@ COE = (
     "plugins=[chain_of_experts]",
     "moe.block=chain_of_experts",
     "chain_of_experts.iterations=2",
-    "chain_of_experts.n_shared_experts=1",
+    "moe.shared_experts=1",
     "moe.bias_update_rate=0.01",
     "moe.route_norm=false",  # top-1 per iteration: gates keep their scores, so the routers get LM gradients too
 )

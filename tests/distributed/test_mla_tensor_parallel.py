@@ -42,7 +42,7 @@ MLA = (
     "plugins=[deepseek_moe]",
     "moe.block=deepseek_moe",
     "deepseek_moe.segments=2",
-    "deepseek_moe.n_shared_experts=2",
+    "moe.shared_experts=2",
     "moe.score_func=sigmoid",
     "moe.first_k_dense=1",
 )

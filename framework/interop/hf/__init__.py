@@ -2,8 +2,8 @@
 ``model.safetensors.index.json``), never pickles.
 
 - :func:`from_pretrained` builds our :class:`~framework.models.Transformer` from a folder (fp32 by default);
-  :func:`load_pretrained` also returns the job sections and the plugin manager (qwen2_moe / deepseek_v3 enable the
-  built-in ``deepseek_moe`` plugin, which a job built from the folder must list in ``plugins``).
+  :func:`load_pretrained` also returns the job sections and the plugin manager. Every family is built from core
+  components (qwen2_moe / deepseek_v3's shared experts are the core ``moe.shared_experts``): no plugin needed.
 - :func:`read_hf_config` / :func:`hf_config_to_job_sections`: the folder's config as our sections, to build a job.
 - :func:`load_hf_weights`: the folder's weights into a model built from those sections (plain, unsharded tensors).
 - :func:`save_pretrained` writes a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads with

@@ -1,9 +1,9 @@
 """Hugging Face ``config.json`` ↔ our model sections, per family (``model_type``).
 
-:func:`spec_from_hf_config` reads a config.json mapping into an :class:`HFModelSpec` (``ModelConfig``, ``MoEConfig``,
-the plugins and plugin options the model needs); :func:`hf_config_from_spec` writes one back. Supported families:
-``llama``, ``qwen2``, ``mixtral``, ``qwen3_moe``, ``qwen2_moe`` and ``deepseek_v3`` (the last two build their MoE
-blocks with the built-in ``deepseek_moe`` plugin).
+:func:`spec_from_hf_config` reads a config.json mapping into an :class:`HFModelSpec` (``ModelConfig`` and
+``MoEConfig``); :func:`hf_config_from_spec` writes one back. Supported families: ``llama``, ``qwen2``, ``mixtral``,
+``qwen3_moe``, ``qwen2_moe`` and ``deepseek_v3``, all built from core components (the shared experts of the last two
+are the core MoE layer's ``moe.shared_experts``): no plugin is needed to load or export them.
 
 Every field of a config.json is either mapped, known to leave the weights and the forward pass unchanged (ids of
 special tokens, ``use_cache``, dtype, ...), or refused: a value we cannot represent exactly (RoPE scaling, a sliding
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from framework.config.errors import ConfigError
@@ -32,9 +32,6 @@ ARCHITECTURES: dict[str, str] = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 """Supported ``model_type`` values and the transformers class :func:`hf_config_from_spec` names."""
-
-MOE_PLUGIN = "deepseek_moe"
-"""The built-in plugin whose MoE block (shared experts) qwen2_moe and deepseek_v3 need."""
 
 DEEPSEEK_BIAS_UPDATE_RATE = 1e-3
 """``moe.bias_update_rate`` given to an imported deepseek_v3 (DeepSeek-V3's gamma); its routers need the bias."""
@@ -212,25 +209,15 @@ class HFModelSpec:
     """The ``model_type``."""
     model: ModelConfig
     moe: MoEConfig
-    plugins: list[str] = field(default_factory=list)
-    """Plugins the model needs (enabled through ``PluginManager.enable_builtin``; a job lists them in ``plugins``)."""
-    plugin_sections: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Options of those plugins, as job-file sections."""
     rope_interleave: bool = False
     """deepseek_v3: the checkpoint's rotated q/k dimensions are interleaved pairs (the state map reorders them)."""
 
     def job_sections(self) -> dict[str, Any]:
-        """``plugins``, ``model``, ``moe`` and the plugin sections as a job-file mapping (``model.init_from`` left
-        out), to merge into a job that starts from this checkpoint."""
+        """``model`` and ``moe`` as a job-file mapping (``model.init_from`` left out), to merge into a job that starts
+        from this checkpoint."""
         model = dataclasses.asdict(self.model)
         model.pop("init_from")
-        out: dict[str, Any] = {
-            "plugins": list(self.plugins),
-            "model": model,
-            "moe": dataclasses.asdict(self.moe),
-        }
-        out.update({name: dict(section) for name, section in self.plugin_sections.items()})
-        return out
+        return {"model": model, "moe": dataclasses.asdict(self.moe)}
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -436,15 +423,12 @@ def _read_qwen2_moe(f: _Fields) -> HFModelSpec:
     _no_sliding_window(f)
     model.update(qkv_bias=bool(f.get("qkv_bias")))
     moe = _qwen_moe(f, model)
-    plugin = {
-        "segments": 1,
-        "n_shared_experts": 1,
-        "isolate_shared": False,
-        "shared_expert_hidden": f.positive_int("shared_expert_intermediate_size"),
-        "shared_expert_gate": True,
-    }
-    moe["block"] = MOE_PLUGIN
-    return HFModelSpec("qwen2_moe", _model(model), _moe(moe), [MOE_PLUGIN], {MOE_PLUGIN: plugin})
+    moe.update(
+        shared_experts=1,
+        shared_expert_hidden=f.positive_int("shared_expert_intermediate_size"),
+        shared_expert_gate=True,
+    )
+    return HFModelSpec("qwen2_moe", _model(model), _moe(moe))
 
 
 def _read_deepseek_v3(f: _Fields) -> HFModelSpec:
@@ -487,7 +471,7 @@ def _read_deepseek_v3(f: _Fields) -> HFModelSpec:
         "top_k": f.positive_int("num_experts_per_tok"),
         "expert_hidden": f.positive_int("moe_intermediate_size"),
         "first_k_dense": first,
-        "block": MOE_PLUGIN,
+        "shared_experts": f.positive_int("n_shared_experts"),
         "score_func": "sigmoid",
         "route_norm": True,
         "route_scale": float(scale),
@@ -497,8 +481,7 @@ def _read_deepseek_v3(f: _Fields) -> HFModelSpec:
         "seq_aux_loss_coef": _deepseek_seq_aux(f),
         "bias_update_rate": DEEPSEEK_BIAS_UPDATE_RATE,
     }
-    plugin = {"segments": 1, "n_shared_experts": f.positive_int("n_shared_experts"), "isolate_shared": False}
-    spec = HFModelSpec("deepseek_v3", _model(model), _moe(moe), [MOE_PLUGIN], {MOE_PLUGIN: plugin})
+    spec = HFModelSpec("deepseek_v3", _model(model), _moe(moe))
     spec.rope_interleave = interleave
     return spec
 
@@ -660,23 +643,21 @@ def _check_routing(moe: MoEConfig, family: str, score: str) -> None:
 
 def _write_moe(out: dict[str, Any], spec: HFModelSpec, family: str) -> None:
     m, moe = spec.model, spec.moe
-    plugin = spec.plugin_sections.get(MOE_PLUGIN, {})
-    shared = int(plugin.get("n_shared_experts", 0)) if moe.block == MOE_PLUGIN else 0
-    if moe.block not in ("moe", MOE_PLUGIN):
-        raise _refuse("moe.block", moe.block, family, f"'moe' or '{MOE_PLUGIN}'")
-    if plugin.get("segments", 1) != 1 or (shared and plugin.get("isolate_shared", True)):
+    shared = moe.shared_experts
+    if moe.block != "moe":
         raise _refuse(
-            f"{MOE_PLUGIN}.segments",
-            plugin.get("segments"),
+            "moe.block",
+            moe.block,
             family,
-            "1 and isolate_shared: false (HF layout)",
+            "'moe' (the core block; spec_from_model maps a variant that computes as it)",
         )
     wants_shared = family in ("qwen2_moe", "deepseek_v3")
     if bool(shared) != wants_shared:
-        raise _refuse(f"{MOE_PLUGIN}.n_shared_experts", shared, family, ">= 1" if wants_shared else "0")
-    gated = bool(plugin.get("shared_expert_gate", False))
-    if gated != (family == "qwen2_moe") and wants_shared:
-        raise _refuse(f"{MOE_PLUGIN}.shared_expert_gate", gated, family, str(family == "qwen2_moe").lower())
+        raise _refuse("moe.shared_experts", shared, family, ">= 1" if wants_shared else "0")
+    if moe.shared_expert_gate != (family == "qwen2_moe") and wants_shared:
+        raise _refuse(
+            "moe.shared_expert_gate", moe.shared_expert_gate, family, str(family == "qwen2_moe").lower()
+        )
     out["num_experts_per_tok"] = moe.top_k
     if family in ("mixtral",):
         _check_routing(moe, family, "softmax")
@@ -702,11 +683,9 @@ def _write_moe(out: dict[str, Any], spec: HFModelSpec, family: str) -> None:
             raise _refuse(
                 "moe.every", moe.every, family, "1 (every layer after first_k_dense_replace is MoE)"
             )
-        hidden = plugin.get("shared_expert_hidden", 0) or 0
+        hidden = moe.shared_expert_hidden
         if hidden and hidden != shared * moe.expert_hidden:
-            raise _refuse(
-                f"{MOE_PLUGIN}.shared_expert_hidden", hidden, family, "0 (n_shared_experts*expert_hidden)"
-            )
+            raise _refuse("moe.shared_expert_hidden", hidden, family, "0 (shared_experts*expert_hidden)")
         out.update(
             q_lora_rank=m.q_lora_rank or None,
             kv_lora_rank=m.kv_lora_rank,
@@ -736,8 +715,7 @@ def _write_moe(out: dict[str, Any], spec: HFModelSpec, family: str) -> None:
         use_sliding_window=False,
     )
     if family == "qwen2_moe":
-        hidden = plugin.get("shared_expert_hidden", 0) or moe.expert_hidden
-        out["shared_expert_intermediate_size"] = hidden
+        out["shared_expert_intermediate_size"] = moe.resolved_shared_hidden
 
 
 def _qwen_placement(moe: MoEConfig, n_layers: int) -> tuple[int, list[int]]:

@@ -3,9 +3,9 @@
 :func:`apply_hf_init` runs on the raw job (before typing, so plugin sections can be added) and fills the job's
 ``model`` and ``moe`` sections (and the sections of the plugins the model needs) from the source:
 
-- ``hf:<folder>``: the Hugging Face config (:func:`~framework.interop.hf.hf_config_to_job_sections`); the plugins the
-  family needs join ``plugins`` (e.g. ``deepseek_moe`` for qwen2_moe and deepseek_v3), and ``data.tokenizer``
-  defaults to the folder when it holds a ``tokenizer.json``.
+- ``hf:<folder>``: the Hugging Face config (:func:`~framework.interop.hf.hf_config_to_job_sections`: ``model`` and
+  ``moe``, every family built from core components), and ``data.tokenizer`` defaults to the folder when it holds a
+  ``tokenizer.json``.
 - an earlier run (its folder, its ``checkpoints`` folder or one ``step_XXXXXXXX`` checkpoint): that run's saved job
   (``config.yaml``, or the checkpoint's ``meta.json``): its ``model`` and ``moe`` sections, the plugins that provide
   a component the model names (``moe.block``, ``moe.router``, ``model.attention``, e.g. ``deepseek_moe``) with

@@ -176,10 +176,10 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
 
-    def _wrap(self, base: GroupedExperts) -> None:
-        """Initialise a subclass that wraps ``base`` (an adapter's experts): ``nn.Module.__init__`` and ``base``'s
-        settings and weight Parameters themselves (their names in the model stay the same). Call it instead of
-        ``GroupedExperts.__init__``."""
+    def init_from_base(self, base: GroupedExperts) -> None:
+        """Extension point for adapter plugins: initialise a subclass that wraps ``base`` (an adapter's experts):
+        ``nn.Module.__init__`` and ``base``'s settings and weight Parameters themselves (their names in the model stay
+        the same). Call it instead of ``GroupedExperts.__init__``."""
         nn.Module.__init__(self)
         self.num_experts, self.dim, self.hidden, self.impl = (
             base.num_experts,

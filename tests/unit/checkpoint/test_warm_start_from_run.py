@@ -30,8 +30,8 @@ BASE = (
     "logging.progress=false",
     "plugins=[deepseek_moe]",
     "moe.block=deepseek_moe",
-    "deepseek_moe.n_shared_experts=1",
-    "deepseek_moe.shared_expert_hidden=48",
+    "moe.shared_experts=1",
+    "moe.shared_expert_hidden=48",
     "model.n_layers=3",  # not the quickstart's, nor TINY's: must come from the base run
     "moe.first_k_dense=1",
 )

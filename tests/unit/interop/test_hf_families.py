@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from framework.hooks import PluginError, PluginManager  # noqa: E402
+from framework.hooks import PluginManager  # noqa: E402
 from framework.interop.hf import (  # noqa: E402
     HFCheckpointError,
     HFConfigError,
@@ -32,7 +32,7 @@ from framework.interop.hf import (  # noqa: E402
     load_pretrained,
     save_pretrained,
 )
-from framework.models import default_registry  # noqa: E402
+from framework.models import Transformer, default_registry  # noqa: E402
 
 LOGITS_ATOL = 1e-5  # fp32, same math in another summation order (see the module docstring)
 VOCAB, SEQ = 64, 12
@@ -167,7 +167,7 @@ def test_qwen3_moe_parts_are_config_options(tmp_path: Path) -> None:
     sections = hf_config_to_job_sections(folder)
     model = sections["model"]
     assert (model["qk_norm"], model["qkv_bias"], model["o_bias"], model["head_dim"]) == (True, True, True, 12)
-    assert sections["moe"]["route_norm"] is True and sections["plugins"] == []
+    assert sections["moe"]["route_norm"] is True and "plugins" not in sections
 
 
 def test_llama_attention_bias_and_tied_embeddings(tmp_path: Path) -> None:
@@ -295,19 +295,62 @@ def test_qwen_moe_placement_maps_to_first_k_dense_and_every(tmp_path: Path) -> N
     assert [b.is_moe for b in ours.layers] == [False, True, False, True]
 
 
-def test_moe_families_enable_the_deepseek_moe_plugin(tmp_path: Path) -> None:
-    _, folder = _saved(tmp_path, "qwen2_moe")
-    loaded = load_pretrained(folder)
-    assert loaded.plugin_manager.plugin_names == ["deepseek_moe"]
-    assert loaded.config.plugins == ["deepseek_moe"]
-    sections = hf_config_to_job_sections(folder)
-    assert sections["plugins"] == ["deepseek_moe"] and sections["moe"]["block"] == "deepseek_moe"
-    assert sections["deepseek_moe"]["shared_expert_gate"] is True
-
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_shared_expert_families_load_and_export_with_no_plugin(tmp_path: Path, family: str) -> None:
+    """Shared experts are a core MoE submodule: a manager that may enable no plugin at all loads and re-exports the
+    folder, every tensor bit for bit."""
+    _, folder = _saved(tmp_path, family)
     pm = PluginManager(default_registry())
     pm.load([], allow_builtin_core=False)
-    with pytest.raises(PluginError, match="needs plugin 'deepseek_moe'"):
-        load_pretrained(folder, plugin_manager=pm)
+    loaded = load_pretrained(folder, plugin_manager=pm)
+    assert pm.plugin_names == [] and loaded.config.plugins == []
+    sections = hf_config_to_job_sections(folder)
+    moe = sections["moe"]
+    assert "plugins" not in sections and moe["block"] == "moe" and moe["shared_experts"] == 1
+    assert moe["shared_expert_gate"] is (family == "qwen2_moe")
+    save_pretrained(loaded.model, tmp_path / "out")
+    before, after = _tensors(folder), _tensors(tmp_path / "out")
+    assert set(before) == set(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_variant_block_exports_as_the_core_block_it_computes(tmp_path: Path) -> None:
+    """deepseek_moe without segmentation (shared experts on top) computes what the core block computes: its model
+    exports as qwen2_moe, read from the built blocks, and loads back to the same logits; a Chain-of-Experts block
+    (two routing sites) is refused naming moe.block."""
+    from framework.config import resolve
+
+    raw: dict[str, Any] = {
+        "model": dict(
+            vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=32
+        ),
+        "moe": dict(num_experts=4, top_k=2, expert_hidden=24, shared_experts=1, shared_expert_hidden=40),
+        "data": dict(seq_len=32),
+    }
+    raw["moe"].update(shared_expert_gate=True, route_norm=False, aux_loss_coef=0.0)
+    for plugin, section in (
+        ("deepseek_moe", {"isolate_shared": False}),
+        ("chain_of_experts", {"iterations": 2}),
+    ):
+        pm = PluginManager(default_registry())
+        pm.load([plugin])
+        config = resolve(
+            {**raw, "plugins": [plugin], "moe": {**raw["moe"], "block": plugin}, plugin: section},
+            pm.config_sections,
+        )
+        pm.hook.expertrain_validate_config(config=config, world_size=1)
+        ours = Transformer(config.model, config.moe, pm.registry)
+        ours.init_weights(0)
+        if plugin == "chain_of_experts":
+            with pytest.raises(HFConfigError, match="'moe.block'"):
+                save_pretrained(ours, tmp_path / plugin)
+            continue
+        save_pretrained(ours, tmp_path / plugin)
+        back = from_pretrained(tmp_path / plugin)
+        assert back.moe_cfg.block == "moe" and back.moe_cfg.shared_expert_hidden == 40
+        ids, _ = _inputs()
+        with torch.no_grad():
+            assert torch.equal(back(ids), ours(ids.clone()))
 
 
 def test_export_refuses_a_model_the_family_cannot_hold(tmp_path: Path) -> None:

@@ -161,11 +161,11 @@ class _TwoSiteLayer(MoELayer):
     def routing_site_names(self) -> list[str]:
         return ["first", "second"]
 
-    def _forward_tokens(self, x_BSD: torch.Tensor, tp_group: object) -> torch.Tensor:
+    def forward_tokens(self, x_BSD: torch.Tensor, tp_group: object) -> torch.Tensor:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        y_TD = self._route_and_compute(x_TD, self.router, 0, B, S, None)
-        y_TD = y_TD + self._route_and_compute(x_TD + y_TD, self.second_router, 1, B, S, None)
+        y_TD = self.route_and_compute(x_TD, self.router, 0, B, S, None)
+        y_TD = y_TD + self.route_and_compute(x_TD + y_TD, self.second_router, 1, B, S, None)
         return y_TD.view(B, S, D)
 
 
@@ -179,7 +179,7 @@ def test_routing_sites_keep_their_own_counts_aux_and_bias() -> None:
     aux = layer.pop_aux_losses()
     x_TD = x.view(-1, 16)
     first = layer.router(x_TD)
-    y1 = layer._route_and_compute(x_TD, layer.router, 0, 2, 5, None)
+    y1 = layer.route_and_compute(x_TD, layer.router, 0, 2, 5, None)
     second = layer.second_router(x_TD + y1)
     expected_aux = sum(
         0.5 * load_balance_loss(r.scores_TE / r.scores_TE.sum(-1, keepdim=True), r.topk_ids_TK, 4)

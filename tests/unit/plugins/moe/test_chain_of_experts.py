@@ -98,7 +98,7 @@ def test_one_outer_iteration_is_the_plain_moe_layer() -> None:
 @pytest.mark.parametrize("residual", ["inner", "outer"])
 def test_two_iterations_match_a_hand_written_loop(residual: str) -> None:
     """x⁰ = input; xᵗ = [xᵗ⁻¹ +] Σ g_t·E(xᵗ⁻¹) + shared(xᵗ⁻¹) with router t and the same experts; output x^C."""
-    layer = _layer(_moe(), iterations=2, residual=residual, n_shared_experts=1, shared_expert_gate=True)
+    layer = _layer(_moe(shared_experts=1, shared_expert_gate=True), iterations=2, residual=residual)
     assert layer.owns_residual == (residual == "inner")
     assert layer.routers[0].top_k == layer.routers[1].top_k == 1
     assert not torch.equal(layer.routers[0].gate.weight, layer.routers[1].gate.weight)
@@ -159,12 +159,12 @@ def test_aux_losses_are_summed_over_iterations_and_reach_every_router() -> None:
 
 
 def test_active_experts_per_token_is_top_k_and_init_is_deterministic() -> None:
-    moe = _moe(num_experts=8, top_k=4)
-    layer = _layer(moe, seed=3, iterations=2, n_shared_experts=2)
+    moe = _moe(num_experts=8, top_k=4, shared_experts=2)
+    layer = _layer(moe, seed=3, iterations=2)
     assert layer.top_k == 2 and layer.active_experts_per_token == 4
     assert layer.shared_experts is not None and layer.shared_experts.hidden == 2 * 24
-    again = _layer(moe, seed=3, iterations=2, n_shared_experts=2)
-    other = _layer(moe, seed=4, iterations=2, n_shared_experts=2)
+    again = _layer(moe, seed=3, iterations=2)
+    other = _layer(moe, seed=4, iterations=2)
     for name, value in layer.state_dict().items():
         assert torch.equal(value, again.state_dict()[name]), name
         if "weight" in name or "proj" in name:
@@ -219,7 +219,7 @@ def _plugin() -> tuple[PluginManager, ChainOfExpertsPlugin]:
 def test_plugin_builds_the_block_from_the_job_section(residual: str) -> None:
     pm, plugin = _plugin()
     config = resolve(
-        _job(chain_of_experts=dict(residual=residual, n_shared_experts=1, shared_expert_hidden=40)),
+        _job(chain_of_experts=dict(residual=residual), moe=dict(shared_experts=1, shared_expert_hidden=40)),
         pm.config_sections,
     )
     pm.hook.expertrain_validate_config(config=config, world_size=1)
@@ -294,9 +294,18 @@ def test_job_checks_name_the_key_and_the_fix(sections: dict[str, Any], key: str,
     [
         ({"iterations": 0}, "chain_of_experts.iterations", ">= 1"),
         ({"residual": "both"}, "chain_of_experts.residual", "'inner', 'outer'"),
-        ({"shared_expert_hidden": 64}, "chain_of_experts.shared_expert_hidden", "n_shared_experts >= 1"),
-        ({"shared_expert_gate": True}, "chain_of_experts.shared_expert_gate", "n_shared_experts >= 1"),
-        ({"n_shared_experts": -1}, "chain_of_experts.n_shared_experts", ">= 0"),
+        # Shared experts are the core's moe.shared_* keys now: an old job file's keys name their new place.
+        (
+            {"shared_expert_hidden": 64},
+            "chain_of_experts.shared_expert_hidden",
+            "moved to 'moe.shared_expert_hidden'",
+        ),
+        (
+            {"shared_expert_gate": True},
+            "chain_of_experts.shared_expert_gate",
+            "moved to 'moe.shared_expert_gate'",
+        ),
+        ({"n_shared_experts": 1}, "chain_of_experts.n_shared_experts", "moved to 'moe.shared_experts'"),
     ],
 )
 def test_section_values_are_checked_when_the_job_is_typed(

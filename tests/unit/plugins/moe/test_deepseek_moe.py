@@ -15,8 +15,7 @@ import torch
 from framework.config import ConfigError, JobConfig, MoEConfig, load_raw, resolve
 from framework.hooks import PluginManager
 from framework.models import Transformer, default_registry
-from framework.models.moe.balancing import load_balance_loss
-from framework.models.moe.router import TopKRouter
+from framework.models.moe import MoELayer, TopKRouter, load_balance_loss
 from plugins.moe.deepseek_moe import (
     DeepSeekMoEConfig,
     DeepSeekMoELayer,
@@ -38,9 +37,9 @@ def _seed() -> None:
 BASE: dict[str, Any] = {
     "plugins": ["deepseek_moe"],
     "model": {"vocab_size": 64, "dim": 16, "n_layers": 3, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 16},
-    "moe": {"block": "deepseek_moe", "num_experts": 4, "top_k": 2, "expert_hidden": 32},
+    "moe": {"block": "deepseek_moe", "num_experts": 4, "top_k": 2, "expert_hidden": 32, "shared_experts": 2},
     "data": {"seq_len": 16},
-    "deepseek_moe": {"segments": 2, "n_shared_experts": 2},
+    "deepseek_moe": {"segments": 2},
 }
 
 
@@ -80,13 +79,10 @@ def _job(override: dict[str, Any] | None = None, world_size: int = 1) -> tuple[J
 def test_segmentation_and_isolation_arithmetic(
     segments: int, shared: int, isolate: bool, hidden_override: int, expected: tuple[int, int, int, int]
 ) -> None:
-    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=32)
-    cfg = DeepSeekMoEConfig(
-        segments=segments,
-        n_shared_experts=shared,
-        isolate_shared=isolate,
-        shared_expert_hidden=hidden_override,
+    moe = MoEConfig(
+        num_experts=4, top_k=2, expert_hidden=32, shared_experts=shared, shared_expert_hidden=hidden_override
     )
+    cfg = DeepSeekMoEConfig(segments=segments, isolate_shared=isolate)
     shape = deepseek_shape(moe, cfg)
     assert (shape.routed_experts, shape.routed_top_k, shape.expert_hidden, shape.shared_hidden) == expected
     if isolate and not hidden_override:
@@ -122,7 +118,7 @@ def test_block_from_the_job_has_the_effective_shape_and_counts() -> None:
 
 
 def test_init_is_deterministic_and_covers_the_shared_experts() -> None:
-    config, pm = _job({"deepseek_moe": {"shared_expert_gate": True}})
+    config, pm = _job({"moe": {"shared_expert_gate": True}})
     a, b = (Transformer(config.model, config.moe, pm.registry) for _ in range(2))
     for m in (a, b):
         with torch.no_grad():
@@ -179,8 +175,10 @@ def test_device_balance_loss_matches_the_card_formula() -> None:
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_layer_aux_terms_are_the_card_losses_on_the_routed_experts(score_func: str) -> None:
     """α1 (the core's moe.aux_loss_coef term, with N′ and K′) and α2 (device_balance) equal the card's formulas."""
-    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=32, score_func=score_func, aux_loss_coef=0.003)
-    settings = DeepSeekMoEConfig(segments=2, n_shared_experts=2, device_aux_loss_coef=0.05)
+    moe = MoEConfig(
+        num_experts=4, top_k=2, expert_hidden=32, score_func=score_func, aux_loss_coef=0.003, shared_experts=2
+    )
+    settings = DeepSeekMoEConfig(segments=2, device_aux_loss_coef=0.05)
     layer = DeepSeekMoELayer(16, moe, settings, num_devices=3)
     layer.init_weights(0.5, 0.5, torch.Generator().manual_seed(0))
     x = torch.randn(2, 6, 16)
@@ -222,8 +220,9 @@ V3 = {
         "topk_groups": 1,
         "route_scale": 2.5,
         "first_k_dense": 1,
+        "shared_experts": 2,
     },
-    "deepseek_moe": {"segments": 2, "n_shared_experts": 2, "device_aux_loss_coef": 0.05, "devices": 2},
+    "deepseek_moe": {"segments": 2, "device_aux_loss_coef": 0.05, "devices": 2},
 }
 
 
@@ -275,13 +274,13 @@ def test_v3_mode_trains_through_the_model() -> None:
             "expected a divisor of moe.expert_hidden=32",
         ),
         (
-            {"deepseek_moe": {"n_shared_experts": 4}},
+            {"moe": {"shared_experts": 4}},
             1,
-            "deepseek_moe.n_shared_experts",
-            "expected fewer than segments*moe.top_k = 4",
+            "moe.shared_experts",
+            "expected fewer than deepseek_moe.segments*moe.top_k = 4",
         ),
         (
-            {"deepseek_moe": {"n_shared_experts": 1}, "parallel": {"ep": 2}},
+            {"moe": {"shared_experts": 1}, "parallel": {"ep": 2}},
             2,
             "parallel.ep",
             "expected a divisor of the 7 routed experts",
@@ -300,7 +299,7 @@ def test_v3_mode_trains_through_the_model() -> None:
             "expected a divisor of the 6 routed experts",
         ),
         (
-            {"deepseek_moe": {"segments": 32, "n_shared_experts": 1}, "parallel": {"tp": 2}},
+            {"deepseek_moe": {"segments": 32}, "moe": {"shared_experts": 1}, "parallel": {"tp": 2}},
             2,
             "deepseek_moe.segments",
             "multiple of the expert tensor-parallel size 2",
@@ -319,16 +318,29 @@ def test_bad_jobs_are_refused_naming_the_key_and_the_fix(
     assert fix in message and "reported by plugin 'deepseek_moe'" in message, message
 
 
-def test_shared_options_without_shared_experts_are_refused_when_typed() -> None:
-    with pytest.raises(ConfigError, match=r"deepseek_moe\.shared_expert_hidden.*set n_shared_experts >= 1"):
-        _job({"deepseek_moe": {"n_shared_experts": 0, "shared_expert_hidden": 8}})
+@pytest.mark.parametrize(
+    "old, new", [("n_shared_experts", "shared_experts"), ("shared_expert_hidden", "shared_expert_hidden")]
+)
+def test_an_old_shared_expert_key_names_its_core_replacement(old: str, new: str) -> None:
+    """Shared experts moved into the core MoE layer: an old job file's plugin key is refused naming moe.<new>."""
+    with pytest.raises(ConfigError, match=rf"'deepseek_moe\.{old}': got 2; this key moved to 'moe\.{new}'"):
+        _job({"deepseek_moe": {old: 2}})
+
+
+def test_a_job_without_shared_experts_is_warned_of_the_former_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _job({"moe": {"shared_experts": 0}})
+    assert "moe.shared_experts: 1" in capsys.readouterr().err
+    _job()
+    assert "moe.shared_experts" not in capsys.readouterr().err
 
 
 def test_top_k_larger_than_the_routed_experts_is_refused() -> None:
     # The core refuses top_k > num_experts while typing a job; the block checks again for direct construction.
-    moe = MoEConfig(num_experts=2, top_k=3, expert_hidden=32)
+    moe = MoEConfig(num_experts=2, top_k=3, expert_hidden=32, shared_experts=1)
     with pytest.raises(ConfigError, match=r"'moe.top_k': got 3; .*top-5 over only 3 routed experts"):
-        deepseek_shape(moe, DeepSeekMoEConfig(segments=2, n_shared_experts=1))
+        deepseek_shape(moe, DeepSeekMoEConfig(segments=2))
 
 
 def test_block_needs_a_validated_job() -> None:
@@ -358,14 +370,14 @@ def test_docs_list_every_option() -> None:
 # --- parity with transformers ---------------------------------------------------------------------------------------
 
 
-def _copy_routed(ours: DeepSeekMoELayer, gate_weight: torch.Tensor, experts: torch.nn.Module) -> None:
+def _copy_routed(ours: MoELayer, gate_weight: torch.Tensor, experts: torch.nn.Module) -> None:
     ours.router.gate.weight.copy_(gate_weight)
     ours.experts.gate_up_proj.copy_(experts.gate_up_proj.view_as(ours.experts.gate_up_proj))
     ours.experts.down_proj.copy_(experts.down_proj)
 
 
 def _check_parity(
-    ours: DeepSeekMoELayer, hf: torch.nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    ours: MoELayer, hf: torch.nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> None:
     """Forward, input gradient and the gradients of ``pairs`` (ours, theirs) agree in fp32."""
     x = torch.randn(3, 7, ours.experts.dim)
@@ -399,8 +411,9 @@ def test_matches_transformers_deepseek_v3_moe(isolate: bool) -> None:
         route_scale=2.5,
         bias_update_rate=0.001,
         experts_impl="loop",
+        shared_experts=2,
     )
-    settings = DeepSeekMoEConfig(segments=2, n_shared_experts=2, isolate_shared=isolate)
+    settings = DeepSeekMoEConfig(segments=2, isolate_shared=isolate)
     ours = DeepSeekMoELayer(24, moe, settings)
     shape = ours.shape
     hf = DeepseekV3MoE(
@@ -451,17 +464,24 @@ def test_matches_transformers_deepseek_v3_moe(isolate: bool) -> None:
     _check_parity(ours, hf, pairs)
 
 
-def test_matches_transformers_qwen2_moe_block() -> None:
+def test_core_layer_with_shared_experts_matches_transformers_qwen2_moe_block() -> None:
+    """Qwen2-MoE needs no plugin: the core MoELayer with moe.shared_experts / shared_expert_hidden / the gate."""
     pytest.importorskip("transformers")
     from transformers import Qwen2MoeConfig
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
     # Qwen2-MoE: softmax without renormalisation, one shared expert of its own size behind a sigmoid gate.
-    moe = MoEConfig(num_experts=6, top_k=2, expert_hidden=20, route_norm=False, experts_impl="loop")
-    settings = DeepSeekMoEConfig(
-        segments=1, n_shared_experts=1, isolate_shared=False, shared_expert_hidden=40, shared_expert_gate=True
+    moe = MoEConfig(
+        num_experts=6,
+        top_k=2,
+        expert_hidden=20,
+        route_norm=False,
+        experts_impl="loop",
+        shared_experts=1,
+        shared_expert_hidden=40,
+        shared_expert_gate=True,
     )
-    ours = DeepSeekMoELayer(24, moe, settings)
+    ours = MoELayer(24, moe)
     hf = Qwen2MoeSparseMoeBlock(
         Qwen2MoeConfig(
             hidden_size=24,

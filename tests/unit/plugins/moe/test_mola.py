@@ -374,8 +374,7 @@ def test_adapters_on_shared_expert_projections_take_part_in_the_forward() -> Non
     pm = _manager()
     pm.register_object("deepseek_moe", DeepSeekMoEPlugin())
     raw: dict[str, Any] = {"plugins": ["deepseek_moe", "mola"], **{k: dict(v) for k, v in SMALL.items()}}
-    raw["moe"] = {**raw["moe"], "block": "deepseek_moe"}
-    raw["deepseek_moe"] = {"n_shared_experts": 1}
+    raw["moe"] = {**raw["moe"], "block": "deepseek_moe", "shared_experts": 1}
     raw["mola"] = {"dropout": 0.0}
     config = resolve(raw, pm.config_sections)
     pm.hook.expertrain_validate_config(config=config, world_size=1)

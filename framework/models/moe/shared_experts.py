@@ -1,5 +1,10 @@
 """Shared experts: always-on experts every token goes through, beside the routed ones (DeepSeekMoE, Qwen2-MoE).
 
+A core MoE submodule (as in Megatron-Core): :class:`~framework.models.moe.layer.MoELayer` builds one from
+``moe.shared_experts`` / ``moe.shared_expert_hidden`` / ``moe.shared_expert_gate`` and stores it as
+``shared_experts`` (``None`` without shared experts); its weights are ``ffn.shared_experts.{gate,up,down}_proj`` and,
+gated, ``ffn.shared_experts.gate``.
+
 ``Ks`` shared experts of hidden size ``I`` are one SwiGLU MLP of hidden ``Ks·I`` (the sum of ``Ks`` SwiGLU MLPs
 equals one MLP whose hidden units are their concatenation), which is how DeepSeek-V2/V3 store them. Qwen2-MoE
 multiplies the output by a per-token sigmoid gate ``σ(x·w_g)``.
