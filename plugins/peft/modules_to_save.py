@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ DOC = (
 )
 
 
-def modules_to_save_option() -> list[str]:
+def modules_to_save_option() -> Any:
     """The ``modules_to_save`` field of an adapter plugin's config section (default: none, the base stays frozen)."""
     return option(default_factory=list, doc=DOC)
 
@@ -104,9 +104,8 @@ def resolve(model: nn.Module, entries: Sequence[str], section: str) -> list[Save
     if not entries:
         return []
     savable = savable_modules(model)
-    names_of = {
-        id(p): n for n, p in model.named_parameters()
-    }  # deduplicated: a tied head's weight is the embedding's
+    # named_parameters() lists a shared Parameter once: a tied head's weight is named as the embedding's.
+    names_of = {id(p): n for n, p in model.named_parameters()}
     selected: dict[str, SavedModule] = {}
     for i, entry in enumerate(entries):
         key = f"{section}.modules_to_save[{i}]"
