@@ -53,7 +53,7 @@ class ParamShard:
     element_size: int
     trainable: bool
     unit: str
-    """The block whose forward gathers it (``layers.<i>``) or ``root``."""
+    """The FSDP2 unit that gathers it: ``layers.<i>``, ``embedding``, ``head`` or ``root`` (see :func:`_fsdp_unit`)."""
 
 
 @dataclass
@@ -207,11 +207,19 @@ def _moe_shapes(model: nn.Module) -> list[dict[str, int]]:
     return shapes
 
 
-def _fsdp_unit(name: str) -> str:
-    """The block whose forward all-gathers ``name`` (a layer's experts are their own FSDP unit, gathered inside
-    the block's forward) or ``root`` (embedding, final norm, head: gathered for the whole step)."""
+def _fsdp_unit(name: str, tied: bool) -> str:
+    """The FSDP2 unit that all-gathers ``name`` (:func:`framework.parallel.data_parallel.wrap_data_parallel`): its
+    block ``layers.<i>`` (a layer's experts are their own unit, gathered inside the block's forward), ``embedding``
+    (gathered for its forward and backward only), ``head`` (final norm and LM head: gathered from the head's forward
+    to the end of its backward) or ``root`` (a tied embedding and head, model-level parameters: the whole step)."""
     parts = name.split(".")
-    return ".".join(parts[:2]) if parts[0] == "layers" else "root"
+    if parts[0] == "layers":
+        return ".".join(parts[:2])
+    if not tied and parts[0] == "tok_embeddings":
+        return "embedding"
+    if not tied and parts[0] in ("norm", "output"):
+        return "head"
+    return "root"
 
 
 def _shard_of(name: str, p: torch.Tensor, unit: str) -> ParamShard:
@@ -249,7 +257,7 @@ def build_on_meta(
         meshes = build_meshes(layout, torch.device("cpu"))
         parallel = parallelize_for_plan(model, config, meshes, layout)
         shards = [
-            _shard_of(name, p, _fsdp_unit(name))
+            _shard_of(name, p, _fsdp_unit(name, config.model.tie_embeddings))
             for name, p in parallel.named_parameters()  # tied weights once
         ]
     return MetaJob(config, layout, accumulation, shards, total, moe_shapes, list(notes))

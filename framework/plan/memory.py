@@ -11,9 +11,11 @@ Kinds (one rank; every rank of a layout holds the same amounts here, ep and tp r
   (read with ``torch.autograd.graph.saved_tensors_hooks`` on the real blocks), plus the LM head's logits buffers at
   the start of the backward (logits, log-softmax output and their two gradients, ``[micro_batch, seq, vocab]`` fp32)
   or, with activation checkpointing, each block's input plus one block recomputed; see :func:`activation_bytes`;
-- **communication buffers**: FSDP2's all-gathered parameters (``parallel.param_dtype``) of the root (embedding,
-  final norm, head: gathered for the whole step) and of two blocks (the current one and the prefetched one), and the
-  root's or a block's unsharded gradients (reduce-scatter input, ``parallel.reduce_dtype``), the larger; DDP's gradient buckets; the all-to-all send and
+- **communication buffers**: FSDP2's all-gathered parameters (``parallel.param_dtype``) at the backward's peak: the
+  head unit (final norm and LM head, gathered from its forward to its backward), the root (with tied embeddings the
+  shared embedding/head: the whole step) and two blocks (the current one and the prefetched one); the embedding
+  unit is gathered only for its own forward and backward and is not counted. Plus the largest unit's unsharded
+  gradients (reduce-scatter input, ``parallel.reduce_dtype``); DDP's gradient buckets; the all-to-all send and
   receive buffers of one MoE layer under expert parallelism; the sequence all-gather under tensor parallelism;
 - **allocator** (CPU only): glibc malloc keeps freed small blocks mapped, so the peak RSS exceeds the live tensors:
   counted as half of the step's activations and gradients (measured 0.3-0.9). On CUDA the caching allocator's
@@ -259,17 +261,20 @@ def activation_bytes(job: MetaJob) -> ActivationEstimate:
 # --------------------------------------------------------------------------------------------------- the plan
 
 
-def _gathered_units(job: MetaJob, trainable_only: bool, element_size: int) -> tuple[int, int]:
-    """Bytes FSDP gathers (``element_size`` per element: ``parallel.param_dtype`` for the parameter all-gather,
-    ``reduce_dtype`` for the gradient reduce-scatter) for the root (embedding, final norm, head: kept gathered for
-    the step) and for the largest block (its experts included)."""
+def _gathered_units(job: MetaJob, trainable_only: bool, element_size: int) -> dict[str, int]:
+    """Bytes each FSDP2 unit gathers (``element_size`` per element: ``parallel.param_dtype`` for the parameter
+    all-gather, ``reduce_dtype`` for the gradient reduce-scatter), by unit name (see
+    :func:`framework.plan.build._fsdp_unit`)."""
     units: dict[str, int] = {}
     for s in job.shards:
         if trainable_only and not s.trainable:
             continue
         units[s.unit] = units.get(s.unit, 0) + s.gathered_numel * element_size
-    root = units.pop("root", 0)
-    return root, max(units.values(), default=0)
+    return units
+
+
+def _largest_block(units: dict[str, int]) -> int:
+    return max((n for unit, n in units.items() if unit.startswith("layers.")), default=0)
 
 
 def _dtype_bytes(name: str) -> int:
@@ -281,11 +286,15 @@ def _communication(job: MetaJob, compute: int) -> tuple[int, list[str]]:
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     total, parts = 0, []
     if layout.dp > 1 and cfg.parallel.data == "fsdp":
-        root, block = _gathered_units(job, False, _dtype_bytes(cfg.parallel.param_dtype))
-        scatter = max(_gathered_units(job, True, _dtype_bytes(cfg.parallel.reduce_dtype)))
-        total += root + 2 * block + scatter
+        units = _gathered_units(job, False, _dtype_bytes(cfg.parallel.param_dtype))
+        # At the backward's peak: the head (norm + LM head) and the root stay gathered, with two blocks (the current
+        # one and the prefetched one); the embedding is gathered only for its own forward and backward.
+        kept = units.get("head", 0) + units.get("root", 0)
+        block = _largest_block(units)
+        scatter = max(_gathered_units(job, True, _dtype_bytes(cfg.parallel.reduce_dtype)).values(), default=0)
+        total += kept + 2 * block + scatter
         parts.append(
-            f"FSDP all-gather: root {format_bytes(root)} + 2 blocks {format_bytes(2 * block)}; "
+            f"FSDP all-gather: head and root {format_bytes(kept)} + 2 blocks {format_bytes(2 * block)}; "
             f"reduce-scatter {format_bytes(scatter)}"
         )
     elif layout.dp > 1:

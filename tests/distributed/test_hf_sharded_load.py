@@ -39,11 +39,14 @@ MOE_LAYOUTS = {
     "tp2-ep2-etp2": {**FSDP, "tp": 2, "ep": 2},
 }
 DENSE_LAYOUTS = {"fsdp4": FSDP, "tp2-fsdp2": {**FSDP, "tp": 2}}
+FEW_EXPERT_LAYOUTS = {"fsdp4": FSDP, "fsdp4-ep2": {**FSDP, "ep": 2}}
+"""Two experts: over 4 FSDP ranks, and one per ep rank over 2 FSDP ranks (FSDP2 cuts a hidden dimension)."""
 FOLDERS = {
     "qwen3_moe": ("qwen3_moe", {}, MOE_LAYOUTS),
     "llama": ("llama", {}, DENSE_LAYOUTS),
     "llama_tied": ("llama", {"tie_word_embeddings": True}, DENSE_LAYOUTS),
     "deepseek_v3": ("deepseek_v3", {}, MOE_LAYOUTS),
+    "qwen3_moe_2experts": ("qwen3_moe", {"num_experts": 2}, FEW_EXPERT_LAYOUTS),
 }
 
 

@@ -32,8 +32,13 @@ TINY = [
     "train.micro_batch_size=2",
     "train.global_batch_size=8",
 ]
-LAYOUTS_OF_TWO_RANKS = [["parallel.data=fsdp", "parallel.ep=2"], ["parallel.data=fsdp", "parallel.tp=2"]]
-"""Expert parallelism with FSDP2 over the dense weights; tensor parallelism with sequence parallelism."""
+LAYOUTS_OF_TWO_RANKS = [
+    ["parallel.data=fsdp", "parallel.ep=2"],
+    ["parallel.data=fsdp", "parallel.tp=2"],
+    ["parallel.data=fsdp", "moe.num_experts=1", "moe.top_k=1"],
+]
+"""Expert parallelism with FSDP2 over the dense weights; tensor parallelism with sequence parallelism; one expert
+over two FSDP ranks (cut on a hidden dimension, not on the expert dimension)."""
 
 
 def _local_parameter_bytes(rank: int, world: int, layouts: list[list[str]]) -> list[int]:
@@ -160,7 +165,7 @@ def test_fsdp_gathers_the_tensor_and_expert_parallel_shards_whole_over_the_data_
     )
     job = build_on_meta(config, pm, layout, accumulation, notes)
     d, v, e, i = config.model.dim, config.model.vocab_size, config.moe.num_experts, config.moe.expert_hidden
-    root = sum(s.gathered_numel for s in job.shards if s.unit == "root")
+    root = sum(s.gathered_numel for s in job.shards if s.unit in ("embedding", "head", "root"))
     assert root == v * d // 2 * 2 + d  # embedding and head split over tp (vocabulary), final norm whole
     experts = sum(
         s.gathered_numel for s in job.shards if ".experts." in s.name and s.name.startswith("layers.0.")
