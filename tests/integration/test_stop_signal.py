@@ -4,14 +4,17 @@ resumes to the losses of an uninterrupted run, bit for bit."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from framework.checkpoint import CheckpointStore
 from framework.train.signals import EXIT_CODE
 from tests.integration.launch import child_pids, run_training, start_training, wait_until
 
@@ -80,4 +83,29 @@ def test_sigterm_to_torchrun_saves_a_checkpoint_and_the_rerun_resumes_exactly(
     assert line is not None, out[-3000:]
     stopped_at = int(line.split("after step ")[1].split(";")[0])
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+    _assert_resumes_exactly(run_dir, stopped_at, reference)
+
+
+def test_a_second_signal_during_the_save_changes_nothing(tmp_path: Path, reference: dict[int, float]) -> None:
+    """SIGTERM to rank 1, then SIGTERM to both ranks again as soon as the save's temporary folder appears (or at
+    once, if the poll misses it): the job still stops with one checkpoint, which verifies, and resumes exactly."""
+    run_dir = tmp_path / "run"
+    proc = start_training(run_dir, COMMON, nproc=2)
+    wait_until(lambda: len(child_pids(proc.pid)) == 2, [proc], timeout=60)
+    ranks = sorted(child_pids(proc.pid))
+    wait_until(lambda: 2 in _losses(run_dir), [proc], timeout=240)
+    os.kill(ranks[1], signal.SIGTERM)
+    checkpoints = run_dir / "checkpoints"
+    deadline = time.time() + 60
+    while proc.poll() is None and not list(checkpoints.glob("step_*.tmp")) and time.time() < deadline:
+        time.sleep(0.002)
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == EXIT_CODE, out[-3000:]
+    line = next(x for x in out.splitlines() if "expertrain: stopped by SIGTERM" in x)
+    stopped_at = int(line.split("after step ")[1].split(";")[0])
+    assert CheckpointStore(checkpoints).latest_verified("fail") == checkpoints / f"step_{stopped_at:08d}"
+    assert not list(checkpoints.glob("*.tmp"))
     _assert_resumes_exactly(run_dir, stopped_at, reference)
