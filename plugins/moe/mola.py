@@ -40,7 +40,7 @@ from framework.comm import collectives as C
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import PluginError, hookimpl
 from framework.models.init import InitSource, KeyedInit
-from framework.models.moe.balancing import expert_counts
+from framework.models.moe import expert_counts
 from framework.models.recompute import in_backward
 from framework.observe import console
 from plugins.peft.low_rank import (

@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor
 
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import hookimpl
-from framework.models.moe.experts import GroupedExperts
+from framework.models.moe import GroupedExperts
 from framework.models.norms import RMSNorm
 from framework.observe import console
 

@@ -63,7 +63,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import hookimpl
-from framework.models.moe.experts import EXPERT_IMPLS, GroupedExperts, resolve_impl
+from framework.models.moe import EXPERT_IMPLS, GroupedExperts, resolve_impl
 from framework.models.sharding import local_weight
 from framework.observe import console
 from plugins.peft.low_rank import hf_module_path

@@ -45,7 +45,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 from framework.checkpoint.stream import save_safetensors
 from framework.models.init import InitSource, normal_, uniform_
-from framework.models.moe.experts import EXPERT_IMPLS, GroupedExperts, resolve_impl
+from framework.models.moe import EXPERT_IMPLS, GroupedExperts, resolve_impl
 from framework.models.sharding import local_weight
 
 LoRAInit = Literal["kaiming", "gaussian"]

@@ -50,7 +50,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 
 from framework.config import ConfigError, JobConfig, option
 from framework.hooks import hookimpl
-from framework.models.moe.experts import EXPERT_IMPLS, GroupedExperts, resolve_impl
+from framework.models.moe import EXPERT_IMPLS, GroupedExperts, resolve_impl
 from framework.models.sharding import local_weight
 from framework.observe import console
 from plugins.peft.low_rank import hf_module_path

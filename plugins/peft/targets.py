@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from framework.config import ConfigError
-from framework.models.moe.experts import GroupedExperts
+from framework.models.moe import GroupedExperts
 from framework.models.sharding import local_box, local_part
 
 ALL_LINEAR = "all-linear"
