@@ -13,6 +13,12 @@ end (torch, the framework, ...), so that "above baseline" is what the work itsel
   the child). The two folders are checked byte-identical before any number is reported. Target: the streamed
   export's peak ≤ 1.5 × its largest output shard + the interpreter baseline.
 
+- ``export_lora``: ``expertrain export peft`` and ``expertrain export hf --merge`` of a LoRA job's checkpoint on the
+  same model (r=16 on every linear layer and the routed experts, adapters moved off their init): the whole-model
+  path (``whole_model=True``: ``load_model`` rebuilds the model, plugins export / merge from it) against the
+  streamed CLI (the model on meta with only the adapters loaded; the merge folds them into each base tensor as it
+  is written). Folders checked byte-identical. Target: peak ≤ 1.5 × the largest output file + the baseline.
+
 - ``lora``, ``full``: every rank's peak for one training step, 1 rank against 4 (LoRA on a Hugging Face folder) and
   1/2/4 ranks (full training): see ``benchmarks/memory_train.py``.
 
@@ -20,6 +26,7 @@ More parts add a function to :data:`PARTS`; every part's result is merged into
 ``benchmarks/results/memory.{json,md}`` next to the parts already there.
 
     .venv/bin/python benchmarks/memory.py --part export      # ~3 min on 2 CPU cores, ~5 GB RAM, ~5 GB scratch disk
+    .venv/bin/python benchmarks/memory.py --part export_lora # ~7 min, ~3 GB RAM, ~3 GB scratch disk
 """
 
 from __future__ import annotations
@@ -64,7 +71,10 @@ elif job["mode"] == "in_memory":
     from framework.checkpoint.export import load_model
     from tests.unit.checkpoint.export_reference import reference_hf_folder
     reference_hf_folder(load_model(job["checkpoint"])[0], Path(job["output"]), job["max_shard_bytes"])
-elif job["mode"] == "checkpoint":
+elif job["mode"] == "cli":
+    from framework.cli import main
+    assert main(job["args"]) == 0
+elif job["mode"] in ("checkpoint", "code"):
     exec(job["code"])
 seconds = time.perf_counter() - start
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
@@ -89,6 +99,46 @@ model.init_weights(config.train.seed)
 meta = {"config": config.to_dict(), "world_size": 1}
 CheckpointStore(Path(job["root"])).save(1, {"model": model.state_dict()}, meta, {})
 print("PARAMS", sum(p.numel() for p in model.parameters()))
+"""
+
+
+_MAKE_LORA_CHECKPOINT = r"""
+from pathlib import Path
+import torch
+from transformers import Qwen3MoeConfig
+from framework.checkpoint.store import CheckpointStore
+from framework.config import resolve
+from framework.hooks import PluginManager
+from framework.interop.hf.config_map import spec_from_hf_config
+from framework.models import default_registry
+from framework.train.assembly import assemble_single_process
+hf = Qwen3MoeConfig(**job["hf_config"]).to_dict()
+raw = spec_from_hf_config(hf).job_sections()
+raw["data"] = {"seq_len": 128}
+raw["plugins"] = ["lora"]
+raw["lora"] = {"targets": "all-linear", "target_experts": True, "r": 16, "alpha": 32}
+pm = PluginManager(default_registry())
+pm.load(["lora"])
+config = resolve(raw, pm.config_sections)
+pm.hook.expertrain_validate_config(config=config, world_size=1)
+model = assemble_single_process(config, pm).raw
+generator = torch.Generator().manual_seed(0)
+with torch.no_grad():  # trained adapters: B moved off 0, so the merge changes every adapted weight
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.add_(0.01 * torch.randn(p.shape, generator=generator))
+meta = {"config": config.to_dict(), "world_size": 1}
+state = {"model": model.state_dict(), "plugins": pm.plugin_state_dicts(model, config)}
+CheckpointStore(Path(job["root"])).save(1, state, meta, {})
+print("PARAMS", sum(p.numel() for p in model.parameters()))
+"""
+
+_WHOLE_EXPORT = r"""
+from framework.checkpoint.export import export_hf, export_plugin_format
+if job["format"] == "peft":
+    export_plugin_format(job["checkpoint"], job["output"], "peft", whole_model=True)
+else:
+    export_hf(job["checkpoint"], job["output"], merge=True, max_shard_bytes=job["max_shard_bytes"], whole_model=True)
 """
 
 
@@ -198,10 +248,90 @@ def export_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+def _hf_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "vocab_size": args.vocab,
+        "hidden_size": args.dim,
+        "intermediate_size": 4 * args.dim,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "head_dim": args.dim // 16,
+        "num_experts": args.experts,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": args.expert_hidden,
+        "max_position_embeddings": 512,
+        "norm_topk_prob": True,
+        "tie_word_embeddings": False,
+    }
+
+
+def export_lora_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """``expertrain export peft`` and ``expertrain export hf --merge`` of a LoRA job's checkpoint on the same
+    qwen3_moe model (LoRA r=16 on every linear layer and on the routed experts): the whole-model path (the model
+    rebuilt by ``load_model``, ``whole_model=True``) against the streamed CLI, outputs checked byte-identical."""
+    hf_config = _hf_config(args)
+    root = work / "run" / "checkpoints"
+    made = _child(
+        {"mode": "checkpoint", "code": _MAKE_LORA_CHECKPOINT, "hf_config": hf_config, "root": str(root)}
+    )
+    params = int(next(x for x in made["stdout"].splitlines() if x.startswith("PARAMS")).split()[1])
+    print(f"LoRA checkpoint: {params / 1e6:.0f}M parameters ({made['seconds']:.0f} s)", flush=True)
+    max_shard = args.max_shard_mb * 10**6
+    rows = []
+    for fmt, cli in (("peft", ["export", "peft"]), ("hf --merge", ["export", "hf", "--merge"])):
+        digests = {}
+        for mode in ("whole", "streamed"):
+            out = work / f"export_{fmt.split()[0]}_{mode}"
+            shutil.rmtree(out, ignore_errors=True)
+            if mode == "whole":
+                job = {"mode": "code", "code": _WHOLE_EXPORT, "format": fmt.split()[0]}
+                job |= {"checkpoint": str(root), "output": str(out), "max_shard_bytes": max_shard}
+            else:
+                args_ = [*cli, "--checkpoint", str(root), "--output", str(out)]
+                if fmt != "peft":
+                    args_ += ["--max-shard-bytes", str(max_shard)]
+                job = {"mode": "cli", "args": args_}
+            report = _child(job)
+            baseline = _baseline(report["modules"])
+            largest = max(f.stat().st_size for f in out.glob("*.safetensors"))
+            digests[mode] = _folder_digest(out)
+            above = report["peak_rss"] - baseline
+            rows.append(
+                {
+                    "export": fmt,
+                    "path": "whole model (before)" if mode == "whole" else "streamed (CLI)",
+                    "peak_rss_mb": round(report["peak_rss"] / MB),
+                    "baseline_mb": round(baseline / MB),
+                    "above_baseline_mb": round(above / MB),
+                    "largest_output_file_mb": round(largest / MB, 1),
+                    "above_baseline_per_largest_file": round(above / largest, 2),
+                    "seconds": round(report["seconds"], 1),
+                }
+            )
+            print(rows[-1], flush=True)
+            shutil.rmtree(out)
+        if digests["whole"] != digests["streamed"]:
+            raise RuntimeError(f"export {fmt}: the streamed folder differs from the whole-model one")
+    return {
+        "title": "expertrain export peft / hf --merge of a LoRA job: peak memory",
+        "setup": {
+            "model": f"qwen3_moe, {params / 1e6:.0f}M parameters with adapters, fp32",
+            "lora": "r=16, alpha=32, all-linear + routed experts",
+            "max_shard_bytes": max_shard,
+        },
+        "byte_identical": True,
+        "target": "streamed: peak <= 1.5 x largest output file + interpreter baseline (the hf shards; the peft "
+        "file is the adapters themselves)",
+        "rows": rows,
+    }
+
+
 # --------------------------------------------------------------------------------------------------- results
 
 PARTS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
     "export": export_part,
+    "export_lora": export_lora_part,
     "lora": memory_train.lora_part,
     "full": memory_train.full_part,
 }

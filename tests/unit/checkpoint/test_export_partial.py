@@ -80,6 +80,7 @@ def _assert_same(streamed: Path, whole: Path) -> None:
 
 PLUGIN_FORMATS = [
     (["lora"], "peft", {"lora": LORA}),
+    (["lora"], "peft", {"lora": {**LORA, "modules_to_save": ["norm", "output"]}}),
     (["compacter"], "compacter", {"compacter": {"reduction_factor": 8}}),
     (["corda"], "corda", {}),
     (["lift"], "lift", {"lift": {"target_experts": True}}),
@@ -89,7 +90,9 @@ PLUGIN_FORMATS = [
 
 
 @pytest.mark.parametrize(
-    ("plugins", "fmt", "sections"), PLUGIN_FORMATS, ids=[f for _, f, _ in PLUGIN_FORMATS]
+    ("plugins", "fmt", "sections"),
+    PLUGIN_FORMATS,
+    ids=["peft", "peft-modules_to_save", *(f for _, f, _ in PLUGIN_FORMATS[2:])],
 )
 def test_plugin_format_export_from_the_partial_model_is_byte_identical_to_the_whole_model_one(
     tmp_path: Path, plugins: list[str], fmt: str, sections: dict[str, Any]
@@ -102,14 +105,18 @@ def test_plugin_format_export_from_the_partial_model_is_byte_identical_to_the_wh
     _assert_same(tmp_path / "streamed", tmp_path / "whole")
 
 
-def test_lora_exports_load_only_the_adapters_and_merge_per_tensor_to_the_same_bytes(tmp_path: Path) -> None:
-    checkpoint = job_checkpoint(tmp_path, ["lora"], lora=LORA, moe=ALL_MOE)
+@pytest.mark.parametrize("saved", [[], ["norm", "output"]], ids=["adapters", "modules_to_save"])
+def test_lora_exports_load_only_the_adapters_and_merge_per_tensor_to_the_same_bytes(
+    tmp_path: Path, saved: list[str]
+) -> None:
+    checkpoint = job_checkpoint(tmp_path, ["lora"], lora={**LORA, "modules_to_save": saved}, moe=ALL_MOE)
     config, pm, path = checkpoint_job(checkpoint)
     partial = PartialModel(path, config, pm, "peft")
     base = set(partial.base.state_dict())
-    assert partial.loaded and not base & set(partial.loaded), "a frozen base weight was loaded"
-    assert all(".lora" in name for name in partial.loaded)
-    assert all(t.is_meta for name, t in partial.model.state_dict().items() if name in base)
+    trained_base = {f"{m}.weight" for m in saved}  # modules_to_save: base modules trained in full, so loaded
+    assert partial.loaded and base & set(partial.loaded) == trained_base, "a frozen base weight was loaded"
+    assert all(".lora" in name or name in trained_base for name in partial.loaded)
+    assert all(t.is_meta for name, t in partial.model.state_dict().items() if name in base - trained_base)
 
     assert merges_per_tensor(pm)
     for shard in (None, 20_000):
