@@ -27,6 +27,11 @@ def test_a_truncated_shard_of_the_latest_checkpoint_falls_back_to_the_previous_o
     refused = run_training(run_dir, [*COMMON, "checkpoint.on_damaged=fail"], nproc=2)
     assert refused.returncode == 1
     assert shard.name in refused.stderr and "Traceback" not in refused.stderr
+    # The damage is found in one rank's share of the files: still one whole line per rank, none run together.
+    lines = [line for line in refused.stderr.splitlines() if "expertrain: error:" in line]
+    assert sorted(line[: line.index("]") + 1] for line in lines) == ["[rank 0]", "[rank 1]"], lines
+    assert all(line.startswith("[rank ") and line.count("expertrain:") == 1 for line in lines), lines
+    assert all(shard.name in line for line in lines), lines
 
     resumed = run_training(run_dir, COMMON, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
