@@ -9,7 +9,8 @@ The scan is static (``ast``): it knows the underscore members every class under 
   underscore members (an override) or an attribute the core class sets (a deletion, e.g. ``del self.router``);
 - ``obj._name`` / ``getattr(obj, "_name")`` where ``_name`` is a core class's underscore member that the plugin module
   does not define itself (a plugin's own private members may share a name with a core one);
-- ``from framework... import _name`` and ``module._name`` on a core module bound in the plugin.
+- ``from framework... import _name`` and ``module._name`` on a core module bound in the plugin;
+- ``from framework.models.moe.<submodule> import ...``: the MoE core's public module is ``framework.models.moe``.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def violations(source: str, where: str, core: dict[str, CoreClass], core_private
     own, modules = _own_names(tree), _core_module_aliases(tree)
     found = []
     for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("framework.models.moe."):
+            found.append(f"{where}:{node.lineno}: imports from {node.module} (use framework.models.moe)")
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("framework"):
             found += [
                 f"{where}:{node.lineno}: imports {a.name} from {node.module}"
@@ -185,11 +188,15 @@ def test_no_plugin_uses_an_underscore_member_of_a_core_class() -> None:
             "plugins/probe.py:1: imports _in_backward from",
         ),
         (
+            "from framework.models.moe.experts import GroupedExperts\n",
+            "plugins/probe.py:1: imports from framework.models.moe.experts",
+        ),
+        (
             "from framework.comm import collectives as C\nC._anything()\n",
             "plugins/probe.py:2: uses C._anything",
         ),
     ],
-    ids=["override", "del", "call", "getattr", "import", "module"],
+    ids=["override", "del", "call", "getattr", "import", "submodule", "module"],
 )
 def test_the_scan_names_each_kind_of_use_with_file_and_line(source: str, expected: str) -> None:
     """Each pattern the scan exists for, in a probe module, is reported with its file and line; a plugin's own private
