@@ -1,89 +1,55 @@
-"""The training job: build in order (config → plugins → model → transforms → trainable set → parallelize → optimizer),
-then the step loop with hooks, evaluation, checkpoints and the end-of-run report.
+"""The training job as a sequence: build in order (config → plugins → model → transforms → trainable set →
+parallelize → optimizer), then the step loop with its hooks, evaluation, checkpoints and the end-of-run report.
 
-Build order and why: ``docs/architecture.md``.
+Each concern lives in its own module and the trainer only calls them in order: the data (``datasets.py``), the
+model assembly (``assembly.py``), checkpoint compatibility (``resume.py``) and state (``checkpointing.py``), one
+micro-batch's forward and loss (``forward.py``), expert-routing bookkeeping
+(:mod:`framework.models.moe.routing_state`), evaluation and sampling (``evaluation.py``) and the report
+(``report.py``). Build order and why: ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from framework.checkpoint import CheckpointStore, RunLock, acquire_run_lock
 from framework.comm import collectives as C
-from framework.config import ConfigError, JobConfig, check_world
+from framework.config import JobConfig, check_world
 from framework.config.job import save_resolved
-from framework.data import MicroBatchStream, build_pretrain_datasets, load_tokenizer, unigram_entropy
 from framework.engines import Engine, NativeEngine
 from framework.hooks import PluginManager
+from framework.models.moe.routing_state import RoutingState
 from framework.observe import console
-from framework.observe.metrics import MetricsWriter, read_metrics
-from framework.observe.mfu import mfu, peak_tflops
+from framework.observe.metrics import MetricsWriter
+from framework.observe.mfu import peak_tflops
 from framework.observe.progress import ProgressBar
 from framework.parallel.mesh import ParallelLayout, build_meshes
 from framework.parallel.setup import DistInfo, set_deterministic
-from framework.train.loss import IGNORE_INDEX, count_loss_tokens, lm_loss_sum
-from framework.train.optim import (
-    apply_group_settings,
-    build_optimizer,
-    build_scheduler,
-    group_settings,
-    load_scheduler_state,
-    optim_changes,
-)
+from framework.train import report
+from framework.train.checkpointing import TrainingCheckpoints
+from framework.train.datasets import build_training_data
+from framework.train.evaluation import Evaluator, exact_match
+from framework.train.forward import LossForward
+from framework.train.loss import count_loss_tokens
+from framework.train.optim import build_optimizer, build_scheduler
+from framework.train.resume import CheckpointMismatch, check_compatible
+from framework.train.run_state import RunState, StepResult
 from framework.train.signals import StopRequested, StopSignals
+
+__all__ = ["CheckpointMismatch", "RunState", "StepResult", "Trainer", "TrainingDiverged"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf."""
 
 
-class CheckpointMismatch(ValueError):
-    """A checkpoint that does not fit the model being trained."""
-
-
-_NOT_SHAPE_KEYS = {("model", "init_from")}
-"""``model``/``moe`` keys that do not change the model's shape (a resumed run loads its own weights anyway)."""
-
-# Config keys whose change alters the order in which samples are drawn.
-_ORDER_KEYS = (
-    ("train", "seed"),
-    ("train", "global_batch_size"),
-    ("data", "paths"),
-    ("data", "weights"),
-    ("data", "seq_len"),
-    ("data", "val_fraction"),
-)
-
-
-@dataclass
-class StepResult:
-    loss: float
-    aux: dict[str, float]
-    grad_norm: float
-    tokens: int
-    seconds: float
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    samples_consumed: int = 0
-    started: float = field(default_factory=time.time)
-    tokens_seen: int = 0
-
-
 class Trainer:
-    """One training job on this rank. Construct, then :meth:`run`."""
+    """One training job on this rank. Construct, :meth:`build`, then :meth:`run`."""
 
     def __init__(self, config: JobConfig, plugins: PluginManager, dist_info: DistInfo) -> None:
         self.config = config
@@ -104,7 +70,6 @@ class Trainer:
         self.state = RunState()
         self.stop = StopSignals(config.checkpoint.save_on_signals, grace_s=config.parallel.timeout_s)
         self.stop_after_step = False
-        self.collate: Callable[[list[Any]], Any] | None = None  # set for SFT data (triples with position ids)
 
     # --- build ----------------------------------------------------------------------------------------------------
 
@@ -127,11 +92,10 @@ class Trainer:
             console.info(f"parallel layout: {self.layout.describe()} on {self.layout.world} ranks")
         C.run_on_rank0("creating the run folder", self._create_run_dir)
         self.resume_from = self._find_resume_point()
-        self._build_data()
+        self.data = build_training_data(cfg)
         self._build_model()
-        self.pm.hook.expertrain_after_parallelize(
-            model=self.raw_model, config=cfg, resumed=self.resume_from is not None
-        )
+        resumed = self.resume_from is not None
+        self.pm.hook.expertrain_after_parallelize(model=self.raw_model, config=cfg, resumed=resumed)
         if cfg.train.engine == "deepspeed" and self.meshes.ep is not None:
             from framework.engines.deepspeed_engine import expert_parallel_params, mark_expert_params
 
@@ -139,23 +103,17 @@ class Trainer:
         plugin_groups = self.pm.param_groups(self.raw_model, cfg)
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, plugin_groups, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
-        self.pm.hook.expertrain_after_optimizer(model=self.model, optimizer=self.optimizer, config=cfg)
+        self.pm.hook.expertrain_after_optimizer(model=self.raw_model, optimizer=self.optimizer, config=cfg)
         self.engine = self._build_engine()
         self.model = self.engine.model
-        if self.resume_from is not None:
-            C.run_agreed("loading the checkpoint", lambda: self._load_checkpoint(self.resume_from))
-        self.train_stream = MicroBatchStream(
-            self.train_ds,
-            global_batch_size=cfg.train.global_batch_size,
-            micro_batch_size=cfg.train.micro_batch_size,
-            dp_rank=self.dp_rank,
-            dp_size=self.dp_size,
-            start_sample=self.state.samples_consumed,
-            # Pretraining epochs after the first: a permutation of their own (the dataset is one pass, whatever
-            # train.steps is). SFT sets keep repeating their order, as before.
-            seed=cfg.train.seed if self.collate is None else None,
-            shuffle_first_epoch=False,
-            **self._batch_format(),
+        self._build_step_parts()
+        if resumed:
+            C.run_agreed(
+                "loading the checkpoint",
+                lambda: self.checkpoints.load(self.resume_from, self.state, self.device, self.dist.rank),
+            )
+        self.train_stream = self.data.train_stream(
+            cfg, self.dp_rank, self.dp_size, self.state.samples_consumed
         )
 
     def _build_engine(self) -> Engine:
@@ -169,6 +127,23 @@ class Trainer:
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
         return NativeEngine(
             self.model, self.optimizer, max_norm, raw_model=self.raw_model, layout=self.layout
+        )
+
+    def _build_step_parts(self) -> None:
+        """The concerns the loop calls: forward and loss, routing bookkeeping, evaluation, checkpoints."""
+        cfg = self.config
+        # The LM head runs only at labelled positions unless tensor parallelism shards its input or a plugin's
+        # extra loss declares the ``logits`` argument (the hook option, docs/hooks.md).
+        head_at_labels = self.layout.tp == 1 and not self.pm.hook_argument_takers(
+            "expertrain_extra_losses", "logits"
+        )
+        self.forward = LossForward(self.model, self.device, cfg.train.dtype, head_at_labels)
+        element_bytes = 2 if cfg.train.dtype == "bf16" else 4
+        self.routing = RoutingState(self.raw_model, self.layout.ep, cfg.model.dim * element_bytes)
+        dp = (self.dp_rank, self.dp_size)
+        self.evaluator = Evaluator(self.forward, cfg, self.data, dp, self.layout.tp, self.routing.discard)
+        self.checkpoints = TrainingCheckpoints(
+            self.store, self.engine, self.scheduler, self.pm, self.raw_model, cfg, self.dist.world_size
         )
 
     def _create_run_dir(self) -> None:
@@ -187,86 +162,9 @@ class Trainer:
         if not self.config.checkpoint.resume:
             return None
         latest = self.store.latest_verified(self.config.checkpoint.on_damaged)  # collective: ranks agree
-        if latest is None:
-            return None
-        meta = self.store.read_meta(latest)
-        self._check_compatible(meta, latest)
+        if latest is not None:
+            check_compatible(self.store.read_meta(latest), latest, self.config)
         return latest
-
-    def _check_compatible(self, meta: dict[str, Any], path: Path) -> None:
-        saved = meta.get("config", {})
-        now = self.config.to_dict()
-        diffs = [
-            f"{section}.{k}: checkpoint {v!r}, config {now[section].get(k)!r}"
-            for section in ("model", "moe")
-            for k, v in saved.get(section, {}).items()
-            if now[section].get(k) != v and (section, k) not in _NOT_SHAPE_KEYS
-        ]
-        if diffs:
-            raise CheckpointMismatch(
-                f"checkpoint {path} was saved for another model shape ({'; '.join(diffs[:4])}); "
-                "use the job's original model settings, or start a new run with another run.dir "
-                "(or checkpoint.resume=false)"
-            )
-        changed = [f"{s}.{k}" for s, k in _ORDER_KEYS if saved.get(s, {}).get(k) != now[s].get(k)]
-        if changed:
-            console.warn(
-                f"resuming {path.name} with changed {', '.join(changed)}: the sample order after step "
-                f"{meta['step']} differs from the original run's"
-            )
-
-    def _build_data(self) -> None:
-        cfg = self.config
-        if cfg.sft.train_files and cfg.data.tokenizer:
-            # SFT with a tokenizer folder (ours, or a Hugging Face model's): no pretraining corpus is involved.
-            from framework.interop.hf.tokenizer import load_hf_tokenizer
-
-            self.tokenizer = C.run_agreed(
-                "loading the tokenizer", lambda: load_hf_tokenizer(cfg.data.tokenizer)
-            )
-        else:
-            # Rank 0 prepares (and caches) the embedded corpus and tokenizer; the others then read the cache.
-            C.run_on_rank0("preparing the data", lambda: load_tokenizer(cfg.data) and None)
-            self.tokenizer = C.run_agreed(
-                "loading the tokenizer", lambda: load_tokenizer(cfg.data, progress=False)
-            )
-        C.run_on_rank0(
-            "saving the tokenizer", lambda: self.tokenizer.save(self.run_dir / "tokenizer") and None
-        )
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                "model.vocab_size",
-                cfg.model.vocab_size,
-                f"expected at least the tokenizer's vocabulary size {self.tokenizer.vocab_size}",
-            )
-        if cfg.sft.train_files:
-            from framework.data.sft import build_sft_datasets, collate_sft
-
-            self.collate = collate_sft
-            self.train_ds, self.val_ds = C.run_agreed(
-                "building the SFT datasets",
-                lambda: build_sft_datasets(cfg.sft, self.tokenizer, cfg.data.seq_len),
-            )
-            if C.rank() == 0:
-                for ds in (self.train_ds, self.val_ds):
-                    if ds is not None:
-                        console.info(ds.stats.summary())
-            return
-        # The validation text depends on neither train.seed nor the data-parallel size (see evaluate).
-        val_samples = cfg.train.eval_batches * cfg.train.micro_batch_size
-        self.train_ds, self.val_ds = C.run_agreed(
-            "building the datasets",
-            lambda: build_pretrain_datasets(
-                cfg.data,
-                cfg.data.seq_len,
-                cfg.train.seed,
-                None,  # one pass over the data, not train.steps' worth: a longer run keeps the sample order
-                val_samples,
-                self.tokenizer,
-                val_seed=cfg.data.val_seed,
-                vocab_size=cfg.model.vocab_size,
-            ),
-        )
 
     def _build_model(self) -> None:
         from framework.train.assembly import assemble_model, describe
@@ -282,124 +180,14 @@ class Trainer:
         self.peak_tflops = peak_tflops(self.device, "bf16" if bf16 else "fp32")
         console.info(describe(assembled))
 
-    # --- checkpoints ----------------------------------------------------------------------------------------------
-
-    def _state(self, targets: bool = False) -> dict[str, Any]:
-        """What a checkpoint holds (``targets``: tensors of the right shapes to load into). Both engines give the
-        model and optimizer state in one parameter-name keyed format, so a run resumes under either engine."""
-        model_sd, optim_sd = self.engine.state_targets() if targets else self.engine.state_dicts()
-        plugin_state = self.pm.plugin_state_dicts(self.raw_model, self.config)
-        return {
-            "model": model_sd,
-            "optim": optim_sd,
-            "scheduler": self.scheduler.state_dict(),
-            "plugins": plugin_state,
-        }
-
     def save_checkpoint(self) -> Path:
-        meta = {
-            "samples_consumed": self.state.samples_consumed,
-            "tokens_seen": self.state.tokens_seen,
-            "world_size": self.dist.world_size,
-            "engine": self.engine.name,
-            "config": self.config.to_dict(),
-        }
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return self.store.save(self.state.step, self._state(), meta, rng)
+        """Save the training state of the current step (collective); returns the checkpoint's folder."""
+        return self.checkpoints.save(self.state, self.device)
 
-    def _load_checkpoint(self, path: Path) -> None:
-        target = self._state(targets=True)
-        meta = self.store.read_meta(path)
-        self._check_tensor_shapes(path, target["model"], meta.get("config", {}))
-        state, meta, rng = self.store.load(path, target)
-        job_settings = group_settings(self.scheduler.optimizer)
-        self.engine.load_state_dicts(state["model"], state["optim"])
-        load_scheduler_state(self.scheduler, state["scheduler"])
-        apply_group_settings(self.scheduler, job_settings)  # the job's optim section wins, never a mix
-        saved_optim = meta.get("config", {}).get("optim", {})
-        saved_steps = int(meta.get("config", {}).get("train", {}).get("steps", self.config.train.steps))
-        steps = (saved_steps, self.config.train.steps)
-        for line in optim_changes(saved_optim, self.config.optim, int(meta["step"]), steps):
-            console.info(line)
-        self.pm.load_plugin_state_dicts(state.get("plugins", {}), self.raw_model, self.config)
-        self.state.step = int(meta["step"])
-        self.state.samples_consumed = int(meta["samples_consumed"])
-        self.state.tokens_seen = int(meta.get("tokens_seen", 0))
-        if "cpu" in rng:
-            torch.set_rng_state(rng["cpu"])
-        else:
-            console.warn(
-                f"no saved RNG state for rank {self.dist.rank} (world size changed); dropout noise will differ",
-                True,
-            )
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        console.info(f"resumed from {path} at step {self.state.step}")
-
-    def _check_tensor_shapes(self, path: Path, model_sd: dict[str, Any], saved: dict[str, Any]) -> None:
-        """Every model tensor of this job must exist in the checkpoint with the same (global) shape. Plugin options
-        can change shapes too (e.g. ``deepseek_moe.segments``): the message names the options that changed."""
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        from framework.checkpoint import SafeFileSystemReader
-
-        stored = SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata
-        problems = []
-        for name, tensor in model_sd.items():
-            meta = stored.get(f"model.{name}")
-            if not isinstance(meta, TensorStorageMetadata):
-                problems.append(f"{name}: not in the checkpoint")
-            elif tuple(meta.size) != tuple(tensor.shape):
-                problems.append(f"{name}: {tuple(meta.size)} there, {tuple(tensor.shape)} here")
-        if not problems:
-            return
-        now = self.config.to_dict()
-        from framework.config.sections import CORE_SECTIONS
-
-        core = set(CORE_SECTIONS)
-        changed = (
-            [f"plugins: {saved.get('plugins')} -> {now.get('plugins')}"]
-            if saved.get("plugins") != now.get("plugins")
-            else []
-        )
-        for section in sorted((set(saved) | set(now)) - core - {"plugins"}):
-            before, after = saved.get(section) or {}, now.get(section) or {}
-            if isinstance(before, dict) and isinstance(after, dict):
-                changed += [
-                    f"{section}.{k}: {before.get(k)!r} -> {after.get(k)!r}"
-                    for k in sorted(set(before) | set(after))
-                    if before.get(k) != after.get(k)
-                ]
-        hint = f"; changed since it was saved: {', '.join(changed[:6])}" if changed else ""
-        raise CheckpointMismatch(
-            f"checkpoint {path} does not fit this job's model ({'; '.join(problems[:3])}"
-            f"{f'; {len(problems) - 3} more' if len(problems) > 3 else ''}){hint}. Resume with the options the run "
-            "was saved with, or start a new run (another run.dir, or checkpoint.resume=false)"
-        )
-
-    # --- steps ----------------------------------------------------------------------------------------------------
-
-    def _batch_format(self) -> dict[str, Any]:
-        """How a micro-batch stream groups samples: pretraining pairs, or the SFT collate (with position ids)."""
-        return {"collate": self.collate} if self.collate is not None else {"as_pairs": True}
-
-    def _to_device(
-        self, batch: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(input_ids, labels[, position_ids])`` on the training device; packed SFT batches carry positions that
-        restart per sample (the model masks attention across samples from them)."""
-        input_ids, labels = batch[0].to(self.device), batch[1].to(self.device)
-        position_ids = batch[2].to(self.device) if len(batch) > 2 else None
-        return input_ids, labels, position_ids
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.config.train.dtype == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    # --- the step -------------------------------------------------------------------------------------------------
 
     def train_step(self, step: int) -> StepResult:
+        """One optimizer step: its micro-batches forward and backward, the engine's step, the routing update."""
         cfg = self.config
         t0 = time.perf_counter()
         self.pm.hook.expertrain_step_begin(
@@ -418,17 +206,13 @@ class Trainer:
         aux_totals: dict[str, float] = {}
         self.model.train()
         for i, batch in enumerate(micro_batches):
-            input_ids, labels, position_ids = self._to_device(batch)
-            last = i == len(micro_batches) - 1
-            with self.engine.micro_batch(last):
-                with self._autocast():
-                    logits, lm_sum = self._forward_loss(input_ids, labels, position_ids)
+            input_ids, labels, position_ids = self.forward.to_device(batch)
+            with self.engine.micro_batch(i == len(micro_batches) - 1):
+                with self.forward.autocast():
+                    logits, lm_sum = self.forward(input_ids, labels, position_ids)
                     extra = self._extra_losses(input_ids, logits)
-                objective = (
-                    lm_sum * lm_scale
-                    + sum(extra.values(), torch.zeros((), device=self.device)) / self.accumulation
-                )
-                self.engine.backward(objective)
+                zero = torch.zeros((), device=self.device)
+                self.engine.backward(lm_sum * lm_scale + sum(extra.values(), zero) / self.accumulation)
             loss_sum += lm_sum.detach().double().cpu()
             for k, v in extra.items():
                 aux_totals[k] = aux_totals.get(k, 0.0) + float(v.detach()) / self.accumulation
@@ -436,12 +220,11 @@ class Trainer:
         self.pm.hook.expertrain_after_backward(step=step, model=self.raw_model, config=cfg)
         grad_norm = self.engine.step()  # clip, optimizer step, zero the gradients
         self.scheduler.step()
-        self._update_routing(step)
+        self.routing.after_optimizer_step(self.device)  # expert counts over every rank, aux-free bias update
         self.pm.hook.expertrain_after_optimizer_step(
             step=step, model=self.raw_model, optimizer=self.optimizer, config=cfg
         )
-        totals = torch.tensor([float(loss_sum), *aux_totals.values()], dtype=torch.float64)
-        C.all_reduce_sum(totals)
+        totals = C.all_reduce_sum(torch.tensor([float(loss_sum), *aux_totals.values()], dtype=torch.float64))
         loss = float(totals[0]) / self.layout.tp / max(global_tokens, 1)
         # Summed over every rank: data-parallel ranks hold different micro-batches (averaged), tensor-parallel
         # ranks shares of the same micro-batch's aux losses (summed).
@@ -454,28 +237,6 @@ class Trainer:
             )
         return StepResult(loss, aux, grad_norm, global_tokens, time.perf_counter() - t0)
 
-    def _forward_loss(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Forward one micro-batch; returns its logits ``[B, S, V]`` (``None`` when the LM head ran only at the
-        labelled positions) and the summed LM loss.
-
-        The head runs only where a label is (SFT: the answers) unless every position has one, a plugin's
-        ``expertrain_extra_losses`` asks for the logits, or tensor parallelism shards the head's input."""
-        keep = labels != IGNORE_INDEX
-        if self._head_at_labels and not bool(keep.all()):
-            logits_NV = self.model(input_ids, position_ids, logits_at=keep)
-            return None, lm_loss_sum(logits_NV.unsqueeze(0), labels[keep].unsqueeze(0))
-        logits = self.model(input_ids, position_ids)
-        return logits, lm_loss_sum(logits, labels)
-
-    @property
-    def _head_at_labels(self) -> bool:
-        if self.layout.tp > 1:
-            return False
-        impls = self.pm.hook.expertrain_extra_losses.get_hookimpls()
-        return not any("logits" in impl.argnames for impl in impls)
-
     def _extra_losses(self, input_ids: torch.Tensor, logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
         losses = dict(self.raw_model.aux_losses())
         for name, value in self.pm.merge_extra_losses(self.raw_model, input_ids, logits, self.config).items():
@@ -485,118 +246,6 @@ class Trainer:
                 )
             losses[name] = value
         return losses
-
-    def _update_routing(self, step: int) -> None:
-        """Exact int64 expert counts of this step, summed over every rank that saw tokens; aux-free bias update."""
-        layers = self.raw_model.moe_layers()
-        if not layers:
-            self.last_counts = []
-            return
-        # One all-reduce for every layer and routing site (shapes may differ: [E] or [sites, E]).
-        per_layer = [layer.consume_expert_counts().to("cpu", torch.int64) for layer in layers]
-        flat = torch.cat([c.reshape(-1) for c in per_layer])
-        C.all_reduce_sum(flat)
-        counts = [c.view_as(orig) for c, orig in zip(flat.split([c.numel() for c in per_layer]), per_layer)]
-        for layer, c in zip(layers, counts):
-            layer.update_expert_bias(c.to(self.device))  # a no-op without aux-loss-free balancing
-        self.last_counts = counts
-        self.last_a2a_rows = sum(_take_remote_rows(layer) for layer in layers if hasattr(layer, "dispatcher"))
-
-    def routing_metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        layers = self.raw_model.moe_layers() if getattr(self, "last_counts", None) else []
-        for i, (layer, c) in enumerate(zip(layers, self.last_counts)):
-            c = c.double()
-            if c.dim() == 1:
-                sites = [(f"moe/layer{i}", c)]
-            else:  # several routing sites (e.g. Chain-of-Experts iterations): one panel each
-                names = layer.routing_site_names()
-                sites = [(f"moe/layer{i}/{names[r]}", c[r]) for r in range(c.shape[0])]
-            for prefix, c_E in sites:
-                for e, v in enumerate(c_E.tolist()):
-                    out[f"{prefix}/tokens_e{e}"] = v
-                out[f"{prefix}/max_over_mean"] = float(c_E.max() / c_E.mean().clamp_min(1e-9))
-        if self.layout.ep > 1:
-            # (token, expert) rows this rank sent to other expert-parallel ranks in the last step's forwards, and
-            # the bytes of one direction (dispatch); combine sends as many back, backward repeats both.
-            rows = getattr(self, "last_a2a_rows", 0)
-            elem = 2 if self.config.train.dtype == "bf16" else 4
-            out["moe/a2a_remote_rows"] = float(rows)
-            out["moe/a2a_dispatch_MB"] = rows * self.config.model.dim * elem / 1e6
-        return out
-
-    # --- evaluation and sampling ----------------------------------------------------------------------------------
-
-    def _discard_routing_state(self) -> None:
-        """Forget the aux losses and expert counts of forwards that are not training (they must not move the bias)."""
-        self.raw_model.discard_routing_state()
-
-    @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean validation loss per token over the first ``train.eval_batches`` micro-batches of the validation set.
-
-        The micro-batches are the same for every data-parallel size: batch ``k`` goes to rank ``k % dp``. A rank left
-        without one in the last round (``eval_batches`` not a multiple of dp) runs batch 0 again and drops the result,
-        so every rank makes the same number of forward passes (FSDP, tensor and expert parallelism need that).
-        """
-        cfg = self.config
-        if self.val_ds is None:
-            return None
-        self.model.eval()
-        stream = MicroBatchStream(
-            self.val_ds,
-            global_batch_size=cfg.train.micro_batch_size,
-            micro_batch_size=cfg.train.micro_batch_size,
-            dp_rank=0,
-            dp_size=1,
-            **self._batch_format(),
-        )
-        batches = list(zip(range(cfg.train.eval_batches), stream))
-        rounds = -(-len(batches) // self.dp_size)
-        total = torch.zeros(2, dtype=torch.float64)
-        for index in range(self.dp_rank, rounds * self.dp_size, self.dp_size):
-            counted = index < len(batches)
-            input_ids, labels, position_ids = self._to_device(batches[index if counted else 0][1])
-            with self._autocast():
-                _, lm_sum = self._forward_loss(input_ids, labels.to(self.device), position_ids)
-            if counted:
-                total[0] += float(lm_sum)
-                total[1] += count_loss_tokens(labels)
-        self._discard_routing_state()
-        C.all_reduce_sum(total)
-        self.model.train()
-        return float(total[0] / total[1].clamp_min(1))
-
-    @torch.no_grad()
-    def sample_text(
-        self, prompt: str = "def ", tokens: int = 48, temperature: float = 0.8, top_k: int = 40
-    ) -> str:
-        """Top-k sampling with a generator seeded by ``train.seed``, so every rank draws the same tokens (FSDP runs
-        each forward on all ranks); shown on rank 0."""
-        self.model.eval()
-        generator = torch.Generator().manual_seed(self.config.train.seed)
-        ids = torch.tensor([self.tokenizer.encode(prompt)], dtype=torch.long, device=self.device)
-        for _ in range(tokens):
-            window = ids[:, -self.config.data.seq_len :]
-            last = window.shape[1] - 1
-            # Tensor parallelism splits the sequence evenly: pad on the right (causal attention leaves the real
-            # positions unchanged) to a multiple of tp.
-            pad = -window.shape[1] % self.layout.tp
-            if pad:
-                window = torch.cat([window, window.new_full((1, pad), self.tokenizer.pad)], dim=1)
-            with self._autocast():
-                logits = self.model(window)
-            if isinstance(logits, DTensor):  # vocabulary-parallel under tensor parallelism
-                logits = logits.full_tensor()
-            top = torch.topk(logits[0, last].float().cpu() / temperature, top_k)
-            choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
-            nxt = top.indices[choice].view(1, 1).to(self.device)
-            ids = torch.cat([ids, nxt], dim=1)
-            if int(nxt) == self.tokenizer.eod:
-                break
-        self._discard_routing_state()
-        self.model.train()
-        return self.tokenizer.decode(ids[0].tolist())
 
     # --- the loop -------------------------------------------------------------------------------------------------
 
@@ -610,18 +259,19 @@ class Trainer:
     def _run(self) -> dict[str, Any]:
         cfg = self.config
         if self.state.step >= cfg.train.steps:
-            if C.broadcast_object((self.run_dir / "summary.json").is_file()):  # rank 0's view: ranks agree
-                summary = self._previous_summary()
+            if C.broadcast_object(
+                (self.run_dir / report.SUMMARY_FILE).is_file()
+            ):  # rank 0's view: ranks agree
                 console.info(
                     f"run {self.run_dir} is already complete ({self.state.step}/{cfg.train.steps} steps)"
                 )
-                return summary
+                return report.previous_summary(self.run_dir)
             # Killed after its final checkpoint but before its report: evaluate the loaded model and report.
             console.info(
                 f"run {self.run_dir} finished training ({self.state.step}/{cfg.train.steps} steps) but has no "
                 "summary.json: evaluating the final checkpoint and writing the report"
             )
-            return self._finish(self.evaluate(), 0.0, 0)
+            return self._finish(self.evaluator.validation_loss(), 0.0, 0)
         metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, resume_step=self.state.step)
         bar = ProgressBar(cfg.train.steps, self.state.step, cfg.logging.progress)
         try:
@@ -646,31 +296,27 @@ class Trainer:
             self.state.step = step
             self.state.samples_consumed += cfg.train.global_batch_size
             self.state.tokens_seen += result.tokens
-            tok_s = result.tokens / max(result.seconds, 1e-9)
-            record: dict[str, Any] = {
-                "step": step,
-                "loss": result.loss,
-                "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": result.grad_norm,
-                "tokens_per_s": tok_s,
-                "tokens_seen": self.state.tokens_seen,
-                "model_tflops_per_s": self.flops_per_token * tok_s / 1e12,
-            }
-            step_mfu = mfu(self.flops_per_token, tok_s / self.dist.world_size, self.peak_tflops)
-            if step_mfu is not None:
-                record["mfu"] = step_mfu
-            record.update({f"loss/{k}": v for k, v in result.aux.items()})
+            lr = self.scheduler.get_last_lr()[0]
+            record = report.step_record(
+                step,
+                result,
+                lr,
+                self.state.tokens_seen,
+                self.flops_per_token,
+                self.peak_tflops,
+                self.dist.world_size,
+            )
             if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-                last_val = self.evaluate()
+                last_val = self.evaluator.validation_loss()
                 if last_val is not None:
                     record["val_loss"] = last_val
                     record["val_ppl"] = math.exp(min(last_val, 50.0))
                     bar.write(f"step {step}: val_loss {last_val:.4f} (ppl {record['val_ppl']:.1f})")
             if step % cfg.logging.log_every == 0 or "val_loss" in record or step == cfg.train.steps:
-                record.update(self.routing_metrics())
+                record.update(self.routing.metrics())
                 record.update(self.pm.merge_metrics(step, self.raw_model, cfg))
                 metrics.write(record)
-            bar.update(result.loss, tok_s)
+            bar.update(result.loss, record["tokens_per_s"])
             saved = None
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
                 step == cfg.train.steps and cfg.checkpoint.save_final
@@ -683,122 +329,31 @@ class Trainer:
         return last_val, train_time, steps_run
 
     def _finish(self, val_loss: float | None, train_time: float, steps_run: int) -> dict[str, Any]:
+        """The end-of-run report: baseline, sample, exact match, ``expertrain_train_end``, summary and plots."""
         cfg = self.config
-        baseline = (
-            None
-            if self.val_ds is None or self.config.sft.train_files
-            else float(C.run_on_rank0("measuring the unigram baseline", lambda: unigram_entropy(self.val_ds)))
+        baseline = report.unigram_baseline(cfg, self.data.val_ds)
+        tokens = cfg.train.sample_tokens
+        sample = self.evaluator.sample_text(tokens=tokens) if tokens else ""
+        summary = report.build_summary(
+            cfg,
+            steps=self.state.step,
+            tokens_seen=self.state.tokens_seen,
+            val_loss=val_loss,
+            baseline=baseline,
+            train_seconds=train_time,
+            steps_run=steps_run,
+            param_counts=self.param_counts,
+            flops_per_token=self.flops_per_token,
+            peak_tflops=self.peak_tflops,
+            world_size=self.dist.world_size,
+            sample=sample,
         )
-        sample = self.sample_text(tokens=cfg.train.sample_tokens) if cfg.train.sample_tokens else ""
-        tokens_per_s = (steps_run * cfg.train.global_batch_size * cfg.data.seq_len) / max(train_time, 1e-9)
-        summary: dict[str, Any] = {
-            "run_dir": str(self.run_dir),
-            "steps": self.state.step,
-            "tokens_seen": self.state.tokens_seen,
-            "val_loss": val_loss,
-            "unigram_entropy": baseline,
-            "gap_below_unigram": None if val_loss is None or baseline is None else baseline - val_loss,
-            "train_seconds": train_time,
-            "tokens_per_s": tokens_per_s,
-            "params_total": self.param_counts["total"],
-            "params_active": self.param_counts["active_per_token"],
-            "model_tflops_per_s": self.flops_per_token * tokens_per_s / 1e12,
-            "mfu": mfu(self.flops_per_token, tokens_per_s / self.dist.world_size, self.peak_tflops),
-            "sample": sample,
-            "lines": [],
-        }
         if cfg.sft.eval_exact_match:
-            accuracy = C.run_on_rank0("exact-match evaluation", self._exact_match)
-            summary["exact_match"] = accuracy
-            if accuracy is not None:
-                summary["lines"].append(
-                    f"exact match     {accuracy:.3f} on {cfg.sft.eval_exact_match} rows of {cfg.sft.val_file} "
-                    "(greedy)"
-                )
-        self.pm.hook.expertrain_train_end(model=self.raw_model, summary=summary, config=cfg)
-        if C.rank() == 0:
-            records = read_metrics(self.run_dir / "metrics.jsonl")
-            if cfg.logging.plots:
-                # Imported here: matplotlib costs ~0.6 s at start-up, and only rank 0 plots.
-                from framework.observe.plots import plot_expert_load, plot_loss
-
-                plot_loss(records, self.run_dir / "loss.png", baseline)
-                plot_expert_load(records, self.run_dir / "expert_load.png")
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-        console.info(format_summary(summary))
-        return summary
-
-    def _exact_match(self) -> float | None:
-        """Greedy answers to the first ``sft.eval_exact_match`` rows of ``sft.val_file`` (rank 0, one process): with
-        the training model when it is whole on this rank, else with the final checkpoint rebuilt unsharded."""
-        from framework.data.sft import BadRow, ChatTokenizer, read_rows
-        from framework.inference.generate import exact_match_accuracy
-
-        cfg = self.config.sft
-        rows = [{"messages": item[1]} for item in read_rows(cfg.val_file) if not isinstance(item, BadRow)]
-        rows = rows[: cfg.eval_exact_match]
-        sharded = any(isinstance(p, DTensor) for p in self.raw_model.parameters())
-        model: Any = self.raw_model
-        if sharded:
-            latest = self.store.latest()
-            if latest is None:
-                console.warn(
-                    "exact-match evaluation skipped: the model is sharded and no checkpoint was saved"
-                )
-                return None
-            from framework.checkpoint.export import load_model
-
-            model = load_model(latest)[0]
-        chat = ChatTokenizer.from_dir(self.run_dir / "tokenizer")
-        with self._autocast():
-            accuracy, _ = exact_match_accuracy(model, chat, rows, cfg.eval_max_new_tokens)
-        return accuracy
-
-    def _previous_summary(self) -> dict[str, Any]:
-        """The report a finished run wrote (``summary.json``), printed again."""
-        summary = json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
-        console.info(format_summary(summary))
-        return summary
-
-
-def _take_remote_rows(layer: torch.nn.Module) -> int:
-    """Rows an expert-parallel dispatcher sent to other ranks since the last call (0 for local dispatch)."""
-    dispatcher = layer.dispatcher
-    rows = int(getattr(dispatcher, "rows_sent_remote", 0))
-    if hasattr(dispatcher, "reset_traffic"):
-        dispatcher.reset_traffic()
-    return rows
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """The one-screen end-of-run report."""
-    lines = [
-        "",
-        "=" * 72,
-        f"run {s.get('run_dir', '')}: {s.get('steps')} steps, {s.get('tokens_seen', 0):,} tokens",
-    ]
-    if s.get("params_total"):
-        lines.append(
-            f"parameters      {s['params_total'] / 1e6:.2f}M total, {s['params_active'] / 1e6:.2f}M active per token"
-        )
-    if s.get("val_loss") is not None and s.get("unigram_entropy") is not None:
-        lines.append(
-            f"validation loss {s['val_loss']:.4f} nats (ppl {math.exp(min(s['val_loss'], 50)):.1f}); "
-            f"unigram entropy {s['unigram_entropy']:.4f}; {s['gap_below_unigram']:.2f} nats below it"
-        )
-    if s.get("train_seconds"):
-        lines.append(
-            f"throughput      {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of steps, "
-            f"{s['model_tflops_per_s'] * 1e3:.1f} model GFLOP/s"
-            + (
-                f", MFU {s['mfu']:.1%}"
-                if s.get("mfu") is not None
-                else " (MFU: set EXPERTRAIN_PEAK_TFLOPS on CPU)"
+            accuracy = C.run_on_rank0(
+                "exact-match evaluation",
+                lambda: exact_match(cfg, self.raw_model, self.store, self.run_dir, self.forward),
             )
-        )
-    lines.extend(s.get("lines", []))
-    if s.get("sample"):
-        lines.append("sample:")
-        lines.extend("  | " + line for line in s["sample"].splitlines()[:12])
-    lines.append("=" * 72)
-    return "\n".join(lines)
+            report.add_exact_match(summary, accuracy, cfg)
+        self.pm.hook.expertrain_train_end(model=self.raw_model, summary=summary, config=cfg)
+        report.write_report(summary, cfg, baseline)
+        return summary

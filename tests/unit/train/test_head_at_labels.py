@@ -62,7 +62,7 @@ def test_head_at_labels_trains_like_the_full_head(tmp_path: Path) -> None:
     torch.manual_seed(0)
     probe = _FullLogitsProbe()
     full = _trainer(tmp_path, "full", probe)
-    assert fast._head_at_labels and not full._head_at_labels
+    assert fast.forward.head_at_labels and not full.forward.head_at_labels
     for step in (1, 2, 3):
         a, b = fast.train_step(step), full.train_step(step)
         assert a.tokens == b.tokens > 0
@@ -72,4 +72,7 @@ def test_head_at_labels_trains_like_the_full_head(tmp_path: Path) -> None:
     for (name, p), q in zip(fast.raw_model.named_parameters(), full.raw_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
     # Validation takes the same path: the same loss either way.
-    assert abs(fast.evaluate() - full.evaluate()) <= 1e-5 * full.evaluate()
+    assert (
+        abs(fast.evaluator.validation_loss() - full.evaluator.validation_loss())
+        <= 1e-5 * full.evaluator.validation_loss()
+    )
