@@ -3,8 +3,9 @@
 Grouped by lifecycle, in the order they fire. Every hook fires on every rank; a collective inside a hook must run on
 all ranks. Unless a hook says otherwise, results of all plugins are collected in a list (pluggy's default) and the core
 merges them as described. Hook arguments are passed by name: an implementation declares any subset of them, in any
-order, as ordinary parameters (not keyword-only). Plugins are called in plugin order: plugins the core enabled itself
-first, then the job's ``plugins`` list in order. An exception inside a hook stops the run as a
+order, as ordinary parameters (not keyword-only). Every hook that passes ``model`` passes the user's module (under DDP
+the module inside the wrapper, never the wrapper). Plugins are called in plugin order: plugins the core enabled
+itself first, then the job's ``plugins`` list in order. An exception inside a hook stops the run as a
 :class:`framework.hooks.PluginHookError` naming the plugin and the hook (a ``ConfigError`` stays a ``ConfigError``).
 
 Lifecycle of one job::

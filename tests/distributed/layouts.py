@@ -4,7 +4,8 @@ size in one spawn.
 Test modules :func:`register` their layouts at import (pytest imports every module before running any test); the
 session fixture ``trained_layouts`` (``conftest.py``) trains all layouts of a world size the first time a test asks
 for one, so imports, data preparation and process start-up are paid once per world size, not once per test. Each
-layout runs in ``<root>/<name>`` and returns its per-step losses, gradient norms and step-1 gradients (rank 0).
+layout runs in ``<root>/<name>`` and returns its per-step losses, gradient norms and step-1 gradients (rank 0), and
+the model object each hook got (:class:`HookModels`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,73 @@ class GradCapture:
             self.grads[name] = g.detach().clone()
 
 
+class HookModels:
+    """Records which object every hook that passes ``model`` got: its id, its class and whether it is a DDP wrapper.
+
+    Implements ``expertrain_init_weights`` with ``expertrain_transform_model`` (both do nothing), so the model is
+    still built on the meta device; answers ``None`` wherever a hook returns something."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, set[tuple[int, str, bool]]] = {}
+
+    def _record(self, hook: str, model: torch.nn.Module) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = isinstance(model, DistributedDataParallel)
+        self.seen.setdefault(hook, set()).add((id(model), type(model).__name__, wrapped))
+
+    def models(self) -> dict[str, list[tuple[int, str, bool]]]:
+        return {hook: sorted(entries) for hook, entries in self.seen.items()}
+
+    @hookimpl
+    def expertrain_transform_model(self, model: torch.nn.Module) -> None:
+        self._record("expertrain_transform_model", model)
+
+    @hookimpl
+    def expertrain_init_weights(self, model: torch.nn.Module) -> None:
+        self._record("expertrain_init_weights", model)
+
+    @hookimpl
+    def expertrain_trainable_parameters(self, model: torch.nn.Module) -> None:
+        self._record("expertrain_trainable_parameters", model)
+
+    @hookimpl
+    def expertrain_after_parallelize(self, model: torch.nn.Module) -> None:
+        self._record("expertrain_after_parallelize", model)
+
+    @hookimpl
+    def expertrain_optimizer_param_groups(self, model: torch.nn.Module) -> None:
+        self._record("expertrain_optimizer_param_groups", model)
+
+    @hookimpl
+    def expertrain_after_optimizer(self, model: torch.nn.Module) -> None:
+        self._record("expertrain_after_optimizer", model)
+
+    @hookimpl
+    def expertrain_step_begin(self, model: torch.nn.Module) -> None:
+        self._record("expertrain_step_begin", model)
+
+    @hookimpl
+    def expertrain_extra_losses(self, model: torch.nn.Module) -> None:
+        self._record("expertrain_extra_losses", model)
+
+    @hookimpl
+    def expertrain_after_backward(self, model: torch.nn.Module) -> None:
+        self._record("expertrain_after_backward", model)
+
+    @hookimpl
+    def expertrain_after_optimizer_step(self, model: torch.nn.Module) -> None:
+        self._record("expertrain_after_optimizer_step", model)
+
+    @hookimpl
+    def expertrain_metrics(self, model: torch.nn.Module) -> None:
+        self._record("expertrain_metrics", model)
+
+    @hookimpl
+    def expertrain_train_end(self, model: torch.nn.Module) -> None:
+        self._record("expertrain_train_end", model)
+
+
 def train_once(
     rank: int, world: int, run_dir: str, overrides: tuple[str, ...], device: str = "cpu"
 ) -> dict[str, Any]:
@@ -75,6 +143,8 @@ def train_once(
     config, pm = load_job(str(QUICKSTART), [*TINY, *COMMON, f"run.dir={run_dir}", *overrides])
     capture = GradCapture()
     pm.register_object("grad-capture", capture)
+    hook_models = HookModels()
+    pm.register_object("hook-models", hook_models)
     torch.manual_seed(config.train.seed + rank)
     on = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
     trainer = Trainer(config, pm, DistInfo(rank, world, rank, on))
@@ -85,6 +155,7 @@ def train_once(
         "losses": [r["loss"] for r in records],
         "grad_norms": [r["grad_norm"] for r in records],
         "grads": capture.grads if rank == 0 else {},
+        "hook_models": hook_models.models(),
     }
 
 
