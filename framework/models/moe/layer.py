@@ -14,7 +14,7 @@ What a trainer reads from every MoE layer (see :class:`MoEBlock`), per micro-bat
 - whenever it logs: :meth:`MoELayer.routing_stats`.
 
 Counting happens once per token: only in training mode, never during the backward recompute of activation
-checkpointing (detected with ``torch._C._current_graph_task_id() != -1``), and accumulated across micro-batches until
+checkpointing (:func:`framework.models.recompute.in_backward`), and accumulated across micro-batches until
 ``consume_expert_counts`` is called.
 """
 
@@ -44,6 +44,7 @@ from framework.models.moe.dispatch import LocalDispatcher, TokenDispatcher
 from framework.models.moe.experts import GroupedExperts
 from framework.models.moe.router import RouterOutput, TopKRouter
 from framework.models.moe.shared_experts import SharedExperts
+from framework.models.recompute import in_backward
 
 DispatchObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 """``observer(x_TD, topk_ids_TK, topk_weights_TK)``: called (no gradient needed) with every routing pass's tokens
@@ -122,11 +123,6 @@ def missing_block_members(block: object) -> list[str]:
     """The :class:`MoEBlock` members ``block`` lacks (empty when it meets the contract)."""
     names = list(MoEBlock.__annotations__) + [n for n in vars(MoEBlock) if not n.startswith("_")]
     return [n for n in dict.fromkeys(names) if not hasattr(block, n)]
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. activation checkpointing recomputing this forward)."""
-    return torch._C._current_graph_task_id() != -1
 
 
 def build_topk_router(dim: int, moe_cfg: MoEConfig) -> TopKRouter:
@@ -238,7 +234,7 @@ class MoELayer(nn.Module):
             y_BSD = self._forward_tensor_parallel(x_BSD)
         else:
             y_BSD = self.forward_tokens(x_BSD, None)
-        if self.training and not _in_backward():
+        if self.training and not in_backward():
             # Computed in an activation-checkpointing recompute too (same ops => same saved tensors), kept only once.
             self._aux_losses = self._aux_this_forward
         self._aux_this_forward = {}
@@ -291,7 +287,7 @@ class MoELayer(nn.Module):
         site ``site``, dispatch observers, dispatch, grouped experts, combine. Returns ``y_TD``, the gate-weighted
         sum of each token's routed experts (shared experts not included). Call it from :meth:`forward_tokens`."""
         routed: RouterOutput = router(x_TD)
-        record = self.training and not _in_backward()
+        record = self.training and not in_backward()
         if self.training:
             # In an activation-checkpointing recompute the terms are computed again (the checkpoint needs the same
             # saved tensors) but not kept: the recompute may stop early, before forward's end clears them, and the
