@@ -71,6 +71,7 @@ from plugins.peft.low_rank import (
     LoRALinear,
     experts_to_peft,
     hf_module_path,
+    merge_into_tensor,
     peft_key,
     peft_param_wrapper_paths,
     write_adapter,
@@ -780,6 +781,13 @@ def expertrain_export(
 @hookimpl
 def expertrain_merge_adapters(model: nn.Module) -> list[str] | None:
     return merge_corda(model) or None
+
+
+@hookimpl
+def expertrain_merge_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+    """The streamed ``export hf --merge``: ``W_res + s·B·A`` on base tensor ``name`` (what :func:`merge_corda`
+    gives it)."""
+    return merge_into_tensor(model, SECTION, name, tensor)
 
 
 @hookimpl

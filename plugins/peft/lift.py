@@ -606,6 +606,24 @@ class LIFTPlugin:
         return merged or None
 
     @hookimpl
+    def expertrain_merge_tensor(
+        self, model: nn.Module, name: str, tensor: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The streamed ``export hf --merge``: the trained values written at the mask of base tensor ``name`` (the
+        arithmetic of ``merged_weight`` / ``merged_weights``)."""
+        path, _, weight = name.rpartition(".")
+        module = dict(lift_modules(model)).get(path)
+        if isinstance(module, LIFTLinear) and weight == "weight":
+            tensor.view(-1)[module.lift_index] = module.lift_values.detach().to(tensor.dtype)
+            return tensor
+        if isinstance(module, LIFTExperts) and weight in module.masks():
+            mask = module.masks()[weight]
+            values = mask.lift_values.detach().to(tensor.dtype)
+            tensor.view(tensor.shape[0], -1).scatter_(1, mask.lift_index, values)
+            return tensor
+        return None
+
+    @hookimpl
     def expertrain_export(
         self, model: nn.Module, config: JobConfig, output_dir: Path, export_format: str
     ) -> list[str] | None:

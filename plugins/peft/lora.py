@@ -38,6 +38,7 @@ from plugins.peft.low_rank import (
     LoRALinear,
     experts_to_peft,
     hf_module_path,
+    merge_into_tensor,
     peft_key,
     peft_param_wrapper_paths,
     write_adapter,
@@ -365,22 +366,7 @@ def expertrain_merge_adapters(model: nn.Module) -> list[str] | None:
 def expertrain_merge_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
     """The streamed ``export hf --merge``: ``W += s·B·A`` on base tensor ``name`` when an adapter targets it (the
     same arithmetic as :func:`expertrain_merge_adapters`, so the same bytes)."""
-    return merge_into_tensor(model, name, tensor)
-
-
-def merge_into_tensor(
-    model: nn.Module, name: str, tensor: torch.Tensor, plugin: str = SECTION
-) -> torch.Tensor | None:
-    """Fold the adapter ``plugin`` put on base tensor ``name`` into ``tensor`` (in place); ``None`` when none."""
-    path, _, weight = name.rpartition(".")
-    module = dict(lora_modules(model, plugin)).get(path)
-    if isinstance(module, LoRALinear) and weight == "weight":
-        module.lora.merge_into(tensor)
-        return tensor
-    if isinstance(module, LoRAExperts) and weight in module.adapters():
-        module.adapters()[weight].merge_into(tensor)
-        return tensor
-    return None
+    return merge_into_tensor(model, SECTION, name, tensor)
 
 
 @hookimpl

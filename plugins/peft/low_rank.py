@@ -47,6 +47,7 @@ from framework.checkpoint.stream import save_safetensors
 from framework.models.init import InitSource, normal_, uniform_
 from framework.models.moe import EXPERT_IMPLS, GroupedExperts, resolve_impl
 from framework.models.sharding import local_weight
+from plugins.peft.targets import owned_modules
 
 LoRAInit = Literal["kaiming", "gaussian"]
 """``kaiming``: ``A`` Kaiming-uniform with ``a=√5`` (the ``nn.Linear`` default, bound ``1/√in``); ``gaussian``:
@@ -368,6 +369,22 @@ class LoRAExperts(GroupedExperts):
                 _require_local(getattr(self, name))
                 lora.unmerge_from(getattr(self, name))
             self.merged = False
+
+
+@torch.no_grad()
+def merge_into_tensor(model: nn.Module, plugin: str, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+    """A streamed merge (``expertrain_merge_tensor``): fold the LoRA adapter ``plugin`` put on base tensor ``name``
+    (a :class:`LoRALinear`'s ``weight`` or a :class:`LoRAExperts`' fused weight) into ``tensor``, in place, with
+    the arithmetic of the modules' own ``merge``; ``None`` when ``plugin`` adapted nothing of ``name``."""
+    path, _, weight = name.rpartition(".")
+    module = dict(owned_modules(model, plugin, (LoRALinear, LoRAExperts))).get(path)
+    if isinstance(module, LoRALinear) and weight == "weight":
+        module.lora.merge_into(tensor)
+        return tensor
+    if isinstance(module, LoRAExperts) and weight in module.adapters():
+        module.adapters()[weight].merge_into(tensor)
+        return tensor
+    return None
 
 
 # --- peft on-disk format ------------------------------------------------------------------------------------------

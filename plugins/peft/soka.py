@@ -676,6 +676,24 @@ def expertrain_trainable_parameters(model: nn.Module, config: JobConfig) -> list
 
 
 @hookimpl
+def expertrain_merge_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+    """The streamed ``export hf --merge``: ``W_res + Σ A_k⊗B_k`` for base tensor ``name`` (the arithmetic of
+    ``merged_weight`` / ``merged_weights``, on the checkpoint's ``W_res``)."""
+    path, _, weight = name.rpartition(".")
+    dtype = torch.promote_types(tensor.dtype, torch.float32)
+    linear = dict(soka_modules(model)).get(path)
+    if linear is not None and weight == "weight":
+        delta = kron_sum(linear.soka_A.detach().to(dtype), linear.soka_B.detach().to(dtype))
+        return (tensor.to(dtype) + delta).to(tensor.dtype)
+    experts = dict(soka_expert_modules(model)).get(path)
+    factors = experts.factors().get(weight) if experts is not None else None
+    if factors is None:
+        return None
+    delta = kron_sum(factors.soka_A.detach().to(dtype), factors.soka_B.detach().to(dtype))
+    return (tensor.to(dtype) + delta.reshape(tensor.shape)).to(tensor.dtype)
+
+
+@hookimpl
 def expertrain_merge_adapters(model: nn.Module) -> list[str] | None:
     """Fold ``Σ A_k⊗B_k`` into each residual weight and leave plain ``nn.Linear`` / ``GroupedExperts`` modules."""
     merged = []

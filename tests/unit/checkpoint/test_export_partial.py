@@ -168,3 +168,22 @@ def test_an_export_reading_a_base_weight_must_declare_it(tmp_path: Path, declare
     pm.hook.expertrain_export(model=partial.model, config=config, output_dir=tmp_path, export_format="x")
     stored = partial.tensors.load(["norm.weight"])["norm.weight"]
     assert plugin.seen is not None and torch.equal(plugin.seen, stored)
+
+
+MERGING = [
+    (["corda"], {}),
+    (["lift"], {"lift": {"target_experts": True}}),
+    (["soka"], {"soka": {"target_experts": True}}),
+]
+
+
+@pytest.mark.parametrize(("plugins", "sections"), MERGING, ids=[p[0] for p, _ in MERGING])
+def test_merged_hf_export_per_tensor_is_byte_identical_to_the_whole_model_merge(
+    tmp_path: Path, plugins: list[str], sections: dict[str, Any]
+) -> None:
+    checkpoint = job_checkpoint(tmp_path, plugins, moe=ALL_MOE, **sections)
+    _, pm, _ = checkpoint_job(checkpoint)
+    assert merges_per_tensor(pm), f"{plugins} would merge on the whole model"
+    written = export_hf(checkpoint, tmp_path / "streamed", merge=True)
+    assert written == export_hf(checkpoint, tmp_path / "whole", merge=True, whole_model=True)
+    _assert_same(tmp_path / "streamed", tmp_path / "whole")
