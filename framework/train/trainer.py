@@ -230,10 +230,15 @@ class Trainer:
         # ranks shares of the same micro-batch's aux losses (summed).
         aux = {k: float(v) / self.dp_size for k, v in zip(aux_totals, totals[1:].tolist())}
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            fix = "lower optim.lr, raise optim.warmup_steps or enable optim.grad_clip"
+            last = self.store.latest()
+            after = (
+                f"The last good checkpoint ({last.name}) is untouched: {fix}, then rerun to resume from it"
+                if last is not None
+                else f"No checkpoint was saved before it (checkpoint.every): {fix}, then rerun from the start"
+            )
             raise TrainingDiverged(
-                f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping without saving. "
-                "The last good checkpoint is untouched: lower optim.lr, raise optim.warmup_steps or enable "
-                "optim.grad_clip, then rerun to resume from it"
+                f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping without saving. {after}"
             )
         return StepResult(loss, aux, grad_norm, global_tokens, time.perf_counter() - t0)
 

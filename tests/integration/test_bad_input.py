@@ -132,12 +132,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> No
     )
     assert proc.returncode != 0
     lines = error_lines(proc)
-    assert lines and all("loss is" in line and "last good checkpoint is untouched" in line for line in lines)
     latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert lines and all(f"last good checkpoint ({latest}) is untouched" in line for line in lines)
     meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert meta["step"] == records[-1]["step"], "the checkpoint is the last finite step"
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_nan_loss_before_any_checkpoint_does_not_promise_one(tmp_path: Path) -> None:
+    proc = run_training(
+        tmp_path / "run",
+        ["optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0", "train.steps=3"],
+        nproc=0,
+    )
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert (
+        "loss is" in line and "No checkpoint was saved before it" in line and "rerun from the start" in line
+    )
+    assert "last good checkpoint" not in line
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )
 
 
 def _install_raising_plugin(site: Path) -> dict[str, str]:
