@@ -68,7 +68,7 @@ def _check_moe_block(block: nn.Module, name: str) -> None:
     missing = missing_block_members(block)
     if missing:
         raise TypeError(
-            f"moe_block '{name}' built a {type(block).__name__} without {', '.join(missing)}: an MoE block must "
+            f"moe_block '{name}' built {type(block).__name__}, which lacks {', '.join(missing)}: an MoE block must "
             "implement framework.models.moe.MoEBlock (subclass MoELayer, see docs/moe.md)"
         )
 
