@@ -94,7 +94,7 @@ PLUGIN_FORMATS = [
     PLUGIN_FORMATS,
     ids=["peft", "peft-modules_to_save", *(f for _, f, _ in PLUGIN_FORMATS[2:])],
 )
-def test_plugin_format_export_from_the_partial_model_is_byte_identical_to_the_whole_model_one(
+def test_plugin_format_and_native_exports_from_the_partial_model_are_byte_identical_to_the_whole_model_ones(
     tmp_path: Path, plugins: list[str], fmt: str, sections: dict[str, Any]
 ) -> None:
     checkpoint = job_checkpoint(tmp_path, plugins, **sections)
@@ -103,6 +103,9 @@ def test_plugin_format_export_from_the_partial_model_is_byte_identical_to_the_wh
     written = export_plugin_format(checkpoint, tmp_path / "streamed", fmt)
     assert written == export_plugin_format(checkpoint, tmp_path / "whole", fmt, whole_model=True)
     _assert_same(tmp_path / "streamed", tmp_path / "whole")
+    native = export_native(checkpoint, tmp_path / "native")  # every tensor, plus what plugins add to native
+    assert native == export_native(checkpoint, tmp_path / "native_whole", whole_model=True)
+    _assert_same(tmp_path / "native", tmp_path / "native_whole")
 
 
 @pytest.mark.parametrize("saved", [[], ["norm", "output"]], ids=["adapters", "modules_to_save"])
