@@ -82,7 +82,7 @@ PLUGINS: dict[str, tuple[str, ...]] = {
         "plugins=[deepseek_moe]",
         "moe.block=deepseek_moe",
         "deepseek_moe.segments=2",
-        "deepseek_moe.n_shared_experts=2",
+        "moe.shared_experts=2",
         "moe.score_func=sigmoid",
         *EP2,
     ),
@@ -90,7 +90,7 @@ PLUGINS: dict[str, tuple[str, ...]] = {
         "plugins=[chain_of_experts]",
         "moe.block=chain_of_experts",
         "chain_of_experts.iterations=2",
-        "chain_of_experts.n_shared_experts=1",
+        "moe.shared_experts=1",
         *EP2,
     ),
     "mola-ep2": (
@@ -117,6 +117,7 @@ class StateCapture:
 
     def __init__(self) -> None:
         self.states: dict[str, dict[str, Any]] = {}
+        self.steps: list[int] = []  # the steps this job trained: a resumed job must not start again from 1
 
     def _capture(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         out: dict[str, Any] = {f"model/{n}": _full(t) for n, t in model.state_dict().items()}
@@ -129,6 +130,7 @@ class StateCapture:
 
     @hookimpl
     def expertrain_step_begin(self, step: int, model: torch.nn.Module, optimizer: Any, config: Any) -> None:
+        self.steps.append(step)
         if step == RESUME_STEP + 1:
             self.states["loaded"] = self._capture(model, optimizer)
 
@@ -150,10 +152,13 @@ def _train(rank: int, world: int, run_dir: Path, overrides: tuple[str, ...]) -> 
     pm.register_object("state-capture", capture)
     torch.manual_seed(config.train.seed + rank)
     trainer = Trainer(config, pm, DistInfo(rank, world, rank, torch.device("cpu")))
-    trainer.build()
-    trainer.run()
+    try:
+        trainer.build()
+        trainer.run()
+    finally:
+        trainer.close()
     losses = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
-    return {**capture.states, "losses": losses} if rank == 0 else {}
+    return {**capture.states, "losses": losses, "steps": capture.steps} if rank == 0 else {}
 
 
 def _resume_copy(rank: int, saved: Path, into: Path) -> None:
@@ -194,6 +199,13 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     return run_ranks(_jobs, 2, str(root), jobs, timeout=540)[0], root
 
 
+def _assert_resumed(got: dict[str, Any], ref: dict[str, Any]) -> None:
+    """The copy really resumed (a job that ignored the checkpoint and trained from step 1 would match as well)."""
+    assert ref["steps"] == list(range(1, STEPS + 1)) and got["steps"] == list(
+        range(RESUME_STEP + 1, STEPS + 1)
+    )
+
+
 def _assert_equal_states(got: dict[str, Any], ref: dict[str, Any], what: str) -> None:
     assert got.keys() == ref.keys(), f"{what}: {sorted(got.keys() ^ ref.keys())}"
     assert any(k.endswith("/exp_avg_sq") for k in ref) and any(k.endswith("/step") for k in ref)
@@ -207,6 +219,7 @@ def test_plugin_resumed_through_the_trainer_equals_the_uninterrupted_run_bit_for
 ) -> None:
     results, _ = two_ranks
     ref, got = results[name], results[f"{name}-resumed"]
+    _assert_resumed(got, ref)
     _assert_equal_states(got["loaded"], ref["loaded"], f"{name} at the resume")
     _assert_equal_states(got["final"], ref["final"], f"{name} after step {STEPS}")
     assert got["losses"] == ref["losses"] and sorted(ref["losses"]) == list(range(1, STEPS + 1))
@@ -226,6 +239,7 @@ def _assert_close_states(got: dict[str, Any], ref: dict[str, Any], what: str) ->
 
 
 def _assert_resharded_resume(got: dict[str, Any], ref: dict[str, Any], layout: str) -> None:
+    _assert_resumed(got, ref)
     _assert_equal_states(got["loaded"], ref["loaded"], f"{layout} as loaded")
     _assert_close_states(got["final"], ref["final"], f"{layout} after step {STEPS}")
     assert sorted(got["losses"]) == sorted(ref["losses"])
