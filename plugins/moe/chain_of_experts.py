@@ -4,9 +4,14 @@
 With ``x⁰`` the block's normed input (``ffn_norm(h)``), ``C`` iterations ``t = 1 … C``, ``K = moe.top_k`` and
 ``f_t(x) = Σ_{i ∈ top-(K/C) of router t} g_{t,i}(x)·E_i(x) + shared(x)``:
 
-- ``residual: inner`` (the paper's default): ``xᵗ = xᵗ⁻¹ + f_t(xᵗ⁻¹)``; the block outputs ``x^C`` (the attention
-  residual ``h`` is *not* added back, as in the reference ``modeling_coe.py``; the layer sets ``owns_residual``);
-- ``residual: outer``: ``xᵗ = f_t(xᵗ⁻¹)``; the block outputs ``h + x^C``.
+- ``residual: inner`` (the paper's inner residual, in the core block's form): ``xᵗ = xᵗ⁻¹ + f_t(xᵗ⁻¹)``; the block
+  outputs ``h + (x^C − x⁰) = h + Σ_t f_t(xᵗ⁻¹)``, so with C = 1 it is exactly the core MoE block;
+- ``residual: inner_no_h`` (the reference ``modeling_coe.py``'s form): the same chain, but the block outputs ``x^C =
+  norm(h) + Σ_t f_t`` — the attention residual ``h`` is *not* added back (the layer sets ``owns_residual``);
+- ``residual: outer`` (the paper's ablation): ``x¹ = f_1(x⁰)``, ``xᵗ = f_t(rms(xᵗ⁻¹))`` for t ≥ 2 with ``rms`` a
+  parameter-free RMS normalisation; the block outputs ``h + x^C``. The reference applies no norm between iterations;
+  with this project's depth-scaled output init ``f_1``'s output has an RMS of ~1e-5 at init, and a SwiGLU of it is
+  quadratically smaller, so without the norm the second iteration would be dead at init (output RMS ~1e-10).
 
 Each iteration picks ``K / C`` experts, so a token costs the expert FLOPs of a top-``K`` MoE. Expert weights, the
 shared experts and the dispatcher are shared by all iterations; routers, aux losses, expert counts and aux-loss-free
@@ -58,10 +63,12 @@ class ChainOfExpertsConfig:
         "experts, so C must divide moe.top_k (the expert compute of a top-k MoE).",
         min=1,
     )
-    residual: Literal["inner", "outer"] = option(
+    residual: Literal["inner", "inner_no_h", "outer"] = option(
         "inner",
-        doc="inner: x_t = x_(t-1) + f_t(x_(t-1)) from the normed input and the block outputs x_C (the paper's "
-        "default); outer: x_t = f_t(x_(t-1)) and the block outputs h + x_C.",
+        doc="inner: x_t = x_(t-1) + f_t(x_(t-1)) from the normed input x_0, the block outputs h + (x_C - x_0) "
+        "(C = 1 is the core MoE block); inner_no_h: the same chain, the block outputs x_C = norm(h) + sum of f_t "
+        "(the reference code's form, h not added back); outer: x_1 = f_1(x_0), x_t = f_t(rms(x_(t-1))) with a "
+        "parameter-free RMS norm between iterations, the block outputs h + x_C (the paper's ablation).",
     )
 
 
@@ -92,27 +99,50 @@ class ChainOfExpertsLayer(MoELayer):
         # One routing site per iteration, kept in ``self.routers``.
         super().__init__(dim, per_iteration, routers=routers)
         self.residual = coe_cfg.residual
-        self.owns_residual = coe_cfg.residual == "inner"
+        self.owns_residual = coe_cfg.residual == "inner_no_h"
 
     def routing_site_names(self) -> list[str]:
         """``iter0``, ``iter1``, … (metrics ``moe/layer<i>/iter<t>/tokens_e<j>``)."""
         return [f"iter{t}" for t in range(len(self.routers))]
 
     def forward_tokens(self, x_BSD: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
-        """The ``C`` iterations on this rank's tokens (its sequence slice under tensor parallelism)."""
+        """The ``C`` iterations on this rank's tokens (its sequence slice under tensor parallelism).
+
+        Returns what the transformer block adds to ``h``: ``Σ_t f_t`` (``inner``; summed directly rather than as
+        ``x^C − x⁰``, so C = 1 returns the core layer's output bit for bit) or ``x^C`` (``outer``), or, for
+        ``inner_no_h``, the block's whole output ``x^C``."""
         B, S, D = x_BSD.shape
+        sum_f_BSD: torch.Tensor | None = None
         for t, router in enumerate(self.routers):
+            if self.residual == "outer" and t > 0:
+                x_BSD = _rms_normalise(x_BSD)
             x_TD = x_BSD.reshape(B * S, D)
             y_TD = self.route_and_compute(x_TD, router, t, B, S, tp_group)
             if self.shared_experts is not None:
                 y_TD = y_TD + self.shared_experts(x_TD)
-            # Added in [B, S, D]: with the inner residual this is the block's output, which must not be a view
-            # (FSDP2 warns that an in-place op on a returned view would skip its pre-backward hook).
-            x_BSD = x_BSD + y_TD.view(B, S, D) if self.residual == "inner" else y_TD.view(B, S, D)
+            f_BSD = y_TD.view(B, S, D)
+            if self.residual == "outer":
+                x_BSD = f_BSD
+                continue
+            sum_f_BSD = f_BSD if sum_f_BSD is None else sum_f_BSD + f_BSD
+            # Added in [B, S, D]: with inner_no_h this is the block's output, which must not be a view (FSDP2 warns
+            # that an in-place op on a returned view would skip its pre-backward hook).
+            x_BSD = x_BSD + f_BSD
+        if self.residual == "inner":
+            assert sum_f_BSD is not None
+            return sum_f_BSD
         return x_BSD
 
     def extra_repr(self) -> str:
         return f"iterations={len(self.routers)}, residual={self.residual}, top_k_per_iteration={self.top_k}"
+
+
+def _rms_normalise(x_BSD: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``x / sqrt(mean(x²) + eps)`` over the last dimension, statistics in fp32 (no weight: the outer ablation's norm
+    between iterations adds no parameters). ``eps`` is far below the usual 1e-5: at init an iteration's output has an
+    RMS of ~1e-5 (mean square ~1e-10), which a 1e-5 eps would leave unnormalised."""
+    rstd = torch.rsqrt(x_BSD.float().pow(2).mean(-1, keepdim=True) + eps)
+    return (x_BSD.float() * rstd).to(x_BSD.dtype)
 
 
 def _build_router(dim: int, moe_cfg: MoEConfig, registry: ComponentRegistry | None) -> nn.Module:

@@ -95,23 +95,82 @@ def test_one_outer_iteration_is_the_plain_moe_layer() -> None:
     assert torch.equal(plain.experts.down_proj.grad, coe.experts.down_proj.grad)
 
 
-@pytest.mark.parametrize("residual", ["inner", "outer"])
+@pytest.mark.parametrize("residual", ["inner", "inner_no_h", "outer"])
 def test_two_iterations_match_a_hand_written_loop(residual: str) -> None:
-    """x⁰ = input; xᵗ = [xᵗ⁻¹ +] Σ g_t·E(xᵗ⁻¹) + shared(xᵗ⁻¹) with router t and the same experts; output x^C."""
+    """x⁰ = input; xᵗ = [xᵗ⁻¹ +] Σ g_t·E(x̂ᵗ⁻¹) + shared(x̂ᵗ⁻¹) with router t and the same experts (x̂ = x, or its RMS
+    normalisation from t = 2 on for outer); output x^C − x⁰ (inner: the block adds h) or x^C."""
     layer = _layer(_moe(shared_experts=1, shared_expert_gate=True), iterations=2, residual=residual)
-    assert layer.owns_residual == (residual == "inner")
+    assert layer.owns_residual == (residual == "inner_no_h")
     assert layer.routers[0].top_k == layer.routers[1].top_k == 1
     assert not torch.equal(layer.routers[0].gate.weight, layer.routers[1].gate.weight)
     x_BSD = torch.randn(B, S, DIM)
 
-    x_TD = x_BSD.reshape(B * S, DIM)
+    x0_TD = x_TD = x_BSD.reshape(B * S, DIM)
     with torch.no_grad():
-        for router in layer.routers:
+        for t, router in enumerate(layer.routers):
+            if residual == "outer" and t > 0:
+                x_TD = x_TD / x_TD.square().mean(-1, keepdim=True).add(1e-12).sqrt()
             f_TD = _dense_experts(layer.experts, x_TD, router(x_TD)) + layer.shared_experts(x_TD)
-            x_TD = x_TD + f_TD if residual == "inner" else f_TD
+            x_TD = f_TD if residual == "outer" else x_TD + f_TD
         y_BSD = layer(x_BSD)
-    expected = x_TD.view(B, S, DIM)
+    expected = (x_TD - x0_TD if residual == "inner" else x_TD).view(B, S, DIM)
     torch.testing.assert_close(y_BSD, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("residual", ["inner", "outer"])
+def test_one_iteration_of_the_block_forms_adding_h_is_the_core_moe_model(residual: str) -> None:
+    """The like-for-like forms: a whole model with C = 1 (inner or outer) gives the core MoE model's logits and
+    gradients bit for bit from the same weights (same ops in the same order; inner returns Σ f, not x^C − x⁰)."""
+    pm, _ = _plugin()
+    job = _job(chain_of_experts=dict(iterations=1, residual=residual), moe=dict(route_norm=False))
+    coe_cfg = resolve(job, pm.config_sections)
+    pm.hook.expertrain_validate_config(config=coe_cfg, world_size=1)
+    core_cfg = resolve({**job, "plugins": [], "moe": {**job["moe"], "block": "moe"}}, pm.config_sections)
+    coe = Transformer(coe_cfg.model, coe_cfg.moe, pm.registry)
+    core = Transformer(core_cfg.model, core_cfg.moe, default_registry())
+    core.init_weights(3)
+    coe.load_state_dict({k.replace(".router.", ".routers.0."): v for k, v in core.state_dict().items()})
+    tokens = torch.randint(0, 64, (B, S))
+    logits_coe, logits_core = coe(tokens), core(tokens)
+    assert torch.equal(logits_coe, logits_core)
+    logits_coe.square().mean().backward()
+    logits_core.square().mean().backward()
+    grads_core = {k.replace(".router.", ".routers.0."): p.grad for k, p in core.named_parameters()}
+    for name, param in coe.named_parameters():
+        assert torch.equal(param.grad, grads_core[name]), name
+
+
+def _initialised_block_input(residual: str) -> tuple[ChainOfExpertsLayer, torch.Tensor]:
+    """Layer 0's CoE block of a model given the trainer's init (depth-scaled expert output std), and its normed input
+    for a random h of unit RMS."""
+    pm, _ = _plugin()
+    config = resolve(
+        _job(chain_of_experts=dict(residual=residual), moe=dict(route_norm=False), model=dict(n_layers=8)),
+        pm.config_sections,
+    )
+    pm.hook.expertrain_validate_config(config=config, world_size=1)
+    model = Transformer(config.model, config.moe, pm.registry)
+    model.init_weights(0)
+    block = model.layers[0]
+    return block.ffn, block.ffn_norm(torch.randn(4, S, DIM))
+
+
+def test_outer_ablation_second_iteration_is_live_at_init() -> None:
+    """outer: x² = f_2(rms(x¹)) has an RMS of the order of x¹'s (within 10×) at the trainer's init; without the norm
+    between iterations (f_2 applied to x¹ itself) it would be orders of magnitude smaller, the dead iteration the
+    norm is there to avoid."""
+    layer, x0_BSD = _initialised_block_input("outer")
+    rms = lambda t: float(t.square().mean().sqrt())  # noqa: E731
+    with torch.no_grad():
+        x0_TD = x0_BSD.reshape(-1, DIM)
+        x1_TD = layer.route_and_compute(x0_TD, layer.routers[0], 0, 4, S, None)
+        x2_TD = layer(x0_BSD).reshape(-1, DIM)
+        x1n_TD = x1_TD / x1_TD.square().mean(-1, keepdim=True).add(1e-12).sqrt()
+        expected = layer.route_and_compute(x1n_TD, layer.routers[1], 1, 4, S, None)
+        unnormed = layer.route_and_compute(x1_TD, layer.routers[1], 1, 4, S, None)
+    torch.testing.assert_close(x2_TD, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert 0.1 < rms(x2_TD) / rms(x1_TD) < 10, (rms(x1_TD), rms(x2_TD))
+    assert rms(unnormed) / rms(x1_TD) < 1e-2, (rms(x1_TD), rms(unnormed))
 
 
 def test_counts_and_bias_updates_are_per_iteration() -> None:
@@ -215,7 +274,7 @@ def _plugin() -> tuple[PluginManager, ChainOfExpertsPlugin]:
     return pm, plugin
 
 
-@pytest.mark.parametrize("residual", ["inner", "outer"])
+@pytest.mark.parametrize("residual", ["inner", "inner_no_h", "outer"])
 def test_plugin_builds_the_block_from_the_job_section(residual: str) -> None:
     pm, plugin = _plugin()
     config = resolve(
@@ -235,14 +294,14 @@ def test_plugin_builds_the_block_from_the_job_section(residual: str) -> None:
     layers = model.moe_layers()
     assert len(layers) == 2 and all(isinstance(layer, ChainOfExpertsLayer) for layer in layers)
     assert layers[0].shared_experts.hidden == 40 and len(layers[0].routers) == 2
-    # The block: inner -> out = x^C from norm(h) (no h added); outer -> out = h + x^C.
+    # The block: inner_no_h -> out = x^C from norm(h) (no h added); inner, outer -> out = h + ffn.
     block = model.layers[0]
     x = torch.randn(B, S, DIM)
     with torch.no_grad():
         h = x + block.attention(block.attention_norm(x), model.rope_cos, model.rope_sin)
         ffn = block.ffn(block.ffn_norm(h))
         out = block(x, model.rope_cos, model.rope_sin)
-    assert torch.equal(out, ffn if residual == "inner" else h + ffn)
+    assert torch.equal(out, ffn if residual == "inner_no_h" else h + ffn)
 
 
 @pytest.mark.parametrize(
@@ -293,7 +352,7 @@ def test_job_checks_name_the_key_and_the_fix(sections: dict[str, Any], key: str,
     "values, key, expected",
     [
         ({"iterations": 0}, "chain_of_experts.iterations", ">= 1"),
-        ({"residual": "both"}, "chain_of_experts.residual", "'inner', 'outer'"),
+        ({"residual": "both"}, "chain_of_experts.residual", "'inner', 'inner_no_h', 'outer'"),
         # Shared experts are the core's moe.shared_* keys now: an old job file's keys name their new place.
         (
             {"shared_expert_hidden": 64},
