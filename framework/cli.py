@@ -39,7 +39,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.format == "native":
-            files = export_native(args.checkpoint, args.output, overwrite=args.overwrite)
+            files = export_native(
+                args.checkpoint, args.output, overwrite=args.overwrite, whole_model=args.whole_model
+            )
         elif args.format == "hf":
             files = export_hf(
                 args.checkpoint,
@@ -47,9 +49,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 merge=args.merge,
                 max_shard_bytes=args.max_shard_bytes,
                 overwrite=args.overwrite,
+                whole_model=args.whole_model,
             )
         else:
-            files = export_plugin_format(args.checkpoint, args.output, args.format, overwrite=args.overwrite)
+            files = export_plugin_format(
+                args.checkpoint,
+                args.output,
+                args.format,
+                overwrite=args.overwrite,
+                whole_model=args.whole_model,
+            )
     except (ExportFormatUnavailable, ExportOutputError) as exc:
         print(f"expertrain: error: {exc}", file=sys.stderr)
         return 2
@@ -125,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="hf only: the largest safetensors file; more weights go to further shards (default 5 GB)",
+    )
+    p.add_argument(
+        "--whole-model",
+        action="store_true",
+        help="rebuild the whole model in memory first (for a plugin whose export reads base weights it does not "
+        "declare); by default only the tensors an export reads are loaded",
     )
     p.set_defaults(func=_cmd_export)
 

@@ -175,5 +175,6 @@ def reading_base_weights_is_an_error(hook: str) -> Iterator[None]:
         who = f"plugin '{exc.plugin}'" if isinstance(exc, PluginHookError) else "a plugin"
         raise ExportReadsBaseWeight(
             f"{who} read a frozen base weight in {hook}, which a streamed export does not load ({original}); "
-            "the plugin should name the base tensors its export reads with expertrain_export_tensors"
+            "export with --whole-model (whole_model=True) to rebuild the whole model instead; the plugin should name "
+            "the base tensors its export reads with expertrain_export_tensors"
         ) from None

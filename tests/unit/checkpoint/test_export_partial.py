@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from framework.checkpoint import export
 from framework.checkpoint.export import (
     checkpoint_job,
     export_hf,
@@ -24,8 +25,9 @@ from framework.checkpoint.export import (
     export_plugin_format,
     merges_per_tensor,
 )
-from framework.checkpoint.partial import ExportReadsBaseWeight, PartialModel, reading_base_weights_is_an_error
+from framework.checkpoint.partial import ExportReadsBaseWeight, PartialModel
 from framework.checkpoint.store import CheckpointStore
+from framework.checkpoint.stream import CheckpointTensors
 from framework.config import resolve
 from framework.hooks import PluginManager, hookimpl
 from framework.models import default_registry
@@ -150,26 +152,30 @@ class _ReadsBase:
 
 
 @pytest.mark.parametrize("declare", [False, True], ids=["undeclared", "declared"])
-def test_an_export_reading_a_base_weight_must_declare_it(tmp_path: Path, declare: bool) -> None:
+def test_an_export_reading_a_base_weight_must_declare_it_or_ask_for_the_whole_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, declare: bool
+) -> None:
+    """A plugin (registered in-process beside the job's lora) whose export reads ``norm.weight``: undeclared, the
+    streamed export stops with one error naming the plugin, the hook and --whole-model, and leaves nothing; the
+    whole-model export works. Declared, the streamed export gives it the checkpoint's values."""
     checkpoint = job_checkpoint(tmp_path, ["lora"], lora=LORA)
-    config, pm, path = checkpoint_job(checkpoint)
     plugin = _ReadsBase(declare)
-    pm.register_object("reads_base", plugin)
-    partial = PartialModel(path, config, pm, "peft")
+
+    def job_with_plugin(path: Path) -> tuple[Any, PluginManager, Path]:
+        config, pm, resolved = checkpoint_job(path)
+        pm.register_object("reads_base", plugin)
+        return config, pm, resolved
+
+    monkeypatch.setattr(export, "checkpoint_job", job_with_plugin)
+    stored = CheckpointTensors(checkpoint).load(["norm.weight"])["norm.weight"]
     if not declare:
-        with (
-            pytest.raises(
-                ExportReadsBaseWeight,
-                match="plugin 'reads_base' read a frozen base weight.*expertrain_export_tensors",
-            ),
-            reading_base_weights_is_an_error("expertrain_export"),
-        ):
-            pm.hook.expertrain_export(
-                model=partial.model, config=config, output_dir=tmp_path, export_format="x"
-            )
-        return
-    pm.hook.expertrain_export(model=partial.model, config=config, output_dir=tmp_path, export_format="x")
-    stored = partial.tensors.load(["norm.weight"])["norm.weight"]
+        match = "plugin 'reads_base' read a frozen base weight in expertrain_export.*--whole-model"
+        with pytest.raises(ExportReadsBaseWeight, match=match):
+            export.export_plugin_format(checkpoint, tmp_path / "out", "x")
+        assert not (tmp_path / "out").exists()
+        export.export_plugin_format(checkpoint, tmp_path / "out", "x", whole_model=True)
+    else:
+        export.export_plugin_format(checkpoint, tmp_path / "out", "x")
     assert plugin.seen is not None and torch.equal(plugin.seen, stored)
 
 
