@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -148,16 +148,29 @@ class SafetensorsWriter:
             self.abandon()
 
 
+@dataclass(frozen=True)
+class DeferredTensor:
+    """A tensor for :func:`save_safetensors` that is made only when its turn to be written comes (e.g. a permuted
+    copy of a tensor held elsewhere), so a file of many holds one such copy at a time."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+
 def save_safetensors(
-    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+    tensors: Mapping[str, torch.Tensor | DeferredTensor],
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """``safetensors.torch.save_file(tensors, path, metadata)``, the same bytes, without its copies: each tensor's
-    data goes to the file in turn (made contiguous on the CPU one at a time), so writing a file costs about one
-    tensor of memory beyond ``tensors`` instead of all of them twice. For plugins' export files."""
+    data goes to the file in turn (made contiguous on the CPU one at a time; a :class:`DeferredTensor` made then),
+    so writing a file costs about one tensor of memory beyond ``tensors`` instead of all of them twice. For
+    plugins' export files."""
     entries = [TensorEntry(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
     with SafetensorsWriter(Path(path), entries, metadata) as writer:
         for name, tensor in tensors.items():
-            writer.write(name, tensor)
+            writer.write(name, tensor.make() if isinstance(tensor, DeferredTensor) else tensor)
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:

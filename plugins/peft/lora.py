@@ -32,10 +32,12 @@ from framework.hooks import hookimpl
 from framework.models.init import KeyedInit
 from framework.observe import console
 from plugins.peft.low_rank import (
+    DeferredTensor,
     ExpertsLoRA,
     LoRAExperts,
     LoRAInit,
     LoRALinear,
+    deferred_experts_to_peft,
     experts_to_peft,
     hf_module_path,
     merge_into_tensor,
@@ -252,11 +254,15 @@ def expertrain_trainable_parameters(model: nn.Module, config: JobConfig) -> list
 # --- export (peft format) -----------------------------------------------------------------------------------------
 
 
-def adapter_tensors(model: nn.Module, plugin: str = SECTION) -> dict[str, torch.Tensor]:
+def adapter_tensors(
+    model: nn.Module, plugin: str = SECTION, *, deferred: bool = False
+) -> dict[str, torch.Tensor | DeferredTensor]:
     """The adapters in peft's ``adapter_model.safetensors`` naming with transformers module paths:
     ``base_model.model.<hf path>.lora_A.weight [r, in]`` / ``lora_B.weight [out, r]``; routed experts in peft's
-    ``target_parameters`` layout (``lora_A [E·r, in]``, ``lora_B [out, r·E]``), one wrapper level per weight."""
-    tensors: dict[str, torch.Tensor] = {}
+    ``target_parameters`` layout (``lora_A [E·r, in]``, ``lora_B [out, r·E]``), one wrapper level per weight.
+    ``deferred``: the experts' ``lora_B`` (a permuted copy) made only when :func:`write_adapter` writes it."""
+    to_peft = deferred_experts_to_peft if deferred else experts_to_peft
+    tensors: dict[str, torch.Tensor | DeferredTensor] = {}
     for path, m in lora_modules(model, plugin):
         hf = hf_module_path(path)
         if isinstance(m, LoRALinear):
@@ -265,7 +271,7 @@ def adapter_tensors(model: nn.Module, plugin: str = SECTION) -> dict[str, torch.
             continue
         adapters = m.adapters()
         for name, wrapper in peft_param_wrapper_paths(hf, list(adapters)).items():
-            lora_A, lora_B = experts_to_peft(adapters[name].lora_A.detach(), adapters[name].lora_B.detach())
+            lora_A, lora_B = to_peft(adapters[name].lora_A.detach(), adapters[name].lora_B.detach())
             tensors[peft_key(wrapper, "lora_A")] = lora_A
             tensors[peft_key(wrapper, "lora_B")] = lora_B
     return tensors
@@ -341,7 +347,7 @@ def expertrain_export(
     if export_format != EXPORT_FORMAT:
         return None
     saved = resolve(model, getattr(config, SECTION).modules_to_save, SECTION)
-    tensors = {**adapter_tensors(model), **peft_tensors(model, saved)}
+    tensors = {**adapter_tensors(model, deferred=True), **peft_tensors(model, saved)}
     return write_adapter(output_dir, tensors, adapter_config(model, config))
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-from framework.checkpoint.stream import save_safetensors
+from framework.checkpoint.stream import DeferredTensor, save_safetensors
 from framework.models.init import InitSource, normal_, uniform_
 from framework.models.moe import EXPERT_IMPLS, GroupedExperts, resolve_impl
 from framework.models.sharding import local_weight
@@ -439,6 +439,17 @@ def experts_to_peft(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.T
     return peft_A.contiguous(), peft_B.contiguous()
 
 
+def deferred_experts_to_peft(
+    lora_A: torch.Tensor, lora_B: torch.Tensor
+) -> tuple[torch.Tensor, DeferredTensor]:
+    """:func:`experts_to_peft` for a file written by :func:`write_adapter`: ``A [E·r, in]`` (a view of ``lora_A``)
+    and ``B [out, r·E]`` made only when it is written (its permuted copy is the only one held at a time)."""
+    E, out, r = lora_B.shape
+    return lora_A.reshape(E * r, lora_A.shape[2]), DeferredTensor(
+        lora_B.dtype, (out, r * E), lambda: experts_to_peft(lora_A, lora_B)[1]
+    )
+
+
 def experts_from_peft(
     peft_A: torch.Tensor, peft_B: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,7 +466,9 @@ def experts_from_peft(
 
 
 def write_adapter(
-    output_dir: str | Path, tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any]
+    output_dir: str | Path,
+    tensors: Mapping[str, torch.Tensor | DeferredTensor],
+    adapter_config: Mapping[str, Any],
 ) -> list[str]:
     """Write ``adapter_model.safetensors`` (contiguous CPU copies of ``tensors``) and ``adapter_config.json`` into
     ``output_dir``; returns the two file names."""

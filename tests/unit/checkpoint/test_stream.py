@@ -16,7 +16,13 @@ from safetensors.torch import save_file
 
 from framework.checkpoint.safe_reader import CheckpointFormatError
 from framework.checkpoint.store import CheckpointStore
-from framework.checkpoint.stream import CheckpointTensors, SafetensorsWriter, TensorEntry, save_safetensors
+from framework.checkpoint.stream import (
+    CheckpointTensors,
+    DeferredTensor,
+    SafetensorsWriter,
+    TensorEntry,
+    save_safetensors,
+)
 
 
 def _mixed_tensors() -> dict[str, torch.Tensor]:
@@ -53,6 +59,15 @@ def test_streamed_safetensors_file_is_byte_identical_to_save_file(
 
     save_safetensors(tensors, tmp_path / "whole.safetensors", metadata)  # the plugins' one-call form
     assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    made: list[str] = []  # a deferred tensor is made when written, not before
+    deferred = {
+        k: DeferredTensor(v.dtype, tuple(v.shape), lambda k=k, v=v: made.append(k) or v)
+        for k, v in tensors.items()
+    }
+    assert not made
+    save_safetensors(deferred, tmp_path / "deferred.safetensors", metadata)
+    assert made == list(tensors)
+    assert (tmp_path / "deferred.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
 def test_writer_refuses_a_tensor_other_than_planned_and_a_missing_one(tmp_path: Path) -> None:
