@@ -105,7 +105,7 @@ class TransformerBlock(nn.Module):
         h_BSD = x_BSD + self.attention(
             self.attention_norm(x_BSD), cos_SR, sin_SR, position_ids_BS, attn_mask_B1SS, cache
         )
-        if getattr(self.ffn, "owns_residual", False):  # the block variant builds its own residual path
+        if self.is_moe and self.ffn.owns_residual:  # the block variant builds its own residual path
             return self.ffn(self.ffn_norm(h_BSD))
         return h_BSD + self.ffn(self.ffn_norm(h_BSD))
 
@@ -262,12 +262,10 @@ class Transformer(nn.Module):
         i.e. expert applications per token, so a block that routes twice counts its FLOPs twice)."""
         total = sum(p.numel() for p in self.parameters())
         inactive = 0
-        for layer in self.moe_layers():
-            experts = getattr(layer, "experts", None)
-            if experts is None:
-                continue
+        for layer in self.moe_layers():  # every one meets the MoEBlock contract (checked when built)
+            experts = layer.experts
             per_expert = sum(p.numel() for p in experts.parameters()) // experts.num_experts
-            used = min(getattr(layer, "active_experts_per_token", layer.top_k), experts.num_experts)
+            used = min(layer.active_experts_per_token, experts.num_experts)
             inactive += per_expert * (experts.num_experts - used)
         return {
             "total": total,
