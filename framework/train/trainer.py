@@ -38,14 +38,10 @@ from framework.train.forward import LossForward
 from framework.train.loss import count_loss_tokens
 from framework.train.optim import build_optimizer, build_scheduler
 from framework.train.resume import CheckpointMismatch, check_compatible
-from framework.train.run_state import RunState, StepResult
+from framework.train.run_state import RunState, StepResult, TrainingDiverged, divergence
 from framework.train.signals import StopRequested, StopSignals
 
 __all__ = ["CheckpointMismatch", "RunState", "StepResult", "Trainer", "TrainingDiverged"]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf."""
 
 
 class Trainer:
@@ -83,9 +79,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.config
-        set_deterministic(
-            cfg.train.deterministic, self.device
-        )  # also where a job is built without launch.train
+        set_deterministic(cfg.train.deterministic, self.device)  # also without launch.train
         self.meshes = build_meshes(self.layout, self.device)
         self.dp_rank, self.dp_size = self.meshes.dp_rank_and_size()
         if self.layout.is_parallel:
@@ -230,16 +224,7 @@ class Trainer:
         # ranks shares of the same micro-batch's aux losses (summed).
         aux = {k: float(v) / self.dp_size for k, v in zip(aux_totals, totals[1:].tolist())}
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
-            fix = "lower optim.lr, raise optim.warmup_steps or enable optim.grad_clip"
-            last = self.store.latest()
-            after = (
-                f"The last good checkpoint ({last.name}) is untouched: {fix}, then rerun to resume from it"
-                if last is not None
-                else f"No checkpoint was saved before it (checkpoint.every): {fix}, then rerun from the start"
-            )
-            raise TrainingDiverged(
-                f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping without saving. {after}"
-            )
+            raise divergence(loss, grad_norm, step, self.store.latest())
         return StepResult(loss, aux, grad_norm, global_tokens, time.perf_counter() - t0)
 
     def _extra_losses(self, input_ids: torch.Tensor, logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
