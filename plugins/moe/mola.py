@@ -1,7 +1,7 @@
 """MoLA: MoE-LoRA with layer-wise expert allocation (Gao et al., arXiv 2402.08562). Plugin ``mola``.
 
 Every targeted projection ``W`` of layer ``l`` (attention ``q/k/v/o_proj``, dense MLP ``gate/up/down_proj``, and
-the ``nn.Linear`` projections of a plugin's shared experts; never the fused routed experts) becomes a
+the ``nn.Linear`` projections of the MoE layers' shared experts; never the fused routed experts) becomes a
 :class:`MoLALinear`: a router ``Linear(in, N_l)`` in fp32 and ``N_l`` LoRA experts ``(A_i [r, in], B_i [out, r])``::
 
     p = softmax(router(x))                      (fp32)
