@@ -1,7 +1,9 @@
-"""``expertrain plan`` against the measured peak memory of real one-rank training runs at three model sizes.
+"""``expertrain plan`` against the measured peak memory of real training runs at three model sizes, on one rank and
+under torchrun.
 
 For each size the planner builds the job on meta (``framework.plan``) and predicts the per-rank peak; then the real
-trainer runs the same job for a few steps in a subprocess (``python -m framework.train``, CPU, one rank) and the
+trainer runs the same job for a few steps in a subprocess (``python -m framework.train``, CPU, one rank, or under
+torchrun with FSDP2 on 2 ranks, and size M also with ``ep=2`` on 4) and the
 kernel's high-water mark of its resident memory is read with ``wait4`` (``ru_maxrss``: the process's peak RSS, so it
 counts the interpreter, torch, the data, every tensor alive at the peak, and whatever the allocator (glibc malloc
 here) keeps mapped after freeing). The ratio predicted / measured is the planner's accuracy; the target is within
@@ -12,8 +14,7 @@ here) keeps mapped after freeing). The ratio predicted / measured is the planner
     python benchmarks/plan_accuracy.py --steps 2   # quicker
     python benchmarks/plan_accuracy.py --markdown-only   # the .md again from the .json
 
-About 9 minutes on 2 CPU cores (the largest size, 0.16B parameters, peaks near 3.5 GiB; the torchrun rows run
-size M on 2 and 4 ranks).
+About 15 minutes on 2 CPU cores (the largest size, 0.16B parameters, peaks near 3.5 GiB on one rank).
 """
 
 from __future__ import annotations
@@ -107,10 +108,17 @@ SIZES.append(
 
 
 MULTI_RANK = [
-    (2, [*SIZES[1]["sets"], "parallel.data=fsdp", "train.micro_batch_size=4"]),
-    (4, [*SIZES[1]["sets"], "parallel.data=fsdp", "parallel.ep=2", "train.micro_batch_size=2"]),
+    ("S on 2 ranks, fsdp", 2, [*SIZES[0]["sets"], "parallel.data=fsdp", "train.micro_batch_size=4"]),
+    ("M on 2 ranks, fsdp", 2, [*SIZES[1]["sets"], "parallel.data=fsdp", "train.micro_batch_size=4"]),
+    ("L on 2 ranks, fsdp", 2, [*SIZES[2]["sets"], "parallel.data=fsdp", "train.micro_batch_size=2"]),
+    (
+        "M on 4 ranks, fsdp + ep=2",
+        4,
+        [*SIZES[1]["sets"], "parallel.data=fsdp", "parallel.ep=2", "train.micro_batch_size=2"],
+    ),
 ]
-"""Size M under torchrun: FSDP2 on two ranks, FSDP2 with expert parallelism on four (same global batch)."""
+"""The three sizes under torchrun with FSDP2 on two ranks (the same global batch: half the micro-batch, S keeps its
+accumulation of 2), and M with expert parallelism on four."""
 
 
 def measure_peak_rss(sets: list[str], steps: int, run_dir: Path, nproc: int = 1) -> tuple[float, float]:
@@ -166,10 +174,8 @@ def measure_row(name: str, sets: list[str], steps: int, run_dir: Path, nproc: in
 def run_multi_rank(steps: int) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="plan-accuracy-") as tmp:
         return [
-            measure_row(
-                f"M on {n} ranks, {'fsdp + ep=2' if n == 4 else 'fsdp'}", sets, steps, Path(tmp) / str(n), n
-            )
-            for n, sets in MULTI_RANK
+            measure_row(name, sets, steps, Path(tmp) / f"multi{i}", n)
+            for i, (name, n, sets) in enumerate(MULTI_RANK)
         ]
 
 

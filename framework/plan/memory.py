@@ -18,8 +18,9 @@ Kinds (one rank; every rank of a layout holds the same amounts here, ep and tp r
   gradients (reduce-scatter input, ``parallel.reduce_dtype``); DDP's gradient buckets; the all-to-all send and
   receive buffers of one MoE layer under expert parallelism; the sequence all-gather under tensor parallelism;
 - **allocator** (CPU only): glibc malloc keeps freed small blocks mapped, so the peak RSS exceeds the live tensors:
-  counted as half of the step's activations and gradients (measured 0.3-0.9). On CUDA the caching allocator's
-  fragmentation is not counted: keep a few GiB of headroom;
+  counted as half of the step's activations and gradients (measured 0.3-0.9), and under FSDP2 one copy of the
+  gathered parameters and unsharded gradients below glibc's 32 MiB mmap ceiling (:func:`_fsdp_heap_churn`). On CUDA
+  the caching allocator's fragmentation is not counted: keep a few GiB of headroom;
 - **runtime**: a fixed overhead stated as its own line (CPU: interpreter, torch, the framework and the data loader,
   measured; GPU: CUDA context and kernels, a typical value).
 
@@ -51,6 +52,9 @@ CPU_ALLOCATOR_SHARE = 0.5
 """glibc malloc keeps freed blocks under its mmap threshold (which grows to 32 MiB) mapped for reuse, and their
 fragments raise the peak RSS above the live tensors: measured 0.3-0.9 of a step's activations and gradients at the
 calibration sizes (benchmarks/plan_accuracy.py), counted as half."""
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
+"""The ceiling of glibc malloc's dynamic mmap threshold on 64-bit Linux: once freeing a mapped block has raised the
+threshold, blocks up to this size come from the heap, and freed ones stay mapped there for reuse."""
 CUDA_RUNTIME_BYTES = 2**30
 """CUDA context, cuBLAS workspace and loaded kernels on one GPU (typically 0.5-1 GiB with torch 2.x): 1 GiB."""
 
@@ -313,6 +317,28 @@ def _communication(job: MetaJob, compute: int) -> tuple[int, list[str]]:
     return total, parts
 
 
+def _fsdp_heap_churn(job: MetaJob) -> int:
+    """CPU ranks under FSDP2: what glibc keeps of the step's all-gathered parameters and unsharded gradients.
+
+    Each step FSDP2 allocates every parameter's gathered copy (forward, and again in the backward) and its unsharded
+    gradient, and frees them block by block. glibc serves every tensor below its mmap ceiling
+    (:data:`GLIBC_MMAP_THRESHOLD_MAX`) from its heap and keeps the freed blocks there; measured under torchrun at three
+    sizes (benchmarks/plan_accuracy.py), the peak RSS exceeded the live tensors by about one copy of each of those
+    tensors (gathered parameters in ``param_dtype``, gradients in ``reduce_dtype``), while tensors above the ceiling
+    (mapped, unmapped when freed) added nothing. Fixing the threshold (``MALLOC_MMAP_THRESHOLD_``) removes the term."""
+    cfg, layout = job.config, job.layout
+    if layout.dp <= 1 or cfg.parallel.data != "fsdp" or cfg.parallel.cpu_offload:
+        return 0
+    param_size, grad_size = _dtype_bytes(cfg.parallel.param_dtype), _dtype_bytes(cfg.parallel.reduce_dtype)
+    total = 0
+    for s in job.shards:
+        for size, counted in ((param_size, True), (grad_size, s.trainable)):
+            tensor = s.gathered_numel * size
+            if counted and tensor < GLIBC_MMAP_THRESHOLD_MAX:
+                total += tensor
+    return total
+
+
 def plan_memory(job: MetaJob, device: str, capacity_bytes: int | None = None) -> MemoryPlan:
     """The per-rank table of ``job`` on ``device`` (``cpu`` or ``cuda``) against ``capacity_bytes``."""
     cfg, layout = job.config, job.layout
@@ -358,13 +384,15 @@ def plan_memory(job: MetaJob, device: str, capacity_bytes: int | None = None) ->
             )
         )
     if device == "cpu":
-        lines.append(
-            MemoryLine(
-                "allocator",
-                int(CPU_ALLOCATOR_SHARE * (acts.total + (0 if offload else grad_bytes))),
-                f"glibc arenas keep freed blocks: {CPU_ALLOCATOR_SHARE:g} x (activations + gradients)",
+        share = int(CPU_ALLOCATOR_SHARE * (acts.total + (0 if offload else grad_bytes)))
+        churn = _fsdp_heap_churn(job)
+        detail = f"glibc arenas keep freed blocks: {CPU_ALLOCATOR_SHARE:g} x (activations + gradients)"
+        if churn:
+            detail += (
+                f" + FSDP2's gathered parameters and unsharded gradients under glibc's 32 MiB mmap ceiling, "
+                f"one copy each ({format_bytes(churn)})"
             )
-        )
+        lines.append(MemoryLine("allocator", share + churn, detail))
     lines += [
         MemoryLine("communication buffers", comm, "; ".join(comm_parts) or "none (one rank)"),
         MemoryLine(

@@ -171,3 +171,22 @@ def test_fsdp_gathers_the_tensor_and_expert_parallel_shards_whole_over_the_data_
         s.gathered_numel for s in job.shards if ".experts." in s.name and s.name.startswith("layers.0.")
     )
     assert experts == e * 3 * d * i // (2 * 2)  # E/ep experts, each split over tp on its hidden dimension
+
+
+def test_cpu_fsdp_allocator_line_adds_one_gathered_copy_of_the_tensors_under_glibcs_mmap_ceiling() -> None:
+    # 2 FSDP ranks gather every tensor whole. With a 65536 x 128 vocabulary the embedding and the head are 32 MiB
+    # each in fp32: at glibc's mmap ceiling, so they are mapped and unmapped and glibc keeps nothing of them.
+    def allocator_extra(overrides: list[str]) -> tuple[int, int]:
+        config, pm, layout, accumulation, notes = plan_job_config(2, QUICKSTART, [*TINY, *overrides])
+        job = build_on_meta(config, pm, layout, accumulation, notes)
+        plan = plan_memory(job, "cpu")
+        share = 0.5 * (plan.bytes_of("activations") + plan.bytes_of("gradients"))
+        assert plan_memory(job, "cuda").bytes_of("allocator") == 0
+        return plan.bytes_of("allocator") - int(share), job.total_params
+
+    extra, params = allocator_extra(["parallel.data=fsdp"])
+    assert extra == params * 4 * 2  # every parameter's gathered copy and its gradient, fp32
+    extra, params = allocator_extra(["parallel.data=fsdp", "model.vocab_size=65536", "model.dim=128"])
+    assert extra == (params - 2 * 65536 * 128) * 4 * 2
+    ddp, _ = allocator_extra(["parallel.data=ddp"])
+    assert ddp == 0  # DDP gathers nothing
