@@ -5,7 +5,8 @@ parameter's name and the element's index only. The tensor is cut along its first
 ``BLOCK_ELEMENTS`` elements, and each block is drawn on the CPU from its own ``torch.Generator`` seeded by
 ``(seed, name, block)``. A rank that holds a shard (tensor, expert or FSDP parallelism, any mix) draws only the
 blocks its shard touches and keeps its box, so it writes exactly the values the whole tensor would have on one rank
-without ever holding it. The cost of a shard cut on a later dimension (row-parallel weights) is drawing its full rows.
+without ever holding it. The cost of a shard cut on a later dimension (row-parallel weights, expert tensors that FSDP2
+cuts on a hidden dimension) is drawing its full rows: for an expert tensor, one whole expert at a time.
 
 The module-level :func:`normal_` / :func:`uniform_` take either a :class:`KeyedInit` (keyed by the tensor's name) or
 a plain ``torch.Generator`` (values drawn in order from it, for whole tensors only: unit tests of single modules).

@@ -28,8 +28,9 @@ def local_box(tensor: torch.Tensor) -> tuple[slice, ...]:
 
     Sharded initialisation and sharded loading fill a parameter's local shard with the values of a global tensor
     that never exists whole on any rank. Every placement the project's layouts produce (tensor-parallel ``Shard``,
-    expert-parallel ``Shard(0)``, FSDP2's ``Shard(0)`` and its strided form on a 2-D mesh, ``Replicate``) leaves a
-    rank holding one contiguous box of the global tensor."""
+    expert-parallel ``Shard(0)``, FSDP2's ``Shard(0)`` and its strided form on a 2-D mesh, FSDP2's ``Shard(d)`` on a
+    hidden dimension of expert tensors with fewer local experts than FSDP ranks, ``Replicate``) leaves a rank holding
+    one contiguous box of the global tensor."""
     if not isinstance(tensor, DTensor):
         return tuple(slice(0, n) for n in tensor.shape)
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
