@@ -9,7 +9,7 @@ export DS_BUILD_OPS := 0
 # DeepSpeed's JIT-compiled ops are cached inside the venv so one compile serves the whole suite.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: train test test-gpu bench lint format clean-venv
+.PHONY: train test test-gpu bench reproduce lint format clean-venv
 
 $(VENV)/.installed: pyproject.toml constraints/torch-cpu.txt examples/third_party_plugin/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,8 +36,11 @@ test-gpu: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/scaling.py
-	$(PY) benchmarks/moe_variants.py
 	$(PY) benchmarks/sft_step.py
+
+# The papers' claims, like for like (docs/results.md): CLAIM=coe or all; resumable, cached per arm and seed.
+reproduce: $(VENV)/.installed
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) benchmarks/reproduce.py --claim $${CLAIM:-all} --report $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

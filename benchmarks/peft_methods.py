@@ -21,10 +21,9 @@ and forgetting evaluation per method), so it is not in ``make bench``:
 
     python benchmarks/peft_methods.py                                   # writes benchmarks/results/peft_methods.*
     python benchmarks/peft_methods.py --steps 3 --eval-rows 4 --train-rows 64 --val-rows 8   # a smoke test
-    python benchmarks/peft_methods.py --docs-only                       # refresh docs/plugins/*.md from the JSON
 
-``--update-docs`` (after a run) or ``--docs-only`` rewrites the ``## Measured`` section of each
-``docs/plugins/<method>.md`` between marker comments (appended when absent), so the docs follow the JSON.
+The accuracy side of these methods (lr sweeps, several seeds, both head protocols, each paper's own comparison) is
+``benchmarks/reproduce.py`` (``docs/results.md``); this script measures cost: trained parameters, step time, memory.
 One seed: differences of a few points of exact match or a few hundredths of a nat are within seed noise.
 """
 
@@ -47,9 +46,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-DOCS = REPO / "docs" / "plugins"
-BEGIN = "<!-- peft_methods:begin (written by benchmarks/peft_methods.py --update-docs; edits here are replaced) -->"
-END = "<!-- peft_methods:end -->"
 
 
 @dataclass(frozen=True)
@@ -415,44 +411,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def docs_section(result: dict[str, Any], method: str) -> str:
-    """The ``## Measured`` section of ``docs/plugins/<method>.md``: this method beside full fine-tuning and LoRA."""
-    keep = ("full", "lora", method)
-    rows = [r for r in result["methods"] if r["method"] in keep]
-    return "\n".join([
-        BEGIN,
-        "## Measured",
-        "",
-        f"`benchmarks/peft_methods.py` (all methods: `benchmarks/results/peft_methods.md`): "
-        f"{settings_line(result['settings'])}.",
-        "",
-        *table_rows(rows),
-        END,
-    ])  # fmt: skip
-
-
-def replace_section(text: str, section: str) -> str:
-    """``text`` with the marked section replaced by ``section``, or with ``section`` appended when it has none."""
-    start, stop = text.find(BEGIN.split(" (")[0]), text.find(END)
-    if start >= 0 and stop > start:
-        return text[:start] + section + text[stop + len(END) :]
-    return text.rstrip("\n") + "\n\n" + section + "\n"
-
-
-def update_docs(result: dict[str, Any]) -> list[Path]:
-    written = []
-    for r in result["methods"]:
-        doc = DOCS / f"{r['method']}.md"
-        if r["method"] == "full" or not doc.is_file():
-            continue
-        text = doc.read_text(encoding="utf-8")
-        new = replace_section(text, docs_section(result, r["method"]))
-        if new != text:
-            doc.write_text(new, encoding="utf-8")
-            written.append(doc)
-    return written
-
-
 # --- main --------------------------------------------------------------------------------------------------------
 
 
@@ -487,12 +445,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output", default=str(RESULTS / "peft_methods"), help="results prefix (.json/.md/.png)"
     )
-    parser.add_argument(
-        "--update-docs", action="store_true", help="refresh docs/plugins/<method>.md afterwards"
-    )
-    parser.add_argument(
-        "--docs-only", action="store_true", help="only refresh the docs from the results JSON"
-    )
     args = parser.parse_args(argv)
     lrs = {m.name: m.lr for m in METHODS}
     for item in args.lr:
@@ -525,11 +477,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output = Path(args.output)
-    if args.docs_only:
-        result = json.loads(output.with_suffix(".json").read_text(encoding="utf-8"))
-        for doc in update_docs(result):
-            print(f"updated {doc.relative_to(REPO)}")
-        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(REPO))
     import torch
@@ -589,9 +536,6 @@ def main(argv: list[str] | None = None) -> int:
     output.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
     plot(result, output.with_suffix(".png"))
     print(table)
-    if args.update_docs:
-        for doc in update_docs(result):
-            print(f"updated {doc.relative_to(REPO)}")
     return 0
 
 

@@ -1,0 +1,1210 @@
+"""Like-for-like reproductions of each plugin paper's claim, claim by claim, resumable: ``docs/results.md``.
+
+Every claim compares the arms its paper compared, with the real trainer (``framework.train``, in this process, one
+rank), the same data, schedule, validation set (``data.val_seed``) and seeds:
+
+- **pretraining claims** (``coe``, ``deepseek_moe``): each arm trained from scratch on the embedded corpus; the
+  metric is the validation loss on the fixed validation set (lower is better);
+- **fine-tuning claims** (``lora_vs_full``, ``hft``, ``corda``, ``lift``, ``soka``, ``compacter``, ``mola``): each arm
+  fine-tunes one pretrained base (trained once per scale with a fixed recipe and cached, not committed) on the
+  generated SFT task (``framework/data/sft_tasks.py``). The learning rate is chosen on the task's validation rows
+  (task validation loss, seed 0); the reported score is exact match on separate **test** rows (never seen by the lr
+  choice), forgetting is the pretraining validation loss after minus before (the base's own validation batches), and
+  "early loss" is the mean training loss over the first quarter of the steps (how fast an arm learns).
+
+Per arm: an lr sweep (3 values at ``--scale cpu``, 5 at ``gpu``, 2 in ``--quick``) on seed 0, then the other seeds at
+the chosen lr; mean ± sample standard deviation over seeds. Adapter arms run in both head protocols: the head frozen
+(the default) and, where the plugin has the key, ``<plugin>.modules_to_save=[lm_head]`` (the arm name ends in
+``+head``). Verdicts: the 95% confidence interval of the difference between the arms (Student's t, paired by seed)
+against the claim's direction (see :func:`verdict`).
+
+Results are cached per claim, arm and seed in ``benchmarks/results/reproduce/<claim>/<arm>-seed<k>.json`` (one entry
+per learning rate); a rerun skips what is there, so a claim can be run in parts. Identical jobs shared by several
+claims (full fine-tuning, LoRA) run once (``<cache>/runs``). ``--report`` rewrites ``docs/results.md`` and the plots
+from whatever is cached.
+
+    python benchmarks/reproduce.py --claim coe                 # one claim at the CPU scale (~30 min on 2 cores)
+    python benchmarks/reproduce.py --claim all --scale gpu     # larger settings, unchanged on a CUDA machine
+    python benchmarks/reproduce.py --quick                      # every claim on a minuscule setting (a smoke test)
+    python benchmarks/reproduce.py --report                     # docs/results.md from the cached results
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from framework.hooks import hookimpl
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "reproduce"
+DOCS_RESULTS = REPO / "docs" / "results.md"
+DEFAULT_CACHE = Path(
+    os.environ.get("EXPERTRAIN_REPRODUCE_CACHE", "~/.cache/expertrain/reproduce")
+).expanduser()
+
+Kind = Literal["pretrain", "sft"]
+Expect = Literal["less", "greater", "approx"]
+
+
+# --- scales --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Model and schedule sizes of one setting; every claim derives its shapes from these."""
+
+    name: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    seq_len: int
+    batch: int
+    micro_batch: int
+    pretrain_steps: int  # the pretraining claims' arms
+    base_steps: int  # the cached fine-tuning bases
+    sft_steps: int
+    eval_batches: int
+    train_rows: int
+    val_rows: int  # lr choice (task validation loss)
+    test_rows: int  # exact match
+    n_lrs: int
+    seeds: int
+
+
+SCALES: dict[str, Scale] = {
+    "quick": Scale("quick", 32, 2, 2, 1, 32, 4, 4, 2, 2, 2, 1, 48, 4, 1, 2, 1),
+    "cpu": Scale("cpu", 64, 4, 4, 2, 64, 16, 16, 200, 600, 150, 8, 3000, 128, 100, 3, 3),
+    "gpu": Scale("gpu", 512, 8, 8, 4, 512, 32, 16, 3000, 6000, 600, 32, 20000, 256, 300, 5, 3),
+}
+
+
+# --- claims --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration of a claim: job overrides (dotted keys) and its lr grid, as multiples of the claim's lr."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0, 0.25, 4.0)
+    plugin: str = ""  # an adapter plugin: also run with <plugin>.modules_to_save=[lm_head] where supported
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``a`` vs ``b`` on ``metric``: the paper expects ``a`` less than / greater than / about ``b``."""
+
+    a: str
+    b: str
+    metric: str
+    expect: Expect
+    tolerance: float = 0.0  # for "approx": the largest difference that counts as equal
+    claim: str = ""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One paper's claim: how each arm is trained and which comparisons decide the verdict."""
+
+    name: str
+    paper: str
+    statement: str
+    kind: Kind
+    lr: float  # the claim's reference lr; arms sweep multiples of it
+    arms: tuple[Arm, ...]
+    comparisons: tuple[Comparison, ...]
+    base: str = "moe"  # fine-tuning claims: which cached base ("moe" or "dense8")
+    model: Callable[[Scale], dict[str, Any]] | None = None  # pretraining claims: model + moe sections
+
+
+FULL_LRS = (0.3, 1.0, 3.0, 0.1, 10.0)
+ADAPTER_LRS = (10.0, 5.0, 20.0, 2.5, 40.0)  # LoRA-type: ~5-20x the full fine-tuning lr
+PISSA_LRS = (1.0, 3.0, 10.0, 0.3, 30.0)  # adapters initialised from the base's own components (CorDA, SoKA)
+ALL_LINEAR = "all-linear"
+
+
+def _coe_model(s: Scale) -> dict[str, Any]:
+    """Fine-grained experts (32 of hidden dim/2), top-4 in total: MoE picks 4 once, CoE 2 in each of 2 passes."""
+    return {"moe.num_experts": 32, "moe.top_k": 4, "moe.expert_hidden": s.dim // 2}
+
+
+def _deepseek_model(s: Scale) -> dict[str, Any]:
+    """GShard-style baseline: 8 experts of hidden 2·dim, top-2; DeepSeekMoE arms cut them in 4 (same parameters)."""
+    return {"moe.num_experts": 8, "moe.top_k": 2, "moe.expert_hidden": 2 * s.dim}
+
+
+def _lora(r: int = 8) -> dict[str, Any]:
+    return {
+        "plugins": ["lora"],
+        "lora.targets": ALL_LINEAR,
+        "lora.target_experts": True,
+        "lora.r": r,
+        "lora.alpha": 2 * r,
+        "lora.dropout": 0.0,
+    }
+
+
+def _lift(filter_rank: int, r: int = 8) -> dict[str, Any]:
+    return {
+        "plugins": ["lift"],
+        "lift.targets": ALL_LINEAR,
+        "lift.target_experts": True,
+        "lift.r": r,
+        "lift.filter_rank": filter_rank,
+        "lift.update_interval": 100,
+    }
+
+
+def _corda(mode: str) -> dict[str, Any]:
+    return {
+        "plugins": ["corda"],
+        "corda.targets": ALL_LINEAR,
+        "corda.target_experts": True,
+        "corda.r": 8,
+        "corda.alpha": 8,
+        "corda.mode": mode,
+        "corda.calibration_samples": 16,
+    }
+
+
+def _mola(**section: Any) -> dict[str, Any]:
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return {
+        "plugins": ["mola"],
+        "mola.targets": projections,
+        "mola.dropout": 0.0,
+        **{f"mola.{k}": v for k, v in section.items()},
+    }
+
+
+_COE = {
+    "plugins": ["chain_of_experts"],
+    "moe.block": "chain_of_experts",
+    "moe.route_norm": False,  # in every arm of the claim: one expert's renormalised gate would be a constant 1
+    "chain_of_experts.iterations": 2,
+}
+_DEEPSEEK = {
+    "plugins": ["deepseek_moe"],
+    "moe.block": "deepseek_moe",
+    "moe.route_norm": False,
+    "deepseek_moe.isolate_shared": True,
+}
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim(
+        "coe",
+        "Chain-of-Experts (arXiv 2506.18945)",
+        "CoE with 2 iterations of top-K/2 reaches a lower validation loss than a top-K MoE at equal compute (fine-"
+        "grained experts); the outer-residual ablation loses the gain",
+        "pretrain",
+        2e-3,
+        (
+            Arm("moe_top4", {"moe.route_norm": False}, (1.0, 2.0, 0.5, 4.0, 0.25)),
+            Arm("coe_2x2", {**_COE, "chain_of_experts.residual": "inner"}, (1.0, 2.0, 0.5, 4.0, 0.25)),
+            Arm(
+                "moe_top4_no_h",
+                {**_COE, "chain_of_experts.iterations": 1, "chain_of_experts.residual": "inner_no_h"},
+                (1.0, 2.0, 0.5, 4.0, 0.25),
+            ),
+            Arm(
+                "coe_2x2_no_h",
+                {**_COE, "chain_of_experts.residual": "inner_no_h"},
+                (1.0, 2.0, 0.5, 4.0, 0.25),
+            ),
+            Arm("coe_2x2_outer", {**_COE, "chain_of_experts.residual": "outer"}, (1.0, 2.0, 0.5, 4.0, 0.25)),
+        ),
+        (
+            Comparison("coe_2x2", "moe_top4", "val_loss", "less", claim="CoE-2 < MoE (block adds h)"),
+            Comparison(
+                "coe_2x2_no_h", "moe_top4_no_h", "val_loss", "less", claim="CoE-2 < MoE (reference form)"
+            ),
+            Comparison("coe_2x2", "coe_2x2_outer", "val_loss", "less", claim="inner < outer residual"),
+        ),
+        model=_coe_model,
+    ),
+    Claim(
+        "deepseek_moe",
+        "DeepSeekMoE (arXiv 2401.06066)",
+        "fine-grained segmentation + shared-expert isolation beats a GShard-style top-2 MoE at equal FLOPs and "
+        "parameters; each of the two parts helps on its own",
+        "pretrain",
+        2e-3,
+        (
+            Arm("gshard_top2", {"moe.route_norm": False}, (1.0, 2.0, 0.5, 4.0, 0.25)),
+            Arm(
+                "deepseek_m4_s1",
+                {**_DEEPSEEK, "deepseek_moe.segments": 4, "moe.shared_experts": 1},
+                (1.0, 2.0, 0.5, 4.0, 0.25),
+            ),
+            Arm(
+                "segments_only_m4",
+                {**_DEEPSEEK, "deepseek_moe.segments": 4, "moe.shared_experts": 0},
+                (1.0, 2.0, 0.5, 4.0, 0.25),
+            ),
+            Arm(
+                "shared_only_s1",
+                {**_DEEPSEEK, "deepseek_moe.segments": 1, "moe.shared_experts": 1},
+                (1.0, 2.0, 0.5, 4.0, 0.25),
+            ),
+        ),
+        (
+            Comparison("deepseek_m4_s1", "gshard_top2", "val_loss", "less", claim="DeepSeekMoE < GShard"),
+            Comparison("segments_only_m4", "gshard_top2", "val_loss", "less", claim="segments alone help"),
+            Comparison(
+                "shared_only_s1", "gshard_top2", "val_loss", "less", claim="shared isolation alone helps"
+            ),
+            Comparison(
+                "deepseek_m4_s1", "segments_only_m4", "val_loss", "less", claim="both < segments only"
+            ),
+        ),
+        model=_deepseek_model,
+    ),
+    Claim(
+        "lora_vs_full",
+        "LoRA (Hu et al. 2021)",
+        "LoRA on every linear layer matches full fine-tuning on the task",
+        "sft",
+        1e-3,
+        (Arm("full", {}, FULL_LRS), Arm("lora_r8", _lora(), ADAPTER_LRS, plugin="lora")),
+        (
+            Comparison("lora_r8", "full", "exact_match", "approx", 0.05, "LoRA ≈ full FT (frozen head)"),
+            Comparison(
+                "lora_r8+head", "full", "exact_match", "approx", 0.05, "LoRA ≈ full FT (trained head)"
+            ),
+        ),
+    ),
+    Claim(
+        "hft",
+        "Half Fine-Tuning (arXiv 2404.18466)",
+        "HFT matches full fine-tuning on the task and forgets less of the pretraining distribution",
+        "sft",
+        1e-3,
+        (
+            Arm("full", {}, FULL_LRS),
+            Arm(
+                "hft",
+                {"plugins": ["hft"], "hft.seed": 0, "hft.stage_every": 0, "hft.train_router": True},
+                FULL_LRS,
+            ),
+        ),
+        (
+            Comparison("hft", "full", "exact_match", "approx", 0.05, "HFT ≈ full FT on the task"),
+            Comparison("hft", "full", "forgetting", "less", claim="HFT forgets less"),
+        ),
+    ),
+    Claim(
+        "corda",
+        "CorDA (arXiv 2406.05223)",
+        "knowledge-preserved CorDA forgets less than LoRA at a similar task score; instruction-previewed CorDA learns "
+        "the task faster than LoRA",
+        "sft",
+        1e-3,
+        (
+            Arm("lora_r8", _lora(), ADAPTER_LRS, plugin="lora"),
+            Arm("corda_kpm", _corda("kpm"), PISSA_LRS, plugin="corda"),
+            Arm("corda_ipm", _corda("ipm"), PISSA_LRS, plugin="corda"),
+        ),
+        (
+            Comparison("corda_kpm", "lora_r8", "forgetting", "less", claim="KPM forgets less than LoRA"),
+            Comparison("corda_kpm", "lora_r8", "exact_match", "approx", 0.05, "KPM ≈ LoRA on the task"),
+            Comparison("corda_ipm", "lora_r8", "early_loss", "less", claim="IPM learns faster than LoRA"),
+        ),
+    ),
+    Claim(
+        "lift",
+        "LIFT (arXiv 2506.00772)",
+        "LIFT's principal weights (low-rank filtered magnitude) beat magnitude-only sparse fine-tuning at the same "
+        "budget, and beat LoRA with the same number of trained parameters",
+        "sft",
+        1e-3,
+        (
+            Arm("lift_r8", _lift(filter_rank=8), PISSA_LRS),
+            Arm("magnitude_r8", _lift(filter_rank=0), PISSA_LRS),
+            Arm("lora_r8", _lora(), ADAPTER_LRS, plugin="lora"),
+        ),
+        (
+            Comparison("lift_r8", "magnitude_r8", "exact_match", "greater", claim="LIFT > magnitude-only"),
+            Comparison("lift_r8", "lora_r8", "exact_match", "greater", claim="LIFT > LoRA (same budget)"),
+            Comparison("lift_r8", "lora_r8", "forgetting", "less", claim="LIFT forgets less than LoRA"),
+        ),
+    ),
+    Claim(
+        "soka",
+        "SoKA (arXiv 2506.15251)",
+        "SoKA matches LoRA with fewer trained parameters (ranks chosen per layer by the energy/elbow rule)",
+        "sft",
+        1e-3,
+        (
+            Arm("lora_r8", _lora(), ADAPTER_LRS, plugin="lora"),
+            Arm(
+                "soka",
+                {
+                    "plugins": ["soka"],
+                    "soka.targets": ALL_LINEAR,
+                    "soka.target_experts": True,
+                    "soka.energy": 0.5,
+                    "soka.use_elbow": True,
+                    "soka.max_rank": 16,
+                },
+                PISSA_LRS,
+                plugin="soka",
+            ),
+        ),
+        (
+            Comparison("soka", "lora_r8", "exact_match", "approx", 0.05, "SoKA ≈ LoRA on the task"),
+            Comparison("soka", "lora_r8", "trained_params", "less", claim="SoKA trains fewer parameters"),
+        ),
+    ),
+    Claim(
+        "compacter",
+        "Compacter (arXiv 2106.04647)",
+        "Compacter comes near full fine-tuning with a tiny share of trained parameters",
+        "sft",
+        1e-3,
+        (
+            Arm("full", {}, FULL_LRS),
+            Arm(
+                "compacter",
+                {
+                    "plugins": ["compacter"],
+                    "compacter.variant": "compacter",
+                    "compacter.n": 4,
+                    "compacter.reduction_factor": 8,
+                    "compacter.train_norms": True,
+                    "compacter.seed": 0,
+                },
+                (3.0, 10.0, 30.0, 1.0, 100.0),
+                plugin="compacter",
+            ),
+        ),
+        (
+            Comparison(
+                "compacter", "full", "exact_match", "approx", 0.05, "Compacter ≈ full FT (frozen head)"
+            ),
+            Comparison(
+                "compacter+head", "full", "exact_match", "approx", 0.05, "Compacter ≈ full FT (trained head)"
+            ),
+        ),
+    ),
+    Claim(
+        "mola",
+        "MoLA (arXiv 2402.08562)",
+        "inverted-triangle allocation (2-4-6-8) beats the uniform allocation with the same total experts (5-5-5-5) "
+        "and matches or beats 8-8-8-8 with fewer parameters (dense base, >= 8 layers, all 7 projections)",
+        "sft",
+        1e-3,
+        (
+            Arm(
+                "mola_2468", _mola(allocation="inverted_triangle", base_experts=8), ADAPTER_LRS, plugin="mola"
+            ),
+            Arm("mola_5555", _mola(base_experts=5, allocation="uniform"), ADAPTER_LRS, plugin="mola"),
+            Arm("mola_8888", _mola(base_experts=8, allocation="uniform"), ADAPTER_LRS, plugin="mola"),
+        ),
+        (
+            Comparison(
+                "mola_2468", "mola_5555", "exact_match", "greater", claim="2-4-6-8 > 5-5-5-5 (equal total)"
+            ),
+            Comparison("mola_2468", "mola_8888", "exact_match", "approx", 0.05, "2-4-6-8 ≈ 8-8-8-8"),
+        ),
+        base="dense8",
+    ),
+)
+CLAIMS_BY_NAME = {c.name: c for c in CLAIMS}
+
+
+# --- jobs ----------------------------------------------------------------------------------------------------------
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (a top-level key stays as it is)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, _, leaf = key.partition(".")
+        if leaf:
+            out.setdefault(section, {})[leaf] = value
+        else:
+            out[section] = value
+    return out
+
+
+def _merge(job: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
+    for key, value in _nest(flat).items():
+        if isinstance(value, dict) and isinstance(job.get(key), dict):
+            job[key] = {**job[key], **value}
+        else:
+            job[key] = value
+    return job
+
+
+def model_sections(s: Scale, n_layers: int | None = None, dense: bool = False) -> dict[str, Any]:
+    """The model and moe sections of a scale (the PEFT base is the quickstart's shape: 8 experts, top-2)."""
+    return {
+        "model": {
+            "vocab_size": 8192,
+            "dim": s.dim,
+            "n_layers": n_layers or s.n_layers,
+            "n_heads": s.n_heads,
+            "n_kv_heads": s.n_kv_heads,
+            "ffn_hidden": 4 * s.dim if dense else (8 * s.dim) // 3,
+            "max_seq_len": s.seq_len,
+        },
+        "moe": {"num_experts": 0}
+        if dense
+        else {"num_experts": 8, "top_k": 2, "expert_hidden": s.dim, "experts_impl": "grouped_mm"},
+    }
+
+
+def common_sections(s: Scale, steps: int, lr: float, seed: int, run_dir: Path) -> dict[str, Any]:
+    return {
+        "parallel": {"data": "ddp"},
+        "data": {"seq_len": s.seq_len, "val_seed": 1234},
+        "optim": {
+            "lr": lr,
+            "warmup_steps": max(1, min(20, steps // 10)),
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,
+        },
+        "train": {
+            "steps": steps,
+            "seed": seed,
+            "global_batch_size": s.batch,
+            "micro_batch_size": s.micro_batch,
+            "eval_every": steps,
+            "eval_batches": s.eval_batches,
+            "sample_tokens": 0,
+            **({"device": "cpu"} if s.name == "quick" else {}),  # the smoke test runs the same everywhere
+        },
+        "checkpoint": {"every": 0, "keep_last": 1, "save_final": True},
+        "logging": {"log_every": 1, "tensorboard": False, "progress": False, "plots": False},
+        "run": {"dir": str(run_dir)},
+    }
+
+
+BASE_RECIPES = {
+    "moe": "the quickstart's shape at this scale (8 experts of hidden dim, top-2), embedded corpus",
+    "dense8": "a dense llama-like model with 8 layers (MLP hidden 4·dim), embedded corpus",
+}
+
+
+def base_job(name: str, s: Scale, run_dir: Path) -> dict[str, Any]:
+    """The fixed pretraining recipe of a fine-tuning base (lr 2e-3, weight decay 0.1, cosine)."""
+    dense = name == "dense8"
+    # MoLA's claim needs >= 8 layers; the quick setting is a smoke test of the pipeline, 4 are enough there.
+    layers = (4 if s.name == "quick" else max(8, s.n_layers)) if dense else None
+    job = {"plugins": [], **model_sections(s, n_layers=layers, dense=dense)}
+    job.update(common_sections(s, s.base_steps, 2e-3, 0, run_dir))
+    job["optim"]["weight_decay"] = 0.1
+    job["checkpoint"]["save_final"] = True
+    return job
+
+
+def arm_job(claim: Claim, arm: Arm, head: bool, s: Scale, lr: float, seed: int, run_dir: Path,
+            base: Path | None, task: Path | None) -> dict[str, Any]:  # fmt: skip
+    """The job of one arm at one lr and seed."""
+    job: dict[str, Any] = {"plugins": []}
+    if claim.kind == "pretrain":
+        job.update(model_sections(s))
+        job["moe"] = {**job["moe"], "aux_loss_coef": 0.01, "z_loss_coef": 0.001}
+        _merge(job, claim.model(s) if claim.model else {})
+        job.update(common_sections(s, s.pretrain_steps, lr, seed, run_dir))
+        job["optim"]["weight_decay"] = 0.1
+        job["checkpoint"]["save_final"] = False
+    else:
+        assert base is not None and task is not None
+        meta = json.loads((base / "job.json").read_text(encoding="utf-8"))
+        job["model"] = {**meta["model"], "init_from": str(base)}
+        job["moe"] = meta["moe"]
+        job.update(common_sections(s, s.sft_steps, lr, seed, run_dir))
+        job["checkpoint"]["save_final"] = False  # scored on the trained model in process (train_job's at_end)
+        job["sft"] = {
+            "train_files": [str(task / "train.jsonl")],
+            "val_file": str(task / "val.jsonl"),
+            "packing": True,
+        }
+    _merge(job, arm.overrides)
+    if head:
+        job[arm.plugin] = {**job.get(arm.plugin, {}), "modules_to_save": ["lm_head"]}
+    return job
+
+
+@functools.cache
+def supports_modules_to_save(plugin: str) -> bool:
+    """Whether the plugin's config section has ``modules_to_save`` (the trained-head protocol)."""
+    import dataclasses
+
+    from framework.hooks import PluginManager
+    from framework.models import default_registry
+
+    pm = PluginManager(default_registry())
+    pm.load([plugin])
+    section = pm.config_sections.get(plugin)
+    return section is not None and any(f.name == "modules_to_save" for f in dataclasses.fields(section))
+
+
+def arm_variants(claim: Claim) -> list[tuple[str, Arm, bool]]:
+    """(name, arm, trained head) for every arm of the claim: adapters in both head protocols where supported."""
+    out = []
+    for arm in claim.arms:
+        out.append((arm.name, arm, False))
+        if arm.plugin and supports_modules_to_save(arm.plugin):
+            out.append((f"{arm.name}+head", arm, True))
+    return out
+
+
+# --- running -------------------------------------------------------------------------------------------------------
+
+
+def job_key(job: dict[str, Any]) -> str:
+    """A hash of the job without its run folder: equal jobs (an arm shared by two claims) share one result."""
+    body = {k: v for k, v in job.items() if k != "run"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def captured(log: Path) -> Iterator[io.StringIO]:
+    """The trainer's console output into ``log`` (and a buffer), not the terminal."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        try:
+            yield buffer
+        finally:
+            log.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+def train_job(
+    job: dict[str, Any], run_dir: Path, at_end: Callable[[Any, Path], dict[str, Any]] | None = None
+) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """Run the real trainer on ``job`` in this process, as ``framework.train`` does on one rank (job checks, plugins,
+    the ``Trainer``); (summary, console text, metrics records). ``at_end(model, run_dir)``: scores added to the
+    summary at the end of training, on the trained model itself (an in-process plugin's ``expertrain_train_end``),
+    so no checkpoint has to be written and read back for them."""
+    import torch
+
+    from framework.observe import console
+    from framework.parallel.setup import init_distributed
+    from framework.train.launch import load_job
+    from framework.train.trainer import Trainer
+
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    job_file = run_dir.parent / f"{run_dir.name}.yaml"
+    job_file.write_text(yaml.safe_dump(job, sort_keys=False), encoding="utf-8")
+    log = run_dir.parent / f"{run_dir.name}.log"
+    console.quiet_dependencies()
+    with captured(log) as out:
+        try:
+            config, pm = load_job(str(job_file), [], world=1)
+            if at_end is not None:
+                pm.register_object("reproduce_scores", _ScoresAtEnd(at_end, run_dir))
+            info = init_distributed(
+                config.train.device, config.parallel.timeout_s, config.train.deterministic
+            )
+            torch.manual_seed(config.train.seed + info.rank)
+            trainer = Trainer(config, pm, info)
+            try:
+                trainer.build()
+                summary = trainer.run()
+            finally:
+                trainer.close()
+        except Exception as exc:
+            raise RuntimeError(f"{run_dir.name} failed: {exc}\n{out.getvalue()[-2000:]}") from exc
+    records = [
+        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x
+    ]
+    return summary, out.getvalue(), records
+
+
+class _ScoresAtEnd:
+    """In-process plugin: adds ``score(model, run_dir)`` to the run's summary when training ends."""
+
+    def __init__(self, score: Callable[[Any, Path], dict[str, Any]], run_dir: Path) -> None:
+        self.score, self.run_dir = score, run_dir
+
+    @hookimpl
+    def expertrain_train_end(self, model: Any, summary: dict[str, Any], config: Any) -> None:
+        summary.update(self.score(model, self.run_dir))
+
+
+class Evaluator:
+    """Forgetting (the base's pretraining validation batches) and test exact match of a fine-tuned checkpoint."""
+
+    def __init__(self, base: Path, task: Path, max_new_tokens: int) -> None:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from peft_methods import PretrainingValidation, base_config
+
+        self.validation = PretrainingValidation(base_config(str(base)))
+        self.before = self.validation.loss(base)[0]
+        self.test_rows = [
+            json.loads(x) for x in (task / "test.jsonl").read_text(encoding="utf-8").splitlines() if x
+        ]
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, model: Any, run_dir: Path) -> dict[str, float]:
+        """Scores of the trained ``model`` (whole, on this process: one rank, no sharding)."""
+        import torch
+
+        from framework.data.sft import ChatTokenizer
+        from framework.inference.generate import exact_match_accuracy
+        from framework.train.loss import count_loss_tokens, lm_loss_sum
+
+        model.eval()
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        with torch.no_grad():  # PretrainingValidation.loss, on the trained model itself
+            for input_ids, labels in self.validation.batches:
+                input_ids, labels = input_ids.to(device), labels.to(device)
+                total += float(lm_loss_sum(model(input_ids), labels))
+                count += count_loss_tokens(labels)
+            model.discard_routing_state()
+            after = total / max(count, 1)
+            chat = ChatTokenizer.from_dir(run_dir / "tokenizer")
+            accuracy, _ = exact_match_accuracy(model, chat, self.test_rows, self.max_new_tokens)
+        return {"exact_match": accuracy, "pretrain_loss_after": after, "forgetting": after - self.before}
+
+
+def run_metrics(summary: dict[str, Any], text: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What every run reports, from the trainer's summary, console and metrics."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from peft_methods import trained_parameters
+
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
+    quarter = max(1, len(losses) // 4)
+    trained, total, exact = trained_parameters(text, summary["params_total"])
+    return {
+        "val_loss": summary["val_loss"],
+        "early_loss": statistics.fmean(v for _, v in losses[:quarter]) if losses else None,
+        "final_train_loss": losses[-1][1] if losses else None,
+        "tokens_seen": summary["tokens_seen"],
+        "params_total": summary["params_total"],
+        "params_active": summary["params_active"],
+        "trained_params": int(trained),
+        "trained_params_exact": exact,
+        "trained_pct": 100 * trained / max(total, 1),
+        "train_seconds": summary["train_seconds"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "curve": losses[:: max(1, len(losses) // 60)],
+    }
+
+
+@dataclass
+class Suite:
+    """One scale's runs: bases, task data, the shared run memo and the per-claim result files."""
+
+    scale: Scale
+    cache: Path
+    results: Path
+    log: Callable[[str], None] = print
+    _evaluators: dict[str, Evaluator] = field(default_factory=dict)
+
+    # -- shared inputs
+    def base(self, name: str) -> Path:
+        """The cached fine-tuning base (trained once with the fixed recipe)."""
+        probe = base_job(name, self.scale, Path("x"))
+        run_dir = self.cache / "bases" / f"{name}-{self.scale.name}-{job_key(probe)}"
+        if not (run_dir / "summary.json").is_file():
+            self.log(f"base {name}: pretraining {self.scale.base_steps} steps ({BASE_RECIPES[name]})")
+            start = time.perf_counter()
+            job = base_job(name, self.scale, run_dir)
+            train_job(job, run_dir)
+            (run_dir / "job.json").write_text(json.dumps(job, indent=1), encoding="utf-8")
+            self.log(f"base {name}: done in {time.perf_counter() - start:.0f} s")
+        return run_dir
+
+    def base_info(self, name: str) -> dict[str, Any]:
+        run_dir = self.base(name)
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        return {
+            "name": name,
+            "recipe": BASE_RECIPES[name],
+            "steps": summary["steps"],
+            "tokens_seen": summary["tokens_seen"],
+            "val_loss": summary["val_loss"],
+            "unigram_entropy": summary.get("unigram_entropy"),
+            "params_total": summary["params_total"],
+        }
+
+    def task(self) -> Path:
+        """The SFT task: train rows, validation rows (lr choice) and test rows (exact match), disjoint prompts."""
+        from framework.data.sft_tasks import write_task
+
+        s = self.scale
+        folder = self.cache / f"sft_task-{s.train_rows}-{s.val_rows}-{s.test_rows}"
+        if not (folder / "test.jsonl").is_file():
+            write_task(folder, s.train_rows, s.val_rows + s.test_rows, seed=0)
+            rows = (folder / "val.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+            (folder / "val.jsonl").write_text("".join(rows[: s.val_rows]), encoding="utf-8")
+            (folder / "test.jsonl").write_text("".join(rows[s.val_rows :]), encoding="utf-8")
+        return folder
+
+    def evaluator(self, base_name: str) -> Evaluator:
+        if base_name not in self._evaluators:
+            with captured(self.cache / "evaluator.log"):
+                # The task's answers are at most 12 tokens and their end marker; quick only checks the path.
+                max_new_tokens = 2 if self.scale.name == "quick" else 16
+                self._evaluators[base_name] = Evaluator(self.base(base_name), self.task(), max_new_tokens)
+        return self._evaluators[base_name]
+
+    # -- one run
+    def run(self, claim: Claim, arm: Arm, head: bool, lr: float, seed: int) -> dict[str, Any]:
+        base = self.base(claim.base) if claim.kind == "sft" else None
+        task = self.task() if claim.kind == "sft" else None
+        probe = arm_job(claim, arm, head, self.scale, lr, seed, Path("x"), base, task)
+        key = job_key(probe)
+        memo = self.cache / "runs" / f"{key}.json"
+        if memo.is_file():
+            return json.loads(memo.read_text(encoding="utf-8"))
+        run_dir = self.cache / "work" / key
+        job = arm_job(claim, arm, head, self.scale, lr, seed, run_dir, base, task)
+        at_end = self.evaluator(claim.base) if claim.kind == "sft" else None
+        summary, text, records = train_job(job, run_dir, at_end)
+        result = {"lr": lr, "seed": seed, **run_metrics(summary, text, records)}
+        for name in ("exact_match", "pretrain_loss_after", "forgetting"):
+            if name in summary:
+                result[name] = summary[name]
+        result["job"] = {k: v for k, v in job.items() if k not in ("run",)}
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps(result, indent=1), encoding="utf-8")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return result
+
+    # -- one claim
+    def arm_file(self, claim: Claim, arm_name: str, seed: int) -> Path:
+        return self.results / claim.name / f"{arm_name}-seed{seed}.json"
+
+    def load_arm(self, claim: Claim, arm_name: str, seed: int) -> dict[str, dict[str, Any]]:
+        path = self.arm_file(claim, arm_name, seed)
+        return json.loads(path.read_text(encoding="utf-8"))["runs"] if path.is_file() else {}
+
+    def save_arm(self, claim: Claim, arm_name: str, seed: int, runs: dict[str, dict[str, Any]]) -> None:
+        path = self.arm_file(claim, arm_name, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = {"claim": claim.name, "arm": arm_name, "seed": seed, "scale": self.scale.name, "runs": runs}
+        path.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+
+    def run_claim(
+        self, claim: Claim, seeds: int, arms: list[str] | None = None, n_lrs: int = 0
+    ) -> dict[str, Any]:
+        """Every arm's lr sweep (seed 0) and the other seeds at the chosen lr; cached per arm and seed. ``arms``: only
+        these (a session can run part of a claim); ``n_lrs``: sweep this many lrs instead of the scale's."""
+        n_lrs = n_lrs or self.scale.n_lrs
+        todo = [(n, a, h) for n, a, h in arm_variants(claim) if not arms or n in arms]
+        planned = len(todo) * (n_lrs + seeds - 1)
+        done = 0
+        started = time.perf_counter()
+        ran = 0
+        for name, arm, head in todo:
+            lrs = [claim.lr * f for f in arm.lr_factors[:n_lrs]]
+            for seed in range(seeds):
+                runs = self.load_arm(claim, name, seed)
+                wanted = lrs if seed == 0 else [choose_lr(self.load_arm(claim, name, 0))]
+                for lr in wanted:
+                    done += 1
+                    if f"{lr:g}" in runs:
+                        continue
+                    t0 = time.perf_counter()
+                    runs[f"{lr:g}"] = self.run(claim, arm, head, lr, seed)
+                    self.save_arm(claim, name, seed, runs)
+                    ran += 1
+                    elapsed = time.perf_counter() - started
+                    rate = elapsed / ran
+                    r = runs[f"{lr:g}"]
+                    self.log(
+                        f"[{claim.name}] {done}/{planned} {name} lr {lr:g} seed {seed}: val {r['val_loss']:.4f}"
+                        + (f", test EM {r['exact_match']:.3f}" if "exact_match" in r else "")
+                        + f"; {time.perf_counter() - t0:.1f} s, {r['tokens_seen']:,} tokens; "
+                        f"ETA {rate * (planned - done) / 60:.1f} min"
+                    )
+        return summarise(self, claim, seeds)
+
+
+def choose_lr(runs: dict[str, dict[str, Any]]) -> float:
+    """The lr of the lowest validation loss among seed 0's sweep (the task's validation rows for fine-tuning)."""
+    finite = {k: v for k, v in runs.items() if v["val_loss"] is not None and math.isfinite(v["val_loss"])}
+    if not finite:
+        raise RuntimeError("no finished lr of the sweep has a finite validation loss")
+    return float(min(finite, key=lambda k: finite[k]["val_loss"]))
+
+
+# --- summaries and verdicts ----------------------------------------------------------------------------------------
+
+
+METRICS = ("val_loss", "exact_match", "forgetting", "early_loss", "trained_params")
+
+
+def summarise(suite: Suite, claim: Claim, seeds: int) -> dict[str, Any]:
+    """Per arm: the chosen lr, the seeds run at it, mean and standard deviation of each metric; the verdicts."""
+    arms: dict[str, Any] = {}
+    for name, _, _ in arm_variants(claim):
+        sweep = suite.load_arm(claim, name, 0)
+        if not sweep:
+            continue
+        lr = choose_lr(sweep)
+        rows = [r for k in range(seeds) if (r := suite.load_arm(claim, name, k).get(f"{lr:g}"))]
+        entry: dict[str, Any] = {
+            "lr": lr,
+            "sweep": {k: v["val_loss"] for k, v in sweep.items()},
+            "seeds": len(rows),
+            "tokens_seen": rows[0]["tokens_seen"],
+            "params_total": rows[0]["params_total"],
+            "params_active": rows[0]["params_active"],
+            "trained_pct": rows[0]["trained_pct"],
+            "curve": rows[0]["curve"],
+        }
+        for metric in METRICS:
+            by_seed = {r["seed"]: r[metric] for r in rows if r.get(metric) is not None}
+            if by_seed:
+                values = list(by_seed.values())
+                entry[metric] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "n": len(values),
+                    "by_seed": {str(k): v for k, v in by_seed.items()},
+                }
+        arms[name] = entry
+    verdicts = [verdict(c, arms) for c in claim.comparisons]
+    return {"claim": claim.name, "scale": suite.scale.name, "arms": arms, "verdicts": verdicts}
+
+
+_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def t_quantile_975(df: int) -> float:
+    """Student's t 97.5% quantile (a two-sided 95% interval) for ``df`` degrees of freedom (1.96 past the table)."""
+    return _T_975.get(df, 1.96) if df >= 1 else math.inf
+
+
+def verdict(c: Comparison, arms: dict[str, Any]) -> dict[str, Any]:
+    """``reproduced`` when the 95% confidence interval of the difference a − b (Student's t; of the per-seed
+    differences when both arms ran the same seeds, else of the two means with the smaller arm's degrees of freedom)
+    lies on the paper's side of 0 (for ``approx``: inside ±``tolerance``), ``not reproduced`` when it lies on the
+    other side (outside the tolerance), ``inconclusive`` otherwise or with fewer than 2 seeds per arm; ``not run``
+    when an arm is missing."""
+    out = {
+        "a": c.a,
+        "b": c.b,
+        "metric": c.metric,
+        "expect": c.expect,
+        "claim": c.claim,
+        "tolerance": c.tolerance,
+    }
+    ma, mb = arms.get(c.a, {}).get(c.metric), arms.get(c.b, {}).get(c.metric)
+    if ma is None or mb is None:
+        return {**out, "verdict": "not run"}
+    diff = ma["mean"] - mb["mean"]
+    se = math.sqrt(ma["std"] ** 2 / ma["n"] + mb["std"] ** 2 / mb["n"])
+    seeds = sorted(set(ma.get("by_seed", {})) & set(mb.get("by_seed", {})))
+    if len(seeds) > 1 and len(seeds) == ma["n"] == mb["n"]:
+        # Paired by seed: the same seed gives both arms the same data order, so the per-seed differences carry
+        # less noise than two independent means.
+        diffs = [ma["by_seed"][k] - mb["by_seed"][k] for k in seeds]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        out["paired"] = True
+    df = len(seeds) - 1 if out.get("paired") else min(ma["n"], mb["n"]) - 1
+    out.update(diff=diff, se=se, half_width=t_quantile_975(df) * se)
+    if min(ma["n"], mb["n"]) < 2 and c.metric != "trained_params":
+        return {**out, "verdict": "inconclusive", "why": "one seed"}
+    band = out["half_width"]
+    if c.expect == "approx":
+        if abs(diff) + band <= c.tolerance:
+            return {**out, "verdict": "reproduced"}
+        if abs(diff) - band > c.tolerance:
+            return {**out, "verdict": "not reproduced"}
+        return {**out, "verdict": "inconclusive", "why": "the 95% interval straddles the tolerance"}
+    sign = -1.0 if c.expect == "less" else 1.0
+    if sign * diff - band > 0:
+        return {**out, "verdict": "reproduced"}
+    if sign * diff + band < 0:
+        return {**out, "verdict": "not reproduced"}
+    return {**out, "verdict": "inconclusive", "why": "the 95% interval contains 0"}
+
+
+def format_metric(entry: dict[str, Any], metric: str) -> str:
+    m = entry.get(metric)
+    if m is None:
+        return "—"
+    if metric == "trained_params":
+        return f"{m['mean']:,.0f}"
+    return f"{m['mean']:.4f} ± {m['std']:.4f}" if m["n"] > 1 else f"{m['mean']:.4f}"
+
+
+def claim_table(summary: dict[str, Any], claim: Claim) -> list[str]:
+    """Markdown: one row per arm, then one row per comparison with its verdict. A chosen lr at the edge of its sweep
+    is marked † (a wider sweep might find a better one)."""
+    pretrain = claim.kind == "pretrain"
+    metrics = ["val_loss"] if pretrain else ["exact_match", "forgetting", "early_loss", "val_loss"]
+    size = "params (total / active per token)" if pretrain else "trained params"
+    head = (
+        "| arm | lr (chosen) | seeds | "
+        + " | ".join(metrics)
+        + f" | {size} | tokens seen per run (trainer) |"
+    )
+    lines = [head, "|" + "---|" * (5 + len(metrics))]
+    for name, e in summary["arms"].items():
+        cells = " | ".join(format_metric(e, m) for m in metrics)
+        swept = [float(k) for k in e["sweep"]]
+        edge = "†" if len(swept) > 1 and e["lr"] in (min(swept), max(swept)) else ""
+        if pretrain:
+            params = f"{e['params_total'] / 1e6:.3f}M / {e['params_active'] / 1e6:.3f}M"
+        else:
+            params = f"{e.get('trained_params', {}).get('mean', 0):,.0f} ({e['trained_pct']:.2f}%)"
+        lines.append(
+            f"| {name} | {e['lr']:g}{edge} | {e['seeds']} | {cells} | {params} | {e['tokens_seen']:,} |"
+        )
+    lines += ["", "| claim | comparison | difference (a − b) | verdict |", "|---|---|---|---|"]
+    for v in summary["verdicts"]:
+        paired = ", paired by seed" if v.get("paired") else ""
+        diff = "—" if "diff" not in v else f"{v['diff']:+.4f} ± {v['half_width']:.4f} (95% CI{paired})"
+        why = f" ({v['why']})" if v.get("why") else ""
+        tol = f", tolerance {v['tolerance']:g}" if v["expect"] == "approx" else ""
+        lines.append(
+            f"| {v['claim']} | {v['a']} {_SYMBOL[v['expect']]} {v['b']} on {v['metric']}{tol} | {diff} "
+            f"| {v['verdict']}{why} |"
+        )
+    return lines
+
+
+_SYMBOL = {"less": "<", "greater": ">", "approx": "≈"}
+
+
+def plot_claim(summary: dict[str, Any], path: Path) -> None:
+    """Seed 0's training-loss curves at the chosen lr, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for name, e in summary["arms"].items():
+        if e["curve"]:
+            steps, loss = zip(*e["curve"], strict=True)
+            ax.plot(steps, loss, lw=1.1, label=f"{name} (lr {e['lr']:g})")
+    ax.set_title(f"{summary['claim']} ({summary['scale']} scale): training loss, seed 0")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(suite: Suite, seeds: int, output: Path, plots: Path | None) -> str:
+    """``docs/results.md``-style report of every claim with cached results; the others listed with their command."""
+    s = suite.scale
+    lines = [
+        "# Reproductions of the plugins' paper claims",
+        "",
+        "Written by `benchmarks/reproduce.py --report` from the cached results in `benchmarks/results/reproduce/` "
+        "(method: the script's docstring). Scale "
+        f"`{s.name}`: dim {s.dim}, {s.n_layers} layers, sequence {s.seq_len}, global batch {s.batch}; pretraining "
+        f"claims {s.pretrain_steps} steps ({s.pretrain_steps * s.batch * s.seq_len:,} tokens per arm), fine-tuning "
+        f"claims {s.sft_steps} steps ({s.sft_steps * s.batch * s.seq_len:,} tokens per arm) on the generated SFT "
+        f"task ({s.train_rows} training rows, lr chosen on {s.val_rows} validation rows, exact match on "
+        f"{s.test_rows} test rows); lr sweep of {s.n_lrs} values on seed 0, {seeds} seeds at the chosen lr; "
+        "mean ± standard deviation over seeds; verdicts from the 95% confidence interval of the difference (Student's t, "
+        "paired by seed where both arms ran the same seeds). One rank per run, fp32.",
+        "",
+    ]
+    for claim in CLAIMS:
+        summary = summarise(suite, claim, seeds)
+        lines += [f"## {claim_heading(claim)}", "", f"Claim: {claim.statement}.", ""]
+        if not summary["arms"]:
+            lines += [
+                f"Not yet run (command: `python benchmarks/reproduce.py --claim {claim.name} --scale {s.name}`).",
+                "",
+            ]
+            continue
+        if claim.kind == "sft":
+            info = suite.base_info(claim.base)
+            lines += [
+                f"Base `{claim.base}` ({info['recipe']}): {info['params_total'] / 1e6:.2f}M parameters, "
+                f"{info['steps']} steps, {info['tokens_seen']:,} tokens, validation loss {info['val_loss']:.3f}.",
+                "",
+            ]
+        lines += claim_table(summary, claim)
+        if plots is not None:
+            png = plots / f"{claim.name}.png"
+            plot_claim(summary, png)
+            lines += ["", f"![{claim.name}]({os.path.relpath(png, output.parent)})"]
+        missing = [a.name for a in claim.arms if a.name not in summary["arms"]]
+        if missing:
+            arms = ",".join(missing)
+            lines += [
+                "",
+                f"Arms not yet run: {', '.join(missing)} (command: `python benchmarks/reproduce.py --claim "
+                f"{claim.name} --arms {arms}`).",
+            ]
+        if claim.name in NOTES and s.name == "cpu":
+            lines += ["", NOTES[claim.name]]
+        lines.append("")
+    text = "\n".join(lines)
+    return text
+
+
+# What the committed CPU results say beyond the statistics (written by hand after a run; the report includes them).
+NOTES: dict[str, str] = {}
+
+
+# --- plugin docs ---------------------------------------------------------------------------------------------------
+
+
+DOC_OF_CLAIM = {
+    "lora_vs_full": "lora",
+    "hft": "hft",
+    "corda": "corda",
+    "lift": "lift",
+    "soka": "soka",
+    "compacter": "compacter",
+    "deepseek_moe": "deepseek_moe",
+    "coe": "chain_of_experts",
+    "mola": "mola",
+}
+DOC_BEGIN = "<!-- reproduce:begin (written by benchmarks/reproduce.py --report; edits here are replaced) -->"
+DOC_END = "<!-- reproduce:end -->"
+_OLD_BEGIN, _OLD_END = "<!-- peft_methods:begin", "<!-- peft_methods:end -->"
+
+
+def claim_heading(claim: Claim) -> str:
+    return f"`{claim.name}`: {claim.paper}"
+
+
+def anchor(heading: str) -> str:
+    """The GitHub anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    kept = "".join(ch for ch in heading.lower() if ch.isalnum() or ch in " -_")
+    return kept.replace(" ", "-")
+
+
+def docs_section(suite: Suite, claim: Claim, seeds: int) -> str:
+    """The ``## Measured`` section of a plugin page: a pointer to docs/results.md and the claim's verdicts."""
+    summary = summarise(suite, claim, seeds)
+    lines = [
+        DOC_BEGIN,
+        "## Measured",
+        "",
+        f"This plugin's paper claim ({claim.statement}) is the `{claim.name}` claim of `benchmarks/reproduce.py`: "
+        "like-for-like arms, an lr sweep per arm, several seeds. Method, settings, every arm and the plot: "
+        f"[docs/results.md](../results.md#{anchor(claim_heading(claim))}). Earlier figures on this page came from "
+        "unlike setups and are removed.",
+        "",
+    ]
+    if summary["arms"]:
+        lines += [line for line in claim_table(summary, claim) if line]
+    else:
+        lines.append(
+            f"Not yet run (command: `python benchmarks/reproduce.py --claim {claim.name}`; then `--report`)."
+        )
+    return "\n".join([*lines, DOC_END])
+
+
+def replace_measured(text: str, section: str) -> str:
+    """``text`` with its measured section (between the markers, or from a ``## Measured`` heading to the next
+    ``## `` heading) replaced by ``section``; appended when it has none."""
+    for begin, end in ((DOC_BEGIN.split(" (")[0], DOC_END), (_OLD_BEGIN, _OLD_END)):
+        start, stop = text.find(begin), text.find(end)
+        if start >= 0 and stop > start:
+            return text[:start] + section + text[stop + len(end) :]
+    start = text.find("\n## Measured")
+    if start < 0:
+        return text.rstrip("\n") + "\n\n" + section + "\n"
+    stop = text.find("\n## ", start + 1)
+    rest = "\n" + text[stop:] if stop >= 0 else "\n"
+    return text[: start + 1] + section + rest
+
+
+def update_plugin_docs(suite: Suite, seeds: int) -> list[Path]:
+    written = []
+    for claim in CLAIMS:
+        doc = REPO / "docs" / "plugins" / f"{DOC_OF_CLAIM[claim.name]}.md"
+        text = doc.read_text(encoding="utf-8")
+        new = replace_measured(text, docs_section(suite, claim, seeds))
+        if new != text:
+            doc.write_text(new, encoding="utf-8")
+            written.append(doc)
+    return written
+
+
+# --- main ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--claim", default="", help=f"one of {', '.join(CLAIMS_BY_NAME)}, or all")
+    parser.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument(
+        "--quick", action="store_true", help="every claim on a minuscule setting (a smoke test)"
+    )
+    parser.add_argument("--seeds", type=int, default=0, help="seeds per arm (default: the scale's, 3)")
+    parser.add_argument("--arms", default="", help="comma-separated arms of the claim to run (default: all)")
+    parser.add_argument("--lrs", type=int, default=0, help="lr values swept per arm (default: the scale's)")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="bases, task data and the run memo")
+    parser.add_argument(
+        "--results", default="", help="result folder (default: benchmarks/results/reproduce[-gpu])"
+    )
+    parser.add_argument("--report", action="store_true", help="write the report (docs/results.md) and plots")
+    parser.add_argument("--report-file", default="", help="report path (default: docs/results.md)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.claim = args.claim or "all"
+    if not args.claim and not args.report:
+        parser.error("give --claim NAME (or all), --quick, or --report")
+    if args.claim and args.claim != "all" and args.claim not in CLAIMS_BY_NAME:
+        parser.error(f"--claim {args.claim}: expected one of {', '.join(CLAIMS_BY_NAME)} or all")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    scale = SCALES["quick" if args.quick else args.scale]
+    seeds = args.seeds or scale.seeds
+    cache = Path(args.cache_dir).expanduser().resolve() / scale.name
+    default_results = {"quick": cache / "results", "cpu": RESULTS, "gpu": RESULTS.with_name("reproduce-gpu")}
+    results = Path(args.results).resolve() if args.results else default_results[scale.name]
+    suite = Suite(scale, cache, results)
+    claims = CLAIMS if args.claim == "all" else [CLAIMS_BY_NAME[args.claim]] if args.claim else []
+    for claim in claims:
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()] or None
+        summary = suite.run_claim(claim, seeds, arms, args.lrs)
+        print("\n".join([f"## {claim.name}", "", *claim_table(summary, claim), ""]), flush=True)
+    if args.report:
+        default_report = {"quick": cache / "results.md", "cpu": DOCS_RESULTS, "gpu": results / "results.md"}
+        output = Path(args.report_file).resolve() if args.report_file else default_report[scale.name]
+        plots = results / "plots"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(write_report(suite, seeds, output, plots), encoding="utf-8")
+        print(f"wrote {output}", flush=True)
+        if scale.name == "cpu" and not args.report_file:  # the plugin pages show the committed CPU results
+            for doc in update_plugin_docs(suite, seeds):
+                print(f"updated {doc.relative_to(REPO)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""``benchmarks/reproduce.py --quick``: the whole reproduction pipeline (cached bases, task data, lr sweeps, the real
+trainer, forgetting and exact-match evaluation, verdicts, report) on a minuscule setting, and its resume.
+
+One subprocess runs every claim (no result is asserted: the numbers of 3-step runs mean nothing); a second one, after
+one arm's cached file is removed, must rerun that arm alone and nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import reproduce  # noqa: E402
+
+
+def _run(tmp_path: Path) -> str:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "reproduce.py"), "--quick", "--report"]
+    cmd += ["--cache-dir", str(tmp_path / "cache"), "--results", str(tmp_path / "results")]
+    cmd += ["--report-file", str(tmp_path / "results.md")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_quick_suite_runs_every_claims_arms_and_resumes_only_what_is_missing(tmp_path: Path) -> None:
+    first = _run(tmp_path)
+    report = (tmp_path / "results.md").read_text(encoding="utf-8")
+    results = tmp_path / "results"
+    for claim in reproduce.CLAIMS:
+        assert f"`{claim.name}`" in report, claim.name
+        for name, _, _ in reproduce.arm_variants(claim):
+            runs = json.loads((results / claim.name / f"{name}-seed0.json").read_text(encoding="utf-8"))[
+                "runs"
+            ]
+            assert len(runs) == reproduce.SCALES["quick"].n_lrs, (claim.name, name)  # the 2-lr sweep
+            assert all(r["tokens_seen"] > 0 and r["val_loss"] > 0 for r in runs.values())
+            assert re.search(rf"^\| {re.escape(name)} \| ", report, re.M), (claim.name, name)
+        for comparison in claim.comparisons:  # every comparison has a verdict row
+            assert f"{comparison.a} " in report and comparison.claim in report
+    progress = re.findall(r"^\[(\w+)\] \d+/\d+ (\S+) lr", first, re.M)
+    assert {c for c, _ in progress} == set(reproduce.CLAIMS_BY_NAME)
+
+    removed = results / "hft" / "hft-seed0.json"
+    removed.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in results.rglob("*-seed0.json")}
+    second = _run(tmp_path)
+    assert re.findall(r"^\[(\w+)\] \d+/\d+ (\S+) lr", second, re.M) == [("hft", "hft")] * 2
+    assert removed.is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "finished arms were rewritten"
