@@ -74,12 +74,13 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 def _grad_errors(model: nn.Module, ref: nn.Module) -> dict[str, float]:
     """Relative error of every gradient; a gradient whose layout differs from its parameter's (e.g. a pending
     Partial sum the optimizer would apply unreduced) counts as wrong (inf)."""
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
     errors = {
         n: _rel(p.grad, ref_grads[n])
         if getattr(p.grad, "placements", None) == getattr(p, "placements", None)
         else math.inf
         for n, p in model.named_parameters()
+        if p.requires_grad
     }
     assert errors.keys() == ref_grads.keys()
     return errors
@@ -126,16 +127,23 @@ def _expert_like_params(meshes: list[tuple[object, list]], seed: int) -> tuple[l
 # --------------------------------------------------------------------------------------------- tp = 2 worker
 
 
-class _ProbeMoE(nn.Module):
-    """Stands in for an MoE block: records the layout it receives and returns a DTensor of the same layout."""
+def _probe_moe(dim: int, moe_cfg: MoEConfig, registry: object) -> nn.Module:
+    """A ``moe_block`` factory: an MoE block (the core layer, so it meets the block contract) whose forward only
+    records the layout it receives and returns a DTensor of the same layout. Its own weights take no part in that
+    forward, so they are frozen (no gradient to compare)."""
+    from framework.models.moe.layer import MoELayer
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[str, str]] = []
+    class _ProbeMoE(MoELayer):
+        def __init__(self) -> None:
+            super().__init__(dim, moe_cfg)
+            self.requires_grad_(False)
+            self.seen: list[tuple[str, str]] = []
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        self.seen.append((type(x_BSD).__name__, str(getattr(x_BSD, "placements", None))))
-        return torch.tanh(x_BSD) * 0.5
+        def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+            self.seen.append((type(x_BSD).__name__, str(getattr(x_BSD, "placements", None))))
+            return torch.tanh(x_BSD) * 0.5
+
+    return _ProbeMoE()
 
 
 def _tp2_worker(rank: int, world: int) -> dict:
@@ -232,7 +240,7 @@ def _tp2_worker(rank: int, world: int) -> dict:
 
     # MoE layout: layer 0 is an MoE block (a parameter-free probe), layer 1 dense.
     registry = default_registry()
-    registry.register("moe_block", "probe", lambda dim, moe_cfg, reg: _ProbeMoE(), owner="test")
+    registry.register("moe_block", "probe", _probe_moe, owner="test")
     moe = MoEConfig(num_experts=2, block="probe", every=2)
     for sp in (True, False):
         ref, model = _build(cfg, moe, registry), _build(cfg, moe, registry)
