@@ -2,8 +2,8 @@
 
 It wraps ``pluggy.PluginManager("expertrain")``. What it adds to pluggy:
 
-* plugins are loaded **only** when named (from the entry-point group ``expertrain.plugins``) or enabled by the core
-  through :meth:`PluginManager.enable_builtin`; the core never imports plugin code itself;
+* plugins are loaded **only** when the job names them (from the entry-point group ``expertrain.plugins``); the
+  core never imports or enables plugin code itself;
 * start-up checks: unknown plugin names, misspelled hook implementations, hook arguments the hook does not pass,
   config sections claimed twice, component names registered twice — each an error naming the plugin;
 * an exception inside any hook becomes a :class:`PluginHookError` naming the plugin and the hook (a
@@ -226,12 +226,10 @@ class PluginManager:
         self._pm.add_hookspecs(specs)
         self.registry = registry if registry is not None else ComponentRegistry()
         self._plugins: dict[str, Any] = {}
-        self._auto: list[str] = []  # enabled by the core (enable_builtin)
         self._listed: list[str] = []  # named in the job (load) or registered in-process (register_object)
         self._reasons: dict[str, str] = {}
         self._sections: dict[str, type] = {}
         self._section_owner: dict[str, str] = {}
-        self._allow_builtin = True
         self._trace_starts: list[float] = []
         self._undo_trace: Callable[[], None] | None = None
         if trace if trace is not None else _trace_enabled_by_env():
@@ -239,15 +237,12 @@ class PluginManager:
 
     # --- loading ----------------------------------------------------------------------------------------------
 
-    def load(self, names: list[str], allow_builtin_core: bool = True) -> None:
+    def load(self, names: list[str]) -> None:
         """Load exactly the plugins ``names`` (the job's ``plugins`` list) from the entry points, in that order.
 
-        ``allow_builtin_core``: whether the core may later enable a built-in plugin the model needs
-        (:meth:`enable_builtin`); when false that is an error asking the user to list the plugin.
         Raises :class:`UnknownPluginError` (a ConfigError) for a name that is not installed and
         :class:`PluginError` for a plugin that fails to import or breaks a rule.
         """
-        self._allow_builtin = allow_builtin_core
         names = list(names)
         seen: set[str] = set()
         for name in names:
@@ -267,7 +262,7 @@ class PluginManager:
                     f"{' ' if hint else '. '}{_INSTALL_HINT}",
                 )
         loaded = [(name, self._load_entry(name, by_name[name])) for name in names]
-        self._add(loaded, auto=False, reason="listed in 'plugins'")
+        self._add(loaded, reason="listed in 'plugins'")
 
     def register_object(self, name: str, obj: Any) -> None:
         """Register an in-process plugin (a module or an object with hook methods) under ``name``.
@@ -280,34 +275,7 @@ class PluginManager:
             raise PluginError(f"plugin '{name}' is already loaded ({self._reasons[name]})")
         if inspect.isclass(obj):
             raise PluginError(f"plugin '{name}': register an instance of {obj.__name__}, not the class")
-        self._add([(name, obj)], auto=False, reason="registered in-process")
-
-    def enable_builtin(self, name: str, reason: str) -> dict[str, type]:
-        """Enable an installed plugin the model needs although the job did not list it.
-
-        Example: an imported checkpoint with shared experts needs ``deepseek_moe``. ``reason`` says why, for the log
-        and for errors. A plugin already enabled is left alone. Returns the config sections the plugin added (the
-        core types them with their defaults if the job was already resolved; call ``expertrain_validate_config``
-        for it when the other plugins' validation has already run).
-        """
-        if name in self._plugins:
-            return {}
-        if not self._allow_builtin:
-            raise PluginError(
-                f"this job needs plugin '{name}' ({reason}), but enabling plugins automatically is turned off; "
-                f"add '{name}' to 'plugins' in the job file"
-            )
-        by_name = _entries_by_name()
-        if name not in by_name:
-            raise PluginError(
-                f"this job needs the built-in plugin '{name}' ({reason}), but it is not installed "
-                f"(installed: {_installed_text(by_name)}); reinstall expertrain (`pip install -e .` or `make .venv`) "
-                "so that its built-in plugins are registered"
-            )
-        before = set(self._sections)
-        self._add([(name, self._load_entry(name, by_name[name]))], auto=True, reason=reason)
-        log.info("enabled plugin '%s': %s", name, reason)
-        return {s: cls for s, cls in self._sections.items() if s not in before}
+        self._add([(name, obj)], reason="registered in-process")
 
     def _load_entry(self, name: str, entries: list[InstalledPlugin]) -> Any:
         if len(entries) > 1:
@@ -332,12 +300,12 @@ class PluginManager:
                 ) from exc
         return obj
 
-    def _add(self, items: list[tuple[str, Any]], auto: bool, reason: str) -> None:
+    def _add(self, items: list[tuple[str, Any]], reason: str) -> None:
         for name, obj in items:
             self._check_impls(name, obj)
         for name, obj in items:
             self._plugins[name] = obj
-            (self._auto if auto else self._listed).append(name)
+            self._listed.append(name)
             self._reasons[name] = reason
         self._reregister()
         self._check_pending()
@@ -467,12 +435,12 @@ class PluginManager:
 
     @property
     def plugin_names(self) -> list[str]:
-        """Enabled plugins in plugin order (core-enabled first, then as listed)."""
-        return [*self._auto, *self._listed]
+        """Enabled plugins in plugin order (as listed, then those registered in-process)."""
+        return list(self._listed)
 
     @property
     def enabled_reasons(self) -> dict[str, str]:
-        """``{plugin: why it is enabled}`` ("listed in 'plugins'", or the reason given to :meth:`enable_builtin`)."""
+        """``{plugin: why it is enabled}`` ("listed in 'plugins'" or "registered in-process")."""
         return {name: self._reasons[name] for name in self.plugin_names}
 
     @property

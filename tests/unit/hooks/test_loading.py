@@ -293,40 +293,16 @@ def expertrain_transform_model(model, config):
 """
 
 
-def test_enable_builtin_loads_an_installed_plugin_that_runs_before_listed_ones(make_dist):
-    for name in ("first", "second", "shared_experts"):
+def test_plugins_run_in_the_order_of_the_plugins_list(make_dist):
+    for name in ("first", "second"):
         make_dist(f"pkg-{name}", {name: f"loadtest_{name}"}, {f"loadtest_{name}": ORDERED.format(name=name)})
     pm = PluginManager()
     pm.load(["second", "first"])
     order: list[str] = []
     pm.hook.expertrain_transform_model(model=order, config=None)
     assert order == ["second", "first"]  # the order of 'plugins', not pluggy's last-registered-first
-
-    assert pm.enable_builtin("shared_experts", "the checkpoint has shared experts") == {}
-    assert pm.plugin_names == ["shared_experts", "second", "first"]
-    assert pm.enabled_reasons["shared_experts"] == "the checkpoint has shared experts"
-    order.clear()
-    pm.hook.expertrain_transform_model(model=order, config=None)
-    assert order == ["shared_experts", "second", "first"]
+    assert pm.plugin_names == ["second", "first"]
+    assert pm.enabled_reasons == {"second": "listed in 'plugins'", "first": "listed in 'plugins'"}
     assert (
         list(pm.call_per_plugin("expertrain_transform_model", model=[], config=None)) == []
     )  # all return None
-
-    pm.enable_builtin("first", "already listed")  # no-op
-    assert pm.plugin_names == ["shared_experts", "second", "first"]
-
-
-def test_enable_builtin_of_a_missing_plugin_names_it():
-    with pytest.raises(
-        PluginError, match=r"needs the built-in plugin 'absent_variant' \(shared experts\).*not installed"
-    ):
-        PluginManager().enable_builtin("absent_variant", "shared experts")
-
-
-def test_enable_builtin_can_be_forbidden(make_dist):
-    make_dist("pkg-auto", {"auto": "loadtest_auto"}, {"loadtest_auto": BETA})
-    pm = PluginManager()
-    pm.load([], allow_builtin_core=False)
-    with pytest.raises(PluginError, match=r"add 'auto' to 'plugins'"):
-        pm.enable_builtin("auto", "the model needs it")
-    assert "auto" not in pm

@@ -297,11 +297,11 @@ def test_qwen_moe_placement_maps_to_first_k_dense_and_every(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
 def test_shared_expert_families_load_and_export_with_no_plugin(tmp_path: Path, family: str) -> None:
-    """Shared experts are a core MoE submodule: a manager that may enable no plugin at all loads and re-exports the
-    folder, every tensor bit for bit."""
+    """Shared experts are a core MoE submodule: a manager with no plugin loads and re-exports the folder, every
+    tensor bit for bit."""
     _, folder = _saved(tmp_path, family)
     pm = PluginManager(default_registry())
-    pm.load([], allow_builtin_core=False)
+    pm.load([])
     loaded = load_pretrained(folder, plugin_manager=pm)
     assert pm.plugin_names == [] and loaded.config.plugins == []
     sections = hf_config_to_job_sections(folder)
