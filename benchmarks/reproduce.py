@@ -1208,6 +1208,10 @@ NOTES: dict[str, str] = {
     "the paper's 25% saving is at 4096-wide layers, where one Kronecker term is far cheaper than one LoRA rank. On "
     "the task SoKA matches LoRA with the head frozen and, with the head trained, had the lowest task loss of every "
     "adapter arm (1.47 nats, below full fine-tuning's 1.54).",
+    "mola": "Partly run (frozen head only: `--arms mola_2468,mola_5555`): on an 8-layer dense base with all 7 "
+    "projections adapted, 2-4-6-8 and 5-5-5-5 (the same 40 experts and parameters) reach the same task loss within "
+    "the seed noise (inconclusive) and neither learns the task to exact match with the head frozen; 8-8-8-8 and "
+    "the trained-head protocol are not yet run (`python benchmarks/reproduce.py --claim mola` runs the rest).",
     "hft": "Why: HFT forgets much less than full fine-tuning (3.7 against 8.6 nats of pretraining-loss increase; "
     "reproduced), at a task loss 0.10 ± 0.03 nats higher — at the edge of the 0.1 tolerance, so inconclusive on "
     "'matches full FT'. At this size HFT's always-trained embeddings and LM head are 70% of the model, so it trains "
