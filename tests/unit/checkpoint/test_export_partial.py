@@ -32,20 +32,9 @@ from framework.config import resolve
 from framework.hooks import PluginManager, hookimpl
 from framework.models import default_registry
 from framework.train.assembly import assemble_single_process
+from tests.unit.plugins.tiny_jobs import MOE_JOB
 
-SMALL: dict[str, Any] = {
-    "model": {
-        "dim": 32,
-        "n_layers": 2,
-        "n_heads": 4,
-        "n_kv_heads": 2,
-        "ffn_hidden": 48,
-        "max_seq_len": 16,
-        "vocab_size": 64,
-    },
-    "moe": {"num_experts": 4, "expert_hidden": 24, "every": 2},
-    "data": {"seq_len": 16},
-}
+SMALL = MOE_JOB
 ALL_MOE = {"num_experts": 4, "expert_hidden": 24, "every": 1}
 """Every layer MoE: a model a Hugging Face family (mixtral) holds, for the hf exports."""
 LORA = {"targets": "all-linear", "target_experts": True, "r": 4, "alpha": 8}

@@ -22,22 +22,11 @@ from framework.models import Transformer, default_registry
 from plugins.moe import mola
 from plugins.moe.mola import MoLALinear, expert_allocation, layer_groups, mola_modules, switch_balance_loss
 from plugins.peft.low_rank import experts_from_peft
+from tests.unit.plugins.tiny_jobs import MOE_JOB_4_LAYERS
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 REPO = Path(__file__).resolve().parents[4]
-SMALL = {
-    "model": {
-        "dim": 32,
-        "n_layers": 4,
-        "n_heads": 4,
-        "n_kv_heads": 2,
-        "ffn_hidden": 48,
-        "max_seq_len": 16,
-        "vocab_size": 64,
-    },
-    "moe": {"num_experts": 4, "expert_hidden": 24, "every": 2},  # layers 0, 2 MoE; 1, 3 dense
-    "data": {"seq_len": 16},
-}
+SMALL = MOE_JOB_4_LAYERS
 
 
 def _manager() -> PluginManager:

@@ -21,21 +21,10 @@ from framework.models import Transformer, default_registry
 from plugins.moe import mola
 from plugins.moe.mola import mola_modules
 from plugins.peft.low_rank import experts_from_peft
+from tests.unit.plugins.tiny_jobs import MOE_JOB_4_LAYERS
 
 IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-SMALL = {
-    "model": {
-        "dim": 32,
-        "n_layers": 4,
-        "n_heads": 4,
-        "n_kv_heads": 2,
-        "ffn_hidden": 48,
-        "max_seq_len": 16,
-        "vocab_size": 64,
-    },
-    "moe": {"num_experts": 4, "expert_hidden": 24, "every": 2},  # layers 0, 2 MoE; 1, 3 dense
-    "data": {"seq_len": 16},
-}
+SMALL = MOE_JOB_4_LAYERS
 
 
 def _build(raw: dict[str, Any]) -> tuple[Transformer, Any, PluginManager]:

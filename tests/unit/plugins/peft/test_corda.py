@@ -31,22 +31,11 @@ from framework.train.optim import build_optimizer
 from plugins.peft import corda
 from plugins.peft.corda import CorDALinear, CovarianceCollector
 from plugins.peft.low_rank import LoRAExperts
+from tests.unit.plugins.tiny_jobs import DENSE_JOB
 
 LOGITS_TOL = {"atol": 1e-5, "rtol": 0.0}
 REPO = Path(__file__).resolve().parents[4]
-SMALL = {
-    "model": {
-        "dim": 32,
-        "n_layers": 2,
-        "n_heads": 4,
-        "n_kv_heads": 2,
-        "ffn_hidden": 48,
-        "max_seq_len": 16,
-        "vocab_size": 64,
-    },
-    "moe": {"num_experts": 0},
-    "data": {"seq_len": 16},
-}
+SMALL = DENSE_JOB
 IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
 CALIB = list(torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(1)).split(3))
 MOE = {"num_experts": 4, "expert_hidden": 24, "every": 2}  # layer 0 MoE, layer 1 dense

@@ -28,22 +28,11 @@ from plugins.moe import mola
 from plugins.peft import lora
 from plugins.peft.low_rank import LoRAExperts, LoRALinear, experts_from_peft, hf_module_path
 from plugins.peft.targets import format_coverage, pattern_value, select_targets
+from tests.unit.plugins.tiny_jobs import MOE_JOB
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 REPO = Path(__file__).resolve().parents[4]
-SMALL = {
-    "model": {
-        "dim": 32,
-        "n_layers": 2,
-        "n_heads": 4,
-        "n_kv_heads": 2,
-        "ffn_hidden": 48,
-        "max_seq_len": 16,
-        "vocab_size": 64,
-    },
-    "moe": {"num_experts": 4, "expert_hidden": 24, "every": 2},  # layer 0 MoE, layer 1 dense
-    "data": {"seq_len": 16},
-}
+SMALL = MOE_JOB
 IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
 
 

@@ -27,20 +27,9 @@ from framework.train.optim import build_optimizer
 from plugins.peft import lora
 from plugins.peft.low_rank import LoRALinear
 from plugins.peft.modules_to_save import resolve as resolve_saved
+from tests.unit.plugins.tiny_jobs import DENSE_JOB
 
-DENSE = {
-    "model": {
-        "dim": 32,
-        "n_layers": 2,
-        "n_heads": 4,
-        "n_kv_heads": 2,
-        "ffn_hidden": 48,
-        "max_seq_len": 16,
-        "vocab_size": 64,
-    },
-    "moe": {"num_experts": 0},
-    "data": {"seq_len": 16},
-}
+DENSE = DENSE_JOB
 IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
 LOGITS_TOL = {"atol": 1e-5, "rtol": 0.0}
 
