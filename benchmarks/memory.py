@@ -178,21 +178,7 @@ def _folder_digest(folder: Path) -> dict[str, str]:
 
 def export_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """``expertrain export hf`` of a ~0.6B qwen3_moe checkpoint: in-memory path vs streamed (see the docstring)."""
-    hf_config = {
-        "vocab_size": args.vocab,
-        "hidden_size": args.dim,
-        "intermediate_size": 4 * args.dim,
-        "num_hidden_layers": args.layers,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 4,
-        "head_dim": args.dim // 16,
-        "num_experts": args.experts,
-        "num_experts_per_tok": 4,
-        "moe_intermediate_size": args.expert_hidden,
-        "max_position_embeddings": 512,
-        "norm_topk_prob": True,
-        "tie_word_embeddings": False,
-    }
+    hf_config = _hf_config(args)
     root = work / "run" / "checkpoints"
     made = _child({"mode": "checkpoint", "code": _MAKE_CHECKPOINT, "hf_config": hf_config, "root": str(root)})
     params = int(next(x for x in made["stdout"].splitlines() if x.startswith("PARAMS")).split()[1])
