@@ -204,13 +204,20 @@ def launch(job_file: Path, nproc: int, log: Path) -> tuple[int, float, float]:
 _COVERAGE = re.compile(r"([\d,]+) trainable parameters = [\d.]+% of ([\d,]+)")  # lora, corda, lift, soka
 _COMPACTER = re.compile(r"([\d,]+) adapter parameters \+ ([\d,]+) norm weights trained = [\d.]+% of ([\d,]+)")
 _HFT = re.compile(r"hft: stage 0 .*?([\d.]+)% of the parameters trained")
+# SoKA stores its factors at the rank cap; the rows past each layer's chosen rank are zero and never move.
+_SOKA_IN_USE = re.compile(
+    r"soka: decomposed .*?([\d,]+) trained entries in the rows in use of ([\d,]+) stored"
+)
 
 
 def trained_parameters(log_text: str, params_total: int) -> tuple[int, int, bool]:
     """(trained parameters, total parameters of the adapted model, whether the count is exact) from the method's
     start-up line; HFT prints its share to 0.1%, so its count is that share of the total, rounded to thousands."""
     if m := _COVERAGE.search(log_text):
-        return int(m[1].replace(",", "")), int(m[2].replace(",", "")), True
+        trained, total = int(m[1].replace(",", "")), int(m[2].replace(",", ""))
+        if soka := _SOKA_IN_USE.search(log_text):
+            trained -= int(soka[2].replace(",", "")) - int(soka[1].replace(",", ""))
+        return trained, total, True
     if m := _COMPACTER.search(log_text):
         return int(m[1].replace(",", "")) + int(m[2].replace(",", "")), int(m[3].replace(",", "")), True
     if m := _HFT.search(log_text):

@@ -6,10 +6,12 @@ rank), the same data, schedule, validation set (``data.val_seed``) and seeds:
 - **pretraining claims** (``coe``, ``deepseek_moe``): each arm trained from scratch on the embedded corpus; the
   metric is the validation loss on the fixed validation set (lower is better);
 - **fine-tuning claims** (``lora_vs_full``, ``hft``, ``corda``, ``lift``, ``soka``, ``compacter``, ``mola``): each arm
-  fine-tunes one pretrained base (trained once per scale with a fixed recipe and cached, not committed) on the
-  generated SFT task (``framework/data/sft_tasks.py``). The learning rate is chosen on the task's validation rows
-  (task validation loss, seed 0); the reported score is exact match on separate **test** rows (never seen by the lr
-  choice), forgetting is the pretraining validation loss after minus before (the base's own validation batches), and
+  fine-tunes one base (trained once per scale with a fixed recipe and cached, not committed: pretrained on the
+  corpus, then warmed up on chat tasks that share the template and symbols but none of the skills, so that the base
+  knows the format as a real base model does) on the generated SFT task (``framework/data/sft_tasks.py``). The
+  learning rate is chosen on the task's validation rows (task validation loss, seed 0); the reported score is exact
+  match on separate **test** rows (never seen by the lr choice), forgetting is the pretraining validation loss after
+  minus before (the first stage's validation batches, scored on the warmed-up base and on each fine-tuned model), and
   "early loss" is the mean training loss over the first quarter of the steps (how fast an arm learns).
 
 Per arm: an lr sweep (3 values at ``--scale cpu``, 5 at ``gpu``, 2 in ``--quick``) on seed 0, then the other seeds at
@@ -80,7 +82,10 @@ class Scale:
     batch: int
     micro_batch: int
     pretrain_steps: int  # the pretraining claims' arms
-    base_steps: int  # the cached fine-tuning bases
+    base_steps: int  # the cached fine-tuning bases: pretraining on the corpus
+    chat_steps: (
+        int  # then a chat warm-up on tasks disjoint from the fine-tuning task (sft_tasks.WARMUP_TASKS)
+    )
     sft_steps: int
     eval_batches: int
     train_rows: int
@@ -91,9 +96,9 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "quick": Scale("quick", 32, 2, 2, 1, 32, 4, 4, 2, 2, 2, 1, 48, 4, 1, 2, 1),
-    "cpu": Scale("cpu", 64, 4, 4, 2, 64, 16, 16, 200, 600, 150, 8, 3000, 128, 100, 3, 3),
-    "gpu": Scale("gpu", 512, 8, 8, 4, 512, 32, 16, 3000, 6000, 600, 32, 20000, 256, 300, 5, 3),
+    "quick": Scale("quick", 32, 2, 2, 1, 32, 4, 4, 2, 2, 2, 2, 1, 48, 4, 1, 2, 1),
+    "cpu": Scale("cpu", 64, 4, 4, 2, 64, 16, 16, 200, 600, 300, 400, 8, 3000, 128, 100, 3, 3),
+    "gpu": Scale("gpu", 512, 8, 8, 4, 512, 32, 16, 3000, 6000, 1000, 1000, 32, 20000, 256, 300, 5, 3),
 }
 
 
@@ -136,6 +141,11 @@ class Claim:
     comparisons: tuple[Comparison, ...]
     base: str = "moe"  # fine-tuning claims: which cached base ("moe" or "dense8")
     model: Callable[[Scale], dict[str, Any]] | None = None  # pretraining claims: model + moe sections
+    extra_lrs: int = 0  # lrs swept beyond the scale's count (where the best lr sat at the edge of the sweep)
+
+    def sweep_size(self, s: Scale) -> int:
+        """How many lrs every arm of this claim sweeps at scale ``s``."""
+        return s.n_lrs + self.extra_lrs
 
 
 FULL_LRS = (0.3, 1.0, 3.0, 0.1, 10.0)
@@ -279,6 +289,7 @@ CLAIMS: tuple[Claim, ...] = (
             ),
         ),
         model=_deepseek_model,
+        extra_lrs=1,  # the 3-value sweep put the baseline's and the shared-only arm's best lr at its top
     ),
     Claim(
         "lora_vs_full",
@@ -581,6 +592,22 @@ def base_job(name: str, s: Scale, run_dir: Path) -> dict[str, Any]:
     return job
 
 
+def chat_job(name: str, pretrained: Path, s: Scale, run_dir: Path, warmup_task: Path) -> dict[str, Any]:
+    """The fine-tuning base's second stage: full fine-tuning of the pretrained base on the warm-up chat tasks (copy,
+    first, last, count; none of the fine-tuning task's skills), so that the base knows the chat template and the
+    symbols, as a real base model does, and an adapter with a frozen head starts from usable output rows."""
+    shape = base_job(name, s, run_dir)
+    job = {"plugins": [], "model": {**shape["model"], "init_from": str(pretrained)}, "moe": shape["moe"]}
+    job.update(common_sections(s, s.chat_steps, 2e-3, 0, run_dir))
+    job["sft"] = {
+        "train_files": [str(warmup_task / "train.jsonl")],
+        "val_file": str(warmup_task / "val.jsonl"),
+        "packing": True,
+    }
+    job["checkpoint"]["save_final"] = True
+    return job
+
+
 def arm_job(claim: Claim, arm: Arm, head: bool, s: Scale, lr: float, seed: int, run_dir: Path,
             base: Path | None, task: Path | None) -> dict[str, Any]:  # fmt: skip
     """The job of one arm at one lr and seed."""
@@ -594,9 +621,9 @@ def arm_job(claim: Claim, arm: Arm, head: bool, s: Scale, lr: float, seed: int, 
         job["checkpoint"]["save_final"] = False
     else:
         assert base is not None and task is not None
-        meta = json.loads((base / "job.json").read_text(encoding="utf-8"))
-        job["model"] = {**meta["model"], "init_from": str(base)}
-        job["moe"] = meta["moe"]
+        shape = base_job(claim.base, s, run_dir)
+        job["model"] = {**shape["model"], "init_from": str(base)}
+        job["moe"] = shape["moe"]
         job.update(common_sections(s, s.sft_steps, lr, seed, run_dir))
         job["checkpoint"]["save_final"] = False  # scored on the trained model in process (train_job's at_end)
         job["sft"] = {
@@ -712,14 +739,15 @@ class _ScoresAtEnd:
 
 
 class Evaluator:
-    """Forgetting (the base's pretraining validation batches) and test exact match of a fine-tuned checkpoint."""
+    """Forgetting (the pretraining validation batches of the base's first stage, scored before and after the fine-
+    tune) and test exact match of a fine-tuned model."""
 
-    def __init__(self, base: Path, task: Path, max_new_tokens: int) -> None:
+    def __init__(self, base: Path, pretrained: Path, task: Path, max_new_tokens: int) -> None:
         sys.path.insert(0, str(REPO / "benchmarks"))
         from peft_methods import PretrainingValidation, base_config
 
-        self.validation = PretrainingValidation(base_config(str(base)))
-        self.before = self.validation.loss(base)[0]
+        self.validation = PretrainingValidation(base_config(str(pretrained)))
+        self.before = self.validation.loss(base)[0]  # the model every fine-tune starts from
         self.test_rows = [
             json.loads(x) for x in (task / "test.jsonl").read_text(encoding="utf-8").splitlines() if x
         ]
@@ -783,22 +811,42 @@ class Suite:
     _evaluators: dict[str, Evaluator] = field(default_factory=dict)
 
     # -- shared inputs
-    def base(self, name: str) -> Path:
-        """The cached fine-tuning base (trained once with the fixed recipe)."""
-        probe = base_job(name, self.scale, Path("x"))
-        run_dir = self.cache / "bases" / f"{name}-{self.scale.name}-{job_key(probe)}"
+    def pretrained_dir(self, name: str) -> Path:
+        """Where the base's first stage is cached (a hash of its recipe: a changed recipe is a new folder)."""
+        return (
+            self.cache
+            / "bases"
+            / f"{name}-{self.scale.name}-{job_key(base_job(name, self.scale, Path('x')))}"
+        )
+
+    def base_dir(self, name: str) -> Path:
+        """Where the fine-tuning base (after its chat warm-up) is cached."""
+        probe = chat_job(name, self.pretrained_dir(name), self.scale, Path("x"), self.warmup_task())
+        return self.cache / "bases" / f"{name}-chat-{self.scale.name}-{job_key(self.portable(probe))}"
+
+    def pretrained(self, name: str) -> Path:
+        """The base's first stage: pretrained on the embedded corpus with the fixed recipe (trained once)."""
+        run_dir = self.pretrained_dir(name)
         if not (run_dir / "summary.json").is_file():
             self.log(f"base {name}: pretraining {self.scale.base_steps} steps ({BASE_RECIPES[name]})")
             start = time.perf_counter()
-            job = base_job(name, self.scale, run_dir)
-            train_job(job, run_dir)
-            (run_dir / "job.json").write_text(json.dumps(job, indent=1), encoding="utf-8")
+            train_job(base_job(name, self.scale, run_dir), run_dir)
             self.log(f"base {name}: done in {time.perf_counter() - start:.0f} s")
         return run_dir
 
+    def base(self, name: str) -> Path:
+        """The fine-tuning base: the pretrained base after its chat warm-up (:func:`chat_job`; trained once)."""
+        pretrained, run_dir = self.pretrained(name), self.base_dir(name)
+        if not (run_dir / "summary.json").is_file():
+            self.log(f"base {name}: chat warm-up, {self.scale.chat_steps} steps")
+            start = time.perf_counter()
+            train_job(chat_job(name, pretrained, self.scale, run_dir, self.warmup_task()), run_dir)
+            self.log(f"base {name}: chat warm-up done in {time.perf_counter() - start:.0f} s")
+        return run_dir
+
     def base_info(self, name: str) -> dict[str, Any]:
-        run_dir = self.base(name)
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        summary = json.loads((self.pretrained(name) / "summary.json").read_text(encoding="utf-8"))
+        chat = json.loads((self.base(name) / "summary.json").read_text(encoding="utf-8"))
         return {
             "name": name,
             "recipe": BASE_RECIPES[name],
@@ -807,7 +855,20 @@ class Suite:
             "val_loss": summary["val_loss"],
             "unigram_entropy": summary.get("unigram_entropy"),
             "params_total": summary["params_total"],
+            "chat_steps": chat["steps"],
+            "chat_tokens_seen": chat["tokens_seen"],
+            "chat_val_loss": chat["val_loss"],
+            "pretrain_loss_start": self.evaluator(name).before,
         }
+
+    def warmup_task(self) -> Path:
+        """The chat warm-up rows of the base's second stage (:data:`framework.data.sft_tasks.WARMUP_TASKS`)."""
+        from framework.data.sft_tasks import WARMUP_TASKS, write_task
+
+        folder = self.cache / f"warmup_task-{self.scale.train_rows}"
+        if not (folder / "val.jsonl").is_file():
+            write_task(folder, self.scale.train_rows, 64, seed=1, tasks=WARMUP_TASKS)
+        return folder
 
     def task(self) -> Path:
         """The SFT task: train rows, validation rows (lr choice) and test rows (exact match), disjoint prompts."""
@@ -827,7 +888,9 @@ class Suite:
             with captured(self.cache / "evaluator.log"):
                 # The task's answers are at most 12 tokens and their end marker; quick only checks the path.
                 max_new_tokens = 2 if self.scale.name == "quick" else 16
-                self._evaluators[base_name] = Evaluator(self.base(base_name), self.task(), max_new_tokens)
+                self._evaluators[base_name] = Evaluator(
+                    self.base(base_name), self.pretrained(base_name), self.task(), max_new_tokens
+                )
         return self._evaluators[base_name]
 
     # -- one run
@@ -837,7 +900,7 @@ class Suite:
 
     def key(self, claim: Claim, arm: Arm, head: bool, lr: float, seed: int) -> str:
         """The hash of the job of one run (a result stored under another hash is stale: its job changed)."""
-        base = self.base(claim.base) if claim.kind == "sft" else None
+        base = self.base_dir(claim.base) if claim.kind == "sft" else None
         task = self.task() if claim.kind == "sft" else None
         return job_key(self.portable(arm_job(claim, arm, head, self.scale, lr, seed, Path("x"), base, task)))
 
@@ -867,8 +930,18 @@ class Suite:
         return self.results / claim.name / f"{arm_name}-seed{seed}.json"
 
     def load_arm(self, claim: Claim, arm_name: str, seed: int) -> dict[str, dict[str, Any]]:
+        """The cached runs of one arm and seed, by lr; runs whose job is no longer the arm's (a changed recipe,
+        base or grid) are left out, so a report never mixes them with current ones."""
         path = self.arm_file(claim, arm_name, seed)
-        return json.loads(path.read_text(encoding="utf-8"))["runs"] if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        arm, head = next((a, h) for n, a, h in arm_variants(claim) if n == arm_name)
+        runs = json.loads(path.read_text(encoding="utf-8"))["runs"]
+        return {
+            lr: r
+            for lr, r in runs.items()
+            if job_key(self.portable(r["job"])) == self.key(claim, arm, head, float(lr), seed)
+        }
 
     def save_arm(self, claim: Claim, arm_name: str, seed: int, runs: dict[str, dict[str, Any]]) -> None:
         path = self.arm_file(claim, arm_name, seed)
@@ -882,7 +955,7 @@ class Suite:
     ) -> dict[str, Any]:
         """Every arm's lr sweep (seed 0) and the other seeds at the chosen lr; cached per arm and seed. ``arms``: only
         these (a session can run part of a claim); ``n_lrs``: sweep this many lrs instead of the scale's."""
-        n_lrs = n_lrs or self.scale.n_lrs
+        n_lrs = n_lrs or claim.sweep_size(self.scale)
         todo = [(n, a, h) for n, a, h in arm_variants(claim) if not arms or n in arms]
         planned = len(todo) * (n_lrs + seeds - 1)
         done = 0
@@ -895,10 +968,7 @@ class Suite:
                 wanted = lrs if seed == 0 else [choose_lr(self.load_arm(claim, name, 0))]
                 for lr in wanted:
                     done += 1
-                    cached = runs.get(f"{lr:g}")
-                    if cached and job_key(self.portable(cached["job"])) == self.key(
-                        claim, arm, head, lr, seed
-                    ):
+                    if f"{lr:g}" in runs:
                         continue
                     t0 = time.perf_counter()
                     runs[f"{lr:g}"] = self.run(claim, arm, head, lr, seed)
@@ -1137,7 +1207,7 @@ def write_report(suite: Suite, seeds: int, output: Path, plots: Path | None) -> 
         f"`{s.name}`: dim {s.dim}, {s.n_layers} layers, sequence {s.seq_len}, global batch {s.batch}; pretraining "
         f"claims {s.pretrain_steps} steps ({s.pretrain_steps * s.batch * s.seq_len:,} tokens per arm), fine-tuning "
         f"claims {s.sft_steps} steps ({s.sft_steps * s.batch * s.seq_len:,} tokens per arm) on the generated SFT "
-        f"task ({s.train_rows} training rows, lr chosen on {s.val_rows} validation rows, exact match on "
+        f"task (add, reverse, upper, sort) ({s.train_rows} training rows, lr chosen on {s.val_rows} validation rows, exact match on "
         f"{s.test_rows} test rows); lr sweep of {s.n_lrs} values on seed 0, {seeds} seeds at the chosen lr; "
         "mean ± standard deviation over seeds; verdicts from the 95% confidence interval of the difference (Student's t, "
         "paired by seed where both arms ran the same seeds). One rank per run, fp32.",
@@ -1173,11 +1243,18 @@ def write_report(suite: Suite, seeds: int, output: Path, plots: Path | None) -> 
                 "each arm's own keys are in `CLAIMS` in `benchmarks/reproduce.py` (and in each result file's `job`).",
                 "",
             ]
+        if claim.extra_lrs:
+            lrs = ", ".join(f"{claim.lr * f:g}" for f in claim.arms[0].lr_factors[: claim.sweep_size(s)])
+            lines += [f"Every arm of this claim sweeps {claim.sweep_size(s)} lrs ({lrs}).", ""]
         if claim.kind == "sft":
             info = suite.base_info(claim.base)
             lines += [
                 f"Base `{claim.base}` ({info['recipe']}): {info['params_total'] / 1e6:.2f}M parameters, "
-                f"{info['steps']} steps, {info['tokens_seen']:,} tokens, validation loss {info['val_loss']:.3f}.",
+                f"pretrained {info['steps']} steps ({info['tokens_seen']:,} tokens, validation loss "
+                f"{info['val_loss']:.3f}), then a chat warm-up of {info['chat_steps']} steps on the tasks copy, "
+                f"first, last and count ({info['chat_tokens_seen']:,} answer tokens; warm-up validation loss "
+                f"{info['chat_val_loss']:.3f}; pretraining validation loss after it "
+                f"{info['pretrain_loss_start']:.3f}, where forgetting is measured from).",
                 "",
             ]
         lines += claim_table(summary, claim)

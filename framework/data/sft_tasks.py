@@ -8,6 +8,13 @@ Four sub-tasks, each a user turn and an assistant turn (rows in the format of :m
     upper: c a j b        ->  C A J B
     sort: c a j b         ->  a b c j
 
+and four warm-up sub-tasks (:data:`WARMUP_TASKS`, never in the default mix) that teach the format, not the skills::
+
+    copy: c a j b         ->  c a j b
+    first: c a j b        ->  c
+    last: c a j b         ->  b
+    count: c a j b        ->  4        (1..9 letters)
+
 Letters and digits are space-separated so that every symbol is its own token under a byte-level BPE (merged chunks
 such as ``cajb`` would hide the letters a reversal needs), which keeps the vocabulary tiny and the task learnable.
 Rows cycle through the sub-tasks (balanced mix). Validation rows are drawn first from their own seeded stream and
@@ -32,6 +39,10 @@ from pathlib import Path
 from typing import Any
 
 TASKS: tuple[str, ...] = ("add", "reverse", "upper", "sort")
+WARMUP_TASKS: tuple[str, ...] = ("copy", "first", "last", "count")
+"""Chat-format tasks disjoint from :data:`TASKS`: a base warmed up on them has seen the chat template, the spaced
+letters and digits, but none of the skills :data:`TASKS` ask for (``benchmarks/reproduce.py``'s fine-tuning base)."""
+ALL_TASKS: tuple[str, ...] = TASKS + WARMUP_TASKS
 LETTERS = "abcdefghij"
 MIN_LETTERS, MAX_LETTERS = 3, 6
 STOP_MARKERS: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
@@ -51,14 +62,20 @@ def make_example(task: str, rng: random.Random, max_digits: int = 2) -> tuple[st
     if task == "add":
         a, b = (rng.randint(0, 10**max_digits - 1) for _ in range(2))
         return f"add: {_spaced(str(a))} + {_spaced(str(b))}", _spaced(str(a + b))
+    if task == "count":
+        letters = [rng.choice(LETTERS) for _ in range(rng.randint(1, 9))]
+        return f"count: {_spaced(letters)}", str(len(letters))
     letters = _letters(rng)
     transforms: dict[str, Callable[[list[str]], list[str]]] = {
         "reverse": lambda xs: xs[::-1],
         "upper": lambda xs: [x.upper() for x in xs],
         "sort": sorted,
+        "copy": list,
+        "first": lambda xs: xs[:1],
+        "last": lambda xs: xs[-1:],
     }
     if task not in transforms:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(ALL_TASKS)}")
     return f"{task}: {_spaced(letters)}", _spaced(transforms[task](letters))
 
 
@@ -81,8 +98,8 @@ def generate_rows(
     """``count`` rows cycling through ``tasks``, drawn from ``random.Random(seed)``; no prompt repeats within the rows
     or appears in ``exclude``. Raises ValueError when the prompt space is too small for ``count``."""
     for task in tasks:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        if task not in ALL_TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(ALL_TASKS)}")
     if not tasks:
         raise ValueError("no tasks given")
     if max_digits < 1:
@@ -159,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=200, help="validation rows (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument(
-        "--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}"
+        "--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(ALL_TASKS)}"
     )
     parser.add_argument("--max-digits", type=int, default=2, help="digits per addend (default 2)")
     args = parser.parse_args(argv)

@@ -663,9 +663,12 @@ def expertrain_init_weights(model: nn.Module) -> None:
     """The decompositions of the (possibly sharded) base weights: ``model.init_from`` is loaded by now."""
     decomposed = decompose_bases(model)
     ranks = [r for r, _ in decomposed]
+    factors = set(factor_parameter_names(model))
+    stored = sum(p.numel() for name, p in model.named_parameters() if name in factors)
     console.info(
         f"soka: decomposed {len(ranks)} matrices; Kronecker ranks {min(ranks)}-{max(ranks)} "
-        f"(mean {sum(ranks) / len(ranks):.2f}); {sum(n for _, n in decomposed):,} trained entries in the rows in use"
+        f"(mean {sum(ranks) / len(ranks):.2f}); {sum(n for _, n in decomposed):,} trained entries in the rows in use "
+        f"of {stored:,} stored"
     )
 
 

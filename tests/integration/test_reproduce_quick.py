@@ -39,7 +39,7 @@ def test_quick_suite_runs_every_claims_arms_and_resumes_only_what_is_missing(tmp
             runs = json.loads((results / claim.name / f"{name}-seed0.json").read_text(encoding="utf-8"))[
                 "runs"
             ]
-            assert len(runs) == reproduce.SCALES["quick"].n_lrs, (claim.name, name)  # the 2-lr sweep
+            assert len(runs) == claim.sweep_size(reproduce.SCALES["quick"]), (claim.name, name)
             assert all(r["tokens_seen"] > 0 and r["val_loss"] > 0 for r in runs.values())
             assert re.search(rf"^\| {re.escape(name)} \| ", report, re.M), (claim.name, name)
         for comparison in claim.comparisons:  # every comparison has a verdict row
@@ -49,8 +49,23 @@ def test_quick_suite_runs_every_claims_arms_and_resumes_only_what_is_missing(tmp
 
     removed = results / "hft" / "hft-seed0.json"
     removed.unlink()
-    kept = {p: p.stat().st_mtime_ns for p in results.rglob("*-seed0.json")}
+    stale = (
+        results / "soka" / "soka-seed0.json"
+    )  # one run whose job no longer is the arm's: rerun, not reported
+    body = json.loads(stale.read_text(encoding="utf-8"))
+    stale_lr = sorted(body["runs"])[0]
+    body["runs"][stale_lr]["job"]["optim"]["weight_decay"] = 0.5
+    stale.write_text(json.dumps(body), encoding="utf-8")
+    kept = {p: p.stat().st_mtime_ns for p in results.rglob("*-seed0.json") if p != stale}
     second = _run(tmp_path)
-    assert re.findall(r"^\[(\w+)\] \d+/\d+ (\S+) lr", second, re.M) == [("hft", "hft")] * 2
-    assert removed.is_file()
+    assert re.findall(r"^\[(\w+)\] \d+/\d+ (\S+) lr (\S+)", second, re.M) == [
+        *[
+            ("hft", "hft", lr)
+            for lr in sorted(json.loads(removed.read_text(encoding="utf-8"))["runs"], key=float)
+        ],
+        ("soka", "soka", stale_lr),
+    ]
+    assert (
+        json.loads(stale.read_text(encoding="utf-8"))["runs"][stale_lr]["job"]["optim"]["weight_decay"] == 0.0
+    )
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "finished arms were rewritten"

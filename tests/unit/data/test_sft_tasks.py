@@ -11,6 +11,7 @@ from framework.data.labels import IGNORE_INDEX
 from framework.data.sft import build_sft_datasets
 from framework.data.sft_tasks import (
     TASKS,
+    WARMUP_TASKS,
     exact_match,
     generate_rows,
     main,
@@ -32,8 +33,17 @@ def solve(prompt: str) -> str:
         a, b = ("".join(side.split()) for side in args.split(" + "))
         return " ".join(str(int(a) + int(b)))
     letters = args.split()
+    if task == "count":
+        return str(len(letters))
     return " ".join(
-        {"reverse": letters[::-1], "upper": [x.upper() for x in letters], "sort": sorted(letters)}[task]
+        {
+            "reverse": letters[::-1],
+            "upper": [x.upper() for x in letters],
+            "sort": sorted(letters),
+            "copy": letters,
+            "first": letters[:1],
+            "last": letters[-1:],
+        }[task]
     )
 
 
@@ -52,6 +62,17 @@ def test_rows_are_correct_balanced_and_small(tmp_path: Path) -> None:
     train_prompts = {r["messages"][0]["content"] for r in train}
     val_prompts = {r["messages"][0]["content"] for r in val}
     assert len(train_prompts) == 400 and len(val_prompts) == 40 and not train_prompts & val_prompts
+
+
+def test_warmup_rows_are_correct_and_share_no_task_with_the_default_mix(tmp_path: Path) -> None:
+    train_path, _ = write_task(tmp_path, 80, 0, seed=1, tasks=WARMUP_TASKS)
+    rows = read(train_path)
+    assert Counter(r["task"] for r in rows) == dict.fromkeys(WARMUP_TASKS, 20)
+    for row in rows:
+        messages, reference = prompt_and_reference(row)
+        assert reference == solve(messages[0]["content"])
+    assert not set(WARMUP_TASKS) & set(TASKS)
+    assert {r["task"] for r in read(write_task(tmp_path / "d", 40, 0, seed=1)[0])} == set(TASKS)
 
 
 def test_deterministic_by_seed(tmp_path: Path) -> None:
