@@ -64,7 +64,9 @@ def _job(
     model = Transformer(config.model, config.moe, pm.registry)
     model.init_weights(0)
     pm.hook.expertrain_transform_model(model=model, config=config)  # structure
-    pm.hook.expertrain_init_weights(model=model, config=config, init=KeyedInit.for_model(0, model))  # masks
+    pm.hook.expertrain_init_weights(
+        model=model, config=config, init=KeyedInit.for_model(0, model), resumed=False
+    )  # masks
     trainable = pm.trainable_names(model, config)
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)

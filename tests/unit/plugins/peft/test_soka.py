@@ -68,7 +68,9 @@ def _job(
 def _transform(model: Transformer, config: JobConfig, pm: PluginManager) -> None:
     """The assembly's order on a whole model: structure (transform), then the decomposition (init hook)."""
     pm.hook.expertrain_transform_model(model=model, config=config)
-    pm.hook.expertrain_init_weights(model=model, config=config, init=KeyedInit.for_model(0, model))
+    pm.hook.expertrain_init_weights(
+        model=model, config=config, init=KeyedInit.for_model(0, model), resumed=False
+    )
     trainable = pm.trainable_names(model, config)
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
