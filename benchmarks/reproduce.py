@@ -14,8 +14,9 @@ rank), the same data, schedule, validation set (``data.val_seed``) and seeds:
   minus before (the first stage's validation batches, scored on the warmed-up base and on each fine-tuned model), and
   "early loss" is the mean training loss over the first quarter of the steps (how fast an arm learns).
 
-Per arm: an lr sweep (3 values at ``--scale cpu``, 5 at ``gpu``, 2 in ``--quick``) on seed 0, then the other seeds at
-the chosen lr; mean ± sample standard deviation over seeds. Adapter arms run in both head protocols: the head frozen
+Per arm: an lr sweep (3 values at ``--scale cpu``, 5 at ``gpu``, 2 in ``--quick``) on seed 0, grown one value at a
+time toward its edge while the best lr sits there (up to 5 values: :func:`next_lr`), then the other seeds at the
+chosen lr; mean ± sample standard deviation over seeds. Adapter arms run in both head protocols: the head frozen
 (the default) and, where the plugin has the key, ``<plugin>.modules_to_save=[lm_head]`` (the arm name ends in
 ``+head``). Verdicts: the 95% confidence interval of the difference between the arms (Student's t, paired by seed)
 against the claim's direction (see :func:`verdict`).
@@ -91,12 +92,13 @@ class Scale:
     train_rows: int
     val_rows: int  # lr choice (task validation loss)
     test_rows: int  # exact match
-    n_lrs: int
+    n_lrs: int  # the first sweep of every arm
     seeds: int
+    max_lrs: int = 5  # the sweep grows toward its edge while the best lr sits there, up to this many values
 
 
 SCALES: dict[str, Scale] = {
-    "quick": Scale("quick", 32, 2, 2, 1, 32, 4, 4, 2, 2, 2, 2, 1, 48, 4, 1, 2, 1),
+    "quick": Scale("quick", 32, 2, 2, 1, 32, 4, 4, 2, 2, 2, 2, 1, 48, 4, 1, 2, 1, max_lrs=2),
     "cpu": Scale("cpu", 64, 4, 4, 2, 64, 16, 16, 200, 600, 300, 400, 8, 3000, 128, 100, 3, 3),
     "gpu": Scale("gpu", 512, 8, 8, 4, 512, 32, 16, 3000, 6000, 1000, 1000, 32, 20000, 256, 300, 5, 3),
 }
@@ -141,11 +143,6 @@ class Claim:
     comparisons: tuple[Comparison, ...]
     base: str = "moe"  # fine-tuning claims: which cached base ("moe" or "dense8")
     model: Callable[[Scale], dict[str, Any]] | None = None  # pretraining claims: model + moe sections
-    extra_lrs: int = 0  # lrs swept beyond the scale's count (where the best lr sat at the edge of the sweep)
-
-    def sweep_size(self, s: Scale) -> int:
-        """How many lrs every arm of this claim sweeps at scale ``s``."""
-        return s.n_lrs + self.extra_lrs
 
 
 FULL_LRS = (0.3, 1.0, 3.0, 0.1, 10.0)
@@ -289,7 +286,6 @@ CLAIMS: tuple[Claim, ...] = (
             ),
         ),
         model=_deepseek_model,
-        extra_lrs=1,  # the 3-value sweep put the baseline's and the shared-only arm's best lr at its top
     ),
     Claim(
         "lora_vs_full",
@@ -955,35 +951,51 @@ class Suite:
     ) -> dict[str, Any]:
         """Every arm's lr sweep (seed 0) and the other seeds at the chosen lr; cached per arm and seed. ``arms``: only
         these (a session can run part of a claim); ``n_lrs``: sweep this many lrs instead of the scale's."""
-        n_lrs = n_lrs or claim.sweep_size(self.scale)
+        n_lrs = n_lrs or self.scale.n_lrs
         todo = [(n, a, h) for n, a, h in arm_variants(claim) if not arms or n in arms]
         planned = len(todo) * (n_lrs + seeds - 1)
         done = 0
         started = time.perf_counter()
         ran = 0
         for name, arm, head in todo:
-            lrs = [claim.lr * f for f in arm.lr_factors[:n_lrs]]
+            grid = [claim.lr * f for f in arm.lr_factors]
+            lrs = grid[:n_lrs]
             for seed in range(seeds):
                 runs = self.load_arm(claim, name, seed)
                 wanted = lrs if seed == 0 else [choose_lr(self.load_arm(claim, name, 0))]
-                for lr in wanted:
+                for lr in wanted:  # seed 0: ``lrs`` grows (next_lr) while the sweep's best sits at its edge
                     done += 1
-                    if f"{lr:g}" in runs:
-                        continue
-                    t0 = time.perf_counter()
-                    runs[f"{lr:g}"] = self.run(claim, arm, head, lr, seed)
-                    self.save_arm(claim, name, seed, runs)
-                    ran += 1
-                    elapsed = time.perf_counter() - started
-                    rate = elapsed / ran
-                    r = runs[f"{lr:g}"]
-                    self.log(
-                        f"[{claim.name}] {done}/{planned} {name} lr {lr:g} seed {seed}: val {r['val_loss']:.4f}"
-                        + (f", test EM {r['exact_match']:.3f}" if "exact_match" in r else "")
-                        + f"; {time.perf_counter() - t0:.1f} s, {r['tokens_seen']:,} tokens; "
-                        f"ETA {rate * (planned - done) / 60:.1f} min"
-                    )
+                    if f"{lr:g}" not in runs:
+                        t0 = time.perf_counter()
+                        runs[f"{lr:g}"] = self.run(claim, arm, head, lr, seed)
+                        self.save_arm(claim, name, seed, runs)
+                        ran += 1
+                        rate = (time.perf_counter() - started) / ran
+                        r = runs[f"{lr:g}"]
+                        self.log(
+                            f"[{claim.name}] {done}/{planned} {name} lr {lr:g} seed {seed}: val {r['val_loss']:.4f}"
+                            + (f", test EM {r['exact_match']:.3f}" if "exact_match" in r else "")
+                            + f"; {time.perf_counter() - t0:.1f} s, {r['tokens_seen']:,} tokens; "
+                            f"ETA {rate * (planned - done) / 60:.1f} min"
+                        )
+                    if seed == 0 and lr == lrs[-1] and len(lrs) < max(n_lrs, self.scale.max_lrs):
+                        swept = {f"{x:g}": runs[f"{x:g}"] for x in lrs}
+                        if (extra := next_lr(grid, lrs, choose_lr(swept))) is not None:
+                            lrs.append(extra)
+                            planned += 1
         return summarise(self, claim, seeds)
+
+
+def next_lr(grid: list[float], swept: list[float], best: float) -> float | None:
+    """The lr to add to a sweep whose ``best`` lr sits at its edge: the nearest unswept value of ``grid`` beyond
+    that edge; None when ``best`` is inside the sweep or the grid has nothing beyond it."""
+    if best == max(swept):
+        beyond = [x for x in grid if x > best and x not in swept]
+        return min(beyond) if beyond else None
+    if best == min(swept):
+        beyond = [x for x in grid if x < best and x not in swept]
+        return max(beyond) if beyond else None
+    return None
 
 
 def choose_lr(runs: dict[str, dict[str, Any]]) -> float:
@@ -1208,7 +1220,8 @@ def write_report(suite: Suite, seeds: int, output: Path, plots: Path | None) -> 
         f"claims {s.pretrain_steps} steps ({s.pretrain_steps * s.batch * s.seq_len:,} tokens per arm), fine-tuning "
         f"claims {s.sft_steps} steps ({s.sft_steps * s.batch * s.seq_len:,} tokens per arm) on the generated SFT "
         f"task (add, reverse, upper, sort) ({s.train_rows} training rows, lr chosen on {s.val_rows} validation rows, exact match on "
-        f"{s.test_rows} test rows); lr sweep of {s.n_lrs} values on seed 0, {seeds} seeds at the chosen lr; "
+        f"{s.test_rows} test rows); lr sweep of {s.n_lrs} values on seed 0, grown toward "
+        f"its edge while the best lr sits there (up to {s.max_lrs} values), {seeds} seeds at the chosen lr; "
         "mean ± standard deviation over seeds; verdicts from the 95% confidence interval of the difference (Student's t, "
         "paired by seed where both arms ran the same seeds). One rank per run, fp32.",
         "",
@@ -1223,7 +1236,7 @@ def write_report(suite: Suite, seeds: int, output: Path, plots: Path | None) -> 
         "rows, lr search and seeds; where the two arms train different parts (an adapter with the head frozen "
         "against full fine-tuning, which trains it) the row says *not like for like* and draws no verdict — "
         "the arm with `modules_to_save=[lm_head]` (+head) is the like-for-like one. † marks a "
-        "chosen lr at the edge of its sweep. 'tokens seen' is the trainer's count (for fine-tuning: the loss "
+        "chosen lr at the edge of its (grown) sweep. 'tokens seen' is the trainer's count (for fine-tuning: the loss "
         "tokens, the answers).",
         "",
     ]
@@ -1243,9 +1256,7 @@ def write_report(suite: Suite, seeds: int, output: Path, plots: Path | None) -> 
                 "each arm's own keys are in `CLAIMS` in `benchmarks/reproduce.py` (and in each result file's `job`).",
                 "",
             ]
-        if claim.extra_lrs:
-            lrs = ", ".join(f"{claim.lr * f:g}" for f in claim.arms[0].lr_factors[: claim.sweep_size(s)])
-            lines += [f"Every arm of this claim sweeps {claim.sweep_size(s)} lrs ({lrs}).", ""]
+
         if claim.kind == "sft":
             info = suite.base_info(claim.base)
             lines += [

@@ -39,7 +39,7 @@ def test_quick_suite_runs_every_claims_arms_and_resumes_only_what_is_missing(tmp
             runs = json.loads((results / claim.name / f"{name}-seed0.json").read_text(encoding="utf-8"))[
                 "runs"
             ]
-            assert len(runs) == claim.sweep_size(reproduce.SCALES["quick"]), (claim.name, name)
+            assert len(runs) == reproduce.SCALES["quick"].n_lrs, (claim.name, name)  # the 2-lr sweep
             assert all(r["tokens_seen"] > 0 and r["val_loss"] > 0 for r in runs.values())
             assert re.search(rf"^\| {re.escape(name)} \| ", report, re.M), (claim.name, name)
         for comparison in claim.comparisons:  # every comparison has a verdict row
@@ -69,3 +69,11 @@ def test_quick_suite_runs_every_claims_arms_and_resumes_only_what_is_missing(tmp
         json.loads(stale.read_text(encoding="utf-8"))["runs"][stale_lr]["job"]["optim"]["weight_decay"] == 0.0
     )
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "finished arms were rewritten"
+
+
+def test_a_sweep_grows_only_toward_the_edge_where_its_best_lr_sits() -> None:
+    grid = [1.0, 2.0, 0.5, 4.0, 0.25]
+    assert reproduce.next_lr(grid, [1.0, 2.0, 0.5], best=2.0) == 4.0  # best at the top: one value above
+    assert reproduce.next_lr(grid, [1.0, 2.0, 0.5], best=0.5) == 0.25  # best at the bottom: one value below
+    assert reproduce.next_lr(grid, [1.0, 2.0, 0.5], best=1.0) is None  # inside: the sweep is done
+    assert reproduce.next_lr(grid, [1.0, 2.0, 0.5, 4.0], best=4.0) is None  # nothing beyond the grid's top
