@@ -195,7 +195,9 @@ def test_a_hung_rank_is_named_within_the_timeout(tmp_path: Path) -> None:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hang-plugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[expertrain.plugins]\nhang = hang_plugin\n")
 
-    timeout_s = 10
+    # Short, since the test waits it out twice (the timeout, then the hung rank's grace after torchrun's SIGTERM), yet
+    # far above any healthy collective of steps 1-2 on a loaded 2-core machine.
+    timeout_s = 5
     run_dir = tmp_path / "run"
     overrides = [
         *JOB,
