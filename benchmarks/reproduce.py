@@ -10,9 +10,9 @@ rank), the same data, schedule, validation set (``data.val_seed``) and seeds:
   corpus, then warmed up on chat tasks that share the template and symbols but none of the skills, so that the base
   knows the format as a real base model does) on the generated SFT task (``framework/data/sft_tasks.py``). The
   learning rate is chosen on the task's validation rows (task validation loss, seed 0); the reported score is exact
-  match on separate **test** rows (never seen by the lr choice), forgetting is the pretraining validation loss after
-  minus before (the first stage's validation batches, scored on the warmed-up base and on each fine-tuned model), and
-  "early loss" is the mean training loss over the first quarter of the steps (how fast an arm learns).
+  match on separate **test** rows (never seen by the lr choice), forgetting is the loss on the base's previous
+  skills (the warm-up tasks' validation rows) after minus before the fine-tune (the corpus loss does not survive the
+  warm-up of a model this small; it is kept in the results as ``corpus_forgetting``), and "early loss" is the mean training loss over the first quarter of the steps (how fast an arm learns).
 
 Per arm: an lr sweep (3 values at ``--scale cpu``, 5 at ``gpu``, 2 in ``--quick``) on seed 0, grown one value at a
 time toward its edge while the best lr sits there (up to 5 values: :func:`next_lr`), then the other seeds at the
@@ -737,16 +737,53 @@ class _ScoresAtEnd:
         summary.update(self.score(model, self.run_dir))
 
 
-class Evaluator:
-    """Forgetting (the pretraining validation batches of the base's first stage, scored before and after the fine-
-    tune) and test exact match of a fine-tuned model."""
+EVALUATION = 2
+"""Version of the fine-tuning scores (:class:`Evaluator`): a run scored by another version is rerun, not reported.
+1: forgetting on the corpus; 2: forgetting on the base's previous skills (the warm-up tasks), corpus loss kept."""
 
-    def __init__(self, base: Path, pretrained: Path, task: Path, max_new_tokens: int) -> None:
+
+def sft_loss(model: Any, batches: list[tuple[Any, Any, Any]]) -> float:
+    """Mean next-token loss (nats) of ``model`` over packed SFT batches ``(input_ids, labels, position_ids)``."""
+    import torch
+
+    from framework.train.loss import count_loss_tokens, lm_loss_sum
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for input_ids, labels, position_ids in batches:
+            logits = model(input_ids.to(device), position_ids.to(device))
+            total += float(lm_loss_sum(logits, labels.to(device)))
+            count += count_loss_tokens(labels)
+    model.discard_routing_state()
+    return total / max(count, 1)
+
+
+class Evaluator:
+    """The scores of a fine-tuned model: exact match on the task's test rows; forgetting, the loss on the validation
+    rows of the base's previous skills (its warm-up tasks) after minus before the fine-tune; and the same on the
+    corpus validation batches of the base's first stage (``corpus_forgetting``)."""
+
+    def __init__(self, base: Path, pretrained: Path, task: Path, warmup: Path, seq_len: int,
+                 max_new_tokens: int) -> None:  # fmt: skip
+        import torch
+
+        from framework.checkpoint.export import load_model
+        from framework.config.sections import SFTDataConfig
+        from framework.data.sft import build_sft_datasets, collate_sft
+
         sys.path.insert(0, str(REPO / "benchmarks"))
         from peft_methods import PretrainingValidation, base_config
 
         self.validation = PretrainingValidation(base_config(str(pretrained)))
-        self.before = self.validation.loss(base)[0]  # the model every fine-tune starts from
+        self.corpus_before = self.validation.loss(base)[0]  # the model every fine-tune starts from
+        rows = SFTDataConfig(train_files=[str(warmup / "val.jsonl")], val_file=str(warmup / "val.jsonl"))
+        _, skills = build_sft_datasets(rows, base / "tokenizer", seq_len)
+        assert skills is not None
+        items = [skills[i] for i in range(len(skills))]
+        self.skill_batches = [collate_sft(items[i : i + 16]) for i in range(0, len(items), 16)]
+        with torch.no_grad():
+            self.before = sft_loss(load_model(base)[0].eval(), self.skill_batches)
         self.test_rows = [
             json.loads(x) for x in (task / "test.jsonl").read_text(encoding="utf-8").splitlines() if x
         ]
@@ -769,10 +806,17 @@ class Evaluator:
                 total += float(lm_loss_sum(model(input_ids), labels))
                 count += count_loss_tokens(labels)
             model.discard_routing_state()
-            after = total / max(count, 1)
+            corpus_after = total / max(count, 1)
+            skills_after = sft_loss(model, self.skill_batches)
             chat = ChatTokenizer.from_dir(run_dir / "tokenizer")
             accuracy, _ = exact_match_accuracy(model, chat, self.test_rows, self.max_new_tokens)
-        return {"exact_match": accuracy, "pretrain_loss_after": after, "forgetting": after - self.before}
+        return {
+            "exact_match": accuracy,
+            "skills_loss_after": skills_after,
+            "forgetting": skills_after - self.before,
+            "pretrain_loss_after": corpus_after,
+            "corpus_forgetting": corpus_after - self.corpus_before,
+        }
 
 
 def run_metrics(summary: dict[str, Any], text: str, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -857,7 +901,8 @@ class Suite:
             "chat_steps": chat["steps"],
             "chat_tokens_seen": chat["tokens_seen"],
             "chat_val_loss": chat["val_loss"],
-            "pretrain_loss_start": self.evaluator(name).before,
+            "corpus_loss_start": self.evaluator(name).corpus_before,
+            "skills_loss_start": self.evaluator(name).before,
         }
 
     def warmup_task(self) -> Path:
@@ -888,7 +933,12 @@ class Suite:
                 # The task's answers are at most 12 tokens and their end marker; quick only checks the path.
                 max_new_tokens = 2 if self.scale.name == "quick" else 16
                 self._evaluators[base_name] = Evaluator(
-                    self.base(base_name), self.pretrained(base_name), self.task(), max_new_tokens
+                    self.base(base_name),
+                    self.pretrained(base_name),
+                    self.task(),
+                    self.warmup_task(),
+                    self.scale.seq_len,
+                    max_new_tokens,
                 )
         return self._evaluators[base_name]
 
@@ -907,7 +957,7 @@ class Suite:
         base = self.base(claim.base) if claim.kind == "sft" else None
         task = self.task() if claim.kind == "sft" else None
         key = self.key(claim, arm, head, lr, seed)
-        memo = self.cache / "runs" / f"{key}.json"
+        memo = self.cache / "runs" / (f"{key}-e{EVALUATION}.json" if claim.kind == "sft" else f"{key}.json")
         if memo.is_file():
             return json.loads(memo.read_text(encoding="utf-8"))
         run_dir = self.cache / "work" / key
@@ -915,9 +965,17 @@ class Suite:
         at_end = self.evaluator(claim.base) if claim.kind == "sft" else None
         summary, text, records = train_job(job, run_dir, at_end)
         result = {"lr": lr, "seed": seed, **run_metrics(summary, text, records)}
-        for name in ("exact_match", "pretrain_loss_after", "forgetting"):
+        for name in (
+            "exact_match",
+            "skills_loss_after",
+            "forgetting",
+            "pretrain_loss_after",
+            "corpus_forgetting",
+        ):
             if name in summary:
                 result[name] = summary[name]
+        if claim.kind == "sft":
+            result["evaluation"] = EVALUATION
         result["job"] = self.portable({k: v for k, v in job.items() if k != "run"})
         memo.parent.mkdir(parents=True, exist_ok=True)
         memo.write_text(json.dumps(result, indent=1), encoding="utf-8")
@@ -936,10 +994,12 @@ class Suite:
             return {}
         arm, head = next((a, h) for n, a, h in arm_variants(claim) if n == arm_name)
         runs = json.loads(path.read_text(encoding="utf-8"))["runs"]
+        scored = EVALUATION if claim.kind == "sft" else None
         return {
             lr: r
             for lr, r in runs.items()
             if job_key(self.portable(r["job"])) == self.key(claim, arm, head, float(lr), seed)
+            and r.get("evaluation") == scored
         }
 
     def save_arm(self, claim: Claim, arm_name: str, seed: int, runs: dict[str, dict[str, Any]]) -> None:
@@ -1267,8 +1327,11 @@ def write_report(suite: Suite, seeds: int, output: Path, plots: Path | None) -> 
                 f"pretrained {info['steps']} steps ({info['tokens_seen']:,} tokens, validation loss "
                 f"{info['val_loss']:.3f}), then a chat warm-up of {info['chat_steps']} steps on the tasks copy, "
                 f"first, last and count ({info['chat_tokens_seen']:,} answer tokens; warm-up validation loss "
-                f"{info['chat_val_loss']:.3f}; pretraining validation loss after it "
-                f"{info['pretrain_loss_start']:.3f}, where forgetting is measured from).",
+                f"{info['chat_val_loss']:.3f}). A model this small does not keep its corpus through the warm-up "
+                f"(corpus validation loss {info['val_loss']:.2f} → {info['corpus_loss_start']:.2f} nats), so "
+                "*forgetting* is measured on the base's previous skills: the loss on the warm-up tasks' validation "
+                f"rows after the fine-tune minus before it ({info['skills_loss_start']:.3f} nats); the corpus loss "
+                "after each fine-tune is in the result files (`corpus_forgetting`).",
                 "",
             ]
         lines += claim_table(summary, claim)
