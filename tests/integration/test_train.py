@@ -139,20 +139,14 @@ def test_no_validation_split_still_logs_the_last_step(tmp_path: Path) -> None:
     assert (run_dir / "loss.png").is_file()
 
 
-def test_init_from_starts_from_another_runs_weights_in_any_layout(tmp_path: Path) -> None:
+def test_init_from_starts_from_another_runs_weights_in_any_layout(
+    fine_tuned_from_another_run: tuple[Path, Path],
+) -> None:
+    """A one-process run's weights, loaded by ``model.init_from`` into a two-rank fsdp + ep=2 job that trains at
+    lr 0 (conftest.py): its final weights are the base run's, bit for bit."""
     from framework.checkpoint.export import load_model
 
-    base = tmp_path / "base"
-    assert run_training(base, ["train.steps=2"], nproc=0).returncode == 0
-    # lr 0: the fine-tuning run's final weights are the weights it started from.
-    tuned = tmp_path / "tuned"
-    proc = run_training(
-        tuned,
-        [f"model.init_from={base}", "train.steps=1", "optim.lr=0", "parallel.data=fsdp", "parallel.ep=2"],
-        nproc=2,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "model weights from" in proc.stdout
+    base, tuned = fine_tuned_from_another_run
     want, got = load_model(base)[0].state_dict(), load_model(tuned)[0].state_dict()
     assert want.keys() == got.keys()
     for name in want:
