@@ -1,12 +1,14 @@
-"""A resumed run applies the job's optimization settings (never a mix of the checkpoint's and the job's), and a
-run killed after its final checkpoint but before its report writes the report on restart. Real one-process runs of
-the tiny quickstart model."""
+"""A resumed run applies the job's optimization settings (never a mix of the checkpoint's and the job's) and warns
+when a changed key changes the sample order, and a run killed after its final checkpoint but before its report
+writes the report on restart. Real one-process runs of the tiny quickstart model."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from framework.config import OptimConfig
@@ -32,14 +34,27 @@ def _fresh_schedule_lrs(cfg: OptimConfig, total_steps: int) -> dict[int, float]:
     return lrs
 
 
-def test_a_changed_lr_on_resume_gives_the_fresh_schedule_of_the_new_lr(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    schedule = ["optim.warmup_steps=1", "optim.min_lr_ratio=0.1"]
-    first = run_training(run_dir, [*schedule, "optim.lr=1e-3", "train.steps=2"], nproc=0)
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = run_training(run_dir, [*schedule, "optim.lr=3e-3", "train.steps=4"], nproc=0)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+SCHEDULE = ["optim.warmup_steps=1", "optim.min_lr_ratio=0.1"]
 
+
+@pytest.fixture(scope="module")
+def resumed_with_other_settings(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """2 steps at lr 1e-3 (seed 0), then the same run folder resumed for 4 steps at lr 3e-3 with seed 1: one resume
+    that changes a schedule key, an order-changing key and ``train.steps`` (two launches for the tests below)."""
+    run_dir = tmp_path_factory.mktemp("resume") / "run"
+    first = run_training(run_dir, [*SCHEDULE, "optim.lr=1e-3", "train.steps=2"], nproc=0)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_training(run_dir, [*SCHEDULE, "optim.lr=3e-3", "train.steps=4", "train.seed=1"], nproc=0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return run_dir, resumed
+
+
+def test_a_changed_lr_on_resume_gives_the_fresh_schedule_of_the_new_lr(
+    resumed_with_other_settings: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    run_dir, resumed = resumed_with_other_settings
     logged = _logged_lrs(run_dir)
     shape = {"warmup_steps": 1, "min_lr_ratio": 0.1}
     before = _fresh_schedule_lrs(OptimConfig(lr=1e-3, **shape), total_steps=2)
@@ -54,6 +69,19 @@ def test_a_changed_lr_on_resume_gives_the_fresh_schedule_of_the_new_lr(tmp_path:
         in resumed.stdout
     )
     assert "optim.warmup_steps" not in resumed.stdout  # unchanged keys are not reported
+
+
+def test_changed_sample_order_on_resume_warns(
+    resumed_with_other_settings: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    run_dir, resumed = resumed_with_other_settings
+    assert "changed train.seed" in resumed.stderr and "sample order" in resumed.stderr
+    # More steps alone keep the order (tests/integration/test_extend_run.py), and the lr does not touch it: neither
+    # is named among the changed keys.
+    assert "train.steps" not in resumed.stderr and "optim.lr" not in resumed.stderr
+    assert "resuming with train.steps 4 (checkpoint 2): the cosine decay is re-fitted" in resumed.stdout
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert sorted(r["step"] for r in map(json.loads, lines) if "loss" in r) == [1, 2, 3, 4]
 
 
 def test_a_finished_run_without_its_report_writes_it_on_restart(tmp_path: Path) -> None:

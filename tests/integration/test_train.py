@@ -100,18 +100,6 @@ def test_kills_during_and_after_checkpoint_saves_resume_bit_identical(tmp_path: 
         assert got[step] == ref[step], f"step {step}: {got[step]!r} != {ref[step]!r}"
 
 
-def test_changed_sample_order_on_resume_warns(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    assert run_training(run_dir, ["checkpoint.every=2", "train.steps=2"], nproc=0).returncode == 0
-    more = run_training(run_dir, ["checkpoint.every=2", "train.steps=6", "train.seed=1"], nproc=0)
-    assert more.returncode == 0, more.stderr[-3000:]
-    assert "changed train.seed" in more.stderr and "sample order" in more.stderr
-    # More steps alone keep the order (tests/integration/test_extend_run.py): not named among the changed keys.
-    assert "train.steps" not in more.stderr
-    assert "resuming with train.steps 6 (checkpoint 2): the cosine decay is re-fitted" in more.stdout
-    assert sorted(losses(run_dir)) == list(range(1, 7))
-
-
 def test_training_on_a_blend_of_prepared_datasets(tmp_path: Path) -> None:
     defs, _ = prepare_dataset(tmp_path, "defs", lambda i: f"def f{i}(x):\n    return x * {i}\n" * 30)
     classes, _ = prepare_dataset(tmp_path, "classes", lambda i: f"class C{i}:\n    value = {i}\n" * 30)
