@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.integration.launch import REPO, kill_tree, prepare_dataset, run_training, start_training
 
@@ -100,23 +103,36 @@ def test_truncated_bin_and_idx(tmp_path: Path) -> None:
         f.write_bytes(data)
 
 
-def test_checkpoint_of_another_model_shape(tmp_path: Path) -> None:
+# moe.shared_experts is a core key now (a change of it is refused as another model shape before any tensor is read);
+# deepseek_moe.segments is the plugin's: 8 fine-grained experts (1 shared, 7 routed) become 4 (3).
+DEEPSEEK = ["plugins=[deepseek_moe]", "moe.block=deepseek_moe", "moe.shared_experts=1", "train.steps=1"]
+
+
+@pytest.fixture(scope="module")
+def saved_deepseek_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-step run with a plugin MoE block (deepseek_moe, 2 segments); each test resumes a copy of it."""
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    proc = run_training(run_dir, [*DEEPSEEK, "deepseek_moe.segments=2"], nproc=0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_checkpoint_of_another_model_shape(tmp_path: Path, saved_deepseek_run: Path) -> None:
     run_dir = tmp_path / "run"
-    assert run_training(run_dir, ["train.steps=1"], nproc=0).returncode == 0
-    proc = run_training(run_dir, ["train.steps=2", "model.dim=64"], nproc=0)
+    shutil.copytree(saved_deepseek_run, run_dir)
+    proc = run_training(
+        run_dir, [*DEEPSEEK, "deepseek_moe.segments=2", "train.steps=2", "model.dim=64"], nproc=0
+    )
     assert proc.returncode == 1
     (line,) = error_lines(proc)
     assert "model.dim: checkpoint 32, config 64" in line and "run.dir" in line
 
 
-def test_checkpoint_of_a_plugin_block_with_other_options(tmp_path: Path) -> None:
+def test_checkpoint_of_a_plugin_block_with_other_options(tmp_path: Path, saved_deepseek_run: Path) -> None:
     """Plugin options can change tensor shapes: the resume is refused in one line naming tensors and options."""
     run_dir = tmp_path / "run"
-    # moe.shared_experts is a core key now (a change of it is refused as another model shape before any tensor
-    # is read); deepseek_moe.segments is the plugin's: 8 fine-grained experts (1 shared, 7 routed) become 4 (3).
-    plugin = ["plugins=[deepseek_moe]", "moe.block=deepseek_moe", "moe.shared_experts=1", "train.steps=1"]
-    assert run_training(run_dir, [*plugin, "deepseek_moe.segments=2"], nproc=0).returncode == 0
-    proc = run_training(run_dir, [*plugin, "deepseek_moe.segments=1", "train.steps=2"], nproc=0)
+    shutil.copytree(saved_deepseek_run, run_dir)
+    proc = run_training(run_dir, [*DEEPSEEK, "deepseek_moe.segments=1", "train.steps=2"], nproc=0)
     assert proc.returncode == 1
     (line,) = error_lines(proc)
     assert (
