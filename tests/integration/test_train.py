@@ -49,8 +49,9 @@ def test_two_rank_run_writes_metrics_plots_and_summary(tmp_path: Path) -> None:
     )
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
 
-    # The same two ranks without torchrun's agent (~3 s less; the first run tested torchrun).
-    again = run_training(run_dir, ["logging.tensorboard=true", "logging.plots=true"], nproc=2)
+    again = run_training(
+        run_dir, ["logging.tensorboard=true", "logging.plots=true"], nproc=2, launcher="torchrun"
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already complete" in again.stdout
     assert len(metrics(run_dir)) == 4
