@@ -73,17 +73,20 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_resumes_e
     _assert_resumes_exactly(run_dir, stopped_at, reference)
 
 
-def test_sigterm_to_torchrun_saves_a_checkpoint_and_the_rerun_resumes_exactly(
-    tmp_path: Path, reference: dict[int, float]
-) -> None:
+def test_sigterm_to_torchrun_saves_a_verified_checkpoint_of_the_step_it_names(tmp_path: Path) -> None:
+    """torchrun forwards SIGTERM to its workers, which stop as one signalled rank does. The resume from such a
+    checkpoint is the same code whatever sent the signal: the other two tests here rerun theirs to the exact losses
+    of the uninterrupted run (a launch less in this one)."""
     run_dir = tmp_path / "run"
     proc = start_training(run_dir, COMMON, nproc=2, launcher="torchrun")
     out = _signal_after_step_2(proc, run_dir, proc.pid, signal.SIGTERM)  # torchrun forwards it to its workers
     line = next((x for x in out.splitlines() if "expertrain: stopped by SIGTERM" in x), None)
     assert line is not None, out[-3000:]
     stopped_at = int(line.split("after step ")[1].split(";")[0])
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
-    _assert_resumes_exactly(run_dir, stopped_at, reference)
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+    assert CheckpointStore(checkpoints).latest_verified("fail") == checkpoints / f"step_{stopped_at:08d}"
+    assert max(_losses(run_dir)) == stopped_at  # nothing ran past the saved step
 
 
 def test_a_second_signal_during_the_save_changes_nothing(tmp_path: Path, reference: dict[int, float]) -> None:
