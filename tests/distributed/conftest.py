@@ -26,3 +26,13 @@ def trained_layouts(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int],
         return cache[world]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def sharded_init_four_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Per rank, the assemblies of test_sharded_init.py (``layouts``) and test_sharded_init_plugins.py
+    (``plugin_jobs``), computed in one spawn: 4 ranks start once (~5-10 s on two cores), not once per module."""
+    from tests.distributed.test_sharded_init import on_ranks_with_plugin_jobs
+
+    root = str(tmp_path_factory.mktemp("few-experts-dcp"))
+    return run_ranks(on_ranks_with_plugin_jobs, 4, root, timeout=300)

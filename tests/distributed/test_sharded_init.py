@@ -25,7 +25,6 @@ from framework.parallel.data_parallel import rescale_expert_gradients
 from framework.parallel.mesh import ParallelLayout, build_meshes
 from framework.train.assembly import assemble_model
 from framework.train.launch import load_job
-from tests.distributed.spawn import run_ranks
 from tests.integration.launch import QUICKSTART, TINY
 
 BASE = (
@@ -122,14 +121,25 @@ def _on_ranks(rank: int, world: int, root: str) -> dict[str, Any]:
     return results
 
 
+def on_ranks_with_plugin_jobs(rank: int, world: int, root: str) -> dict[str, Any]:
+    """This module's assemblies (``layouts``) and test_sharded_init_plugins.py's (``plugin_jobs``) on the same ranks:
+    the session fixture ``sharded_init_four_ranks`` (conftest.py) starts 4 ranks once for both modules."""
+    from tests.distributed import test_sharded_init_plugins
+
+    return {
+        "layouts": _on_ranks(rank, world, root),
+        "plugin_jobs": test_sharded_init_plugins.on_ranks(rank, world),
+    }
+
+
 @pytest.fixture(scope="module")
 def one_process() -> dict[str, dict[str, Any]]:
     return {name: _assemble(overrides) for name, overrides in REFERENCES.items()}
 
 
 @pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return run_ranks(_on_ranks, 4, str(tmp_path_factory.mktemp("few-experts-dcp")))
+def four_ranks(sharded_init_four_ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [rank["layouts"] for rank in sharded_init_four_ranks]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -31,7 +31,6 @@ from framework.train.assembly import assemble_model
 from framework.train.launch import load_job
 from plugins.peft import lift, soka
 from plugins.peft.corda import calibrate_and_init
-from tests.distributed.spawn import run_ranks
 from tests.integration.launch import QUICKSTART, TINY
 
 JOBS = {
@@ -80,7 +79,8 @@ def _assemble(job: str, overrides: tuple[str, ...], whole_first: bool = False) -
     return {**out, "whole_reason": assembled.whole_on_every_rank}
 
 
-def _on_ranks(rank: int, world: int) -> dict[str, dict[str, Any]]:
+def on_ranks(rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """Every job in every layout, assembled on this rank (run with test_sharded_init.py's, in one spawn)."""
     return {f"{job}-{name}": _assemble(job, overrides) for job in JOBS for name, overrides in LAYOUTS.items()}
 
 
@@ -90,8 +90,8 @@ def whole_first() -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def four_ranks() -> list[dict[str, dict[str, Any]]]:
-    return run_ranks(_on_ranks, 4)
+def four_ranks(sharded_init_four_ranks: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
+    return [rank["plugin_jobs"] for rank in sharded_init_four_ranks]
 
 
 @pytest.mark.parametrize("job", list(JOBS))
