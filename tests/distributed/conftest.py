@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.distributed.layouts import REGISTRY, train_layouts
+from tests.distributed.shared_spawn import SHARED, run_shared
 from tests.distributed.spawn import run_ranks
 
 
@@ -29,10 +30,22 @@ def trained_layouts(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int],
 
 
 @pytest.fixture(scope="session")
-def sharded_init_four_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Per rank, the assemblies of test_sharded_init.py (``layouts``) and test_sharded_init_plugins.py
-    (``plugin_jobs``), computed in one spawn: 4 ranks start once (~5-10 s on two cores), not once per module."""
-    from tests.distributed.test_sharded_init import on_ranks_with_plugin_jobs
+def shared_ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, str], list[Any]]:
+    """``get(world, name) -> [result of rank 0, 1, ...]`` of a worker function shared with
+    :func:`tests.distributed.shared_spawn.share`: every worker shared for ``world`` runs in one spawn, the first
+    time any test asks (a failed spawn is raised again to every test that asks, not rerun)."""
+    cache: dict[int, list[dict[str, Any]] | BaseException] = {}
 
-    root = str(tmp_path_factory.mktemp("few-experts-dcp"))
-    return run_ranks(on_ranks_with_plugin_jobs, 4, root, timeout=300)
+    def get(world: int, name: str) -> list[Any]:
+        if world not in cache:
+            root = str(tmp_path_factory.mktemp(f"shared-world{world}"))
+            try:
+                cache[world] = run_ranks(run_shared, world, root, SHARED[world], timeout=600)
+            except BaseException as exc:  # noqa: BLE001 - kept for the other tests that ask
+                cache[world] = exc
+        results = cache[world]
+        if isinstance(results, BaseException):
+            raise results
+        return [rank[name] for rank in results]
+
+    return get

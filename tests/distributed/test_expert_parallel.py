@@ -7,6 +7,9 @@ match to round-off, not bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,7 +21,7 @@ from framework.models.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from framework.models.moe.experts import GroupedExperts
 from framework.models.moe.layer import MoELayer
 from framework.parallel.expert_parallel import apply_expert_parallel, expert_slice, shard_experts_
-from tests.distributed.spawn import run_ranks
+from tests.distributed.shared_spawn import share
 
 DIM = 16
 
@@ -95,31 +98,30 @@ SKEWED_CASES = ("one_expert", "rank1_sends_nothing", "idle_experts")
 TOKENS = 24
 
 
-def _two_rank_cases(rank: int, world: int) -> dict[str, dict[str, object]]:
-    """Every two-rank case in one spawn (process start-up and imports are most of a case's time)."""
+def _cases(rank: int, world: int) -> dict[str, dict[str, object]]:
+    """Every case of this world size in one spawn (process start-up and imports are most of a case's time); the
+    skewed-routing cases are two-rank ones."""
     out = {
         name: _ep_layer(rank, world, TOKENS, _moe_cfg(**overrides))
         for name, (case_world, overrides) in LAYER_CASES.items()
         if case_world == world
     }
-    out.update({case: _skewed(rank, world, case) for case in SKEWED_CASES})
+    if world == 2:
+        out.update({case: _skewed(rank, world, case) for case in SKEWED_CASES})
     return out
 
 
-@pytest.fixture(scope="module")
-def two_ranks() -> list[dict[str, dict[str, object]]]:
-    return run_ranks(_two_rank_cases, 2, timeout=120)
+# One spawn per world size with the other modules' workers of that size.
+share(2, "expert_parallel/cases", _cases)
+share(4, "expert_parallel/cases", _cases)
 
 
 @pytest.mark.parametrize("case", list(LAYER_CASES))
-def test_ep_layer_matches_single_rank(case: str, request: pytest.FixtureRequest) -> None:
+def test_ep_layer_matches_single_rank(case: str, shared_ranks: Callable[[int, str], list[Any]]) -> None:
     world, overrides = LAYER_CASES[case]
     cfg = _moe_cfg(**overrides)
     ref_out, ref_grads = _reference(world, TOKENS, cfg)
-    if world == 2:
-        results = [by_case[case] for by_case in request.getfixturevalue("two_ranks")]
-    else:
-        results = run_ranks(_ep_layer, world, TOKENS, cfg)
+    results = [by_case[case] for by_case in shared_ranks(world, "expert_parallel/cases")]
     for rank, res in enumerate(results):
         torch.testing.assert_close(res["y"], ref_out[rank], rtol=1e-5, atol=1e-6)
         keep = expert_slice(cfg.num_experts, rank, world)
@@ -166,9 +168,9 @@ def _skewed(rank: int, world: int, case: str) -> dict[str, object]:
 
 @pytest.mark.parametrize("case", SKEWED_CASES)
 def test_skewed_routing_does_not_hang_and_is_exact(
-    case: str, two_ranks: list[dict[str, dict[str, object]]]
+    case: str, shared_ranks: Callable[[int, str], list[Any]]
 ) -> None:
-    results = [by_case[case] for by_case in two_ranks]
+    results = [by_case[case] for by_case in shared_ranks(2, "expert_parallel/cases")]
     for res in results:
         torch.testing.assert_close(res["y"], res["y_ref"], rtol=1e-5, atol=1e-6)
         assert res["x_grad"] is not None and torch.isfinite(res["x_grad"]).all()

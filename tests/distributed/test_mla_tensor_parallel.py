@@ -26,7 +26,7 @@ from framework.config.errors import ConfigError
 from framework.config.sections import ModelConfig
 from framework.parallel.tensor_parallel import check_tensor_parallel
 from tests.distributed.layouts import assert_matches_one_rank, register
-from tests.distributed.spawn import run_ranks
+from tests.distributed.shared_spawn import share
 from tests.distributed.test_tensor_parallel import GRAD_RTOL, _batch, _build, _grad_errors, _rel
 
 pytestmark = pytest.mark.timeout(900)  # may be the test that trains every shared layout (layouts.py)
@@ -133,9 +133,12 @@ def _mla_tp2_worker(rank: int, world: int) -> dict:
     return out
 
 
+share(2, "mla_tensor_parallel/tp2", _mla_tp2_worker)  # one spawn with the other modules' 2-rank workers
+
+
 @pytest.fixture(scope="module")
-def mla_tp2() -> list[dict]:
-    return run_ranks(_mla_tp2_worker, 2, timeout=120)
+def mla_tp2(shared_ranks: Callable[[int, str], list[Any]]) -> list[dict]:
+    return shared_ranks(2, "mla_tensor_parallel/tp2")
 
 
 EXPECTED_PLACEMENTS = {

@@ -11,6 +11,7 @@ whole model's.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from framework.parallel.data_parallel import rescale_expert_gradients
 from framework.parallel.mesh import ParallelLayout, build_meshes
 from framework.train.assembly import assemble_model
 from framework.train.launch import load_job
+from tests.distributed.shared_spawn import share
 from tests.integration.launch import QUICKSTART, TINY
 
 BASE = (
@@ -121,25 +123,17 @@ def _on_ranks(rank: int, world: int, root: str) -> dict[str, Any]:
     return results
 
 
-def on_ranks_with_plugin_jobs(rank: int, world: int, root: str) -> dict[str, Any]:
-    """This module's assemblies (``layouts``) and test_sharded_init_plugins.py's (``plugin_jobs``) on the same ranks:
-    the session fixture ``sharded_init_four_ranks`` (conftest.py) starts 4 ranks once for both modules."""
-    from tests.distributed import test_sharded_init_plugins
-
-    return {
-        "layouts": _on_ranks(rank, world, root),
-        "plugin_jobs": test_sharded_init_plugins.on_ranks(rank, world),
-    }
-
-
 @pytest.fixture(scope="module")
 def one_process() -> dict[str, dict[str, Any]]:
     return {name: _assemble(overrides) for name, overrides in REFERENCES.items()}
 
 
+share(4, "sharded_init", _on_ranks, needs_folder=True)  # one spawn with the other modules' 4-rank workers
+
+
 @pytest.fixture(scope="module")
-def four_ranks(sharded_init_four_ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [rank["layouts"] for rank in sharded_init_four_ranks]
+def four_ranks(shared_ranks: Callable[[int, str], list[Any]]) -> list[dict[str, Any]]:
+    return shared_ranks(4, "sharded_init")
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

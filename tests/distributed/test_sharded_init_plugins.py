@@ -18,6 +18,7 @@ decomposition of covariances ~1e-7 apart moves the fp32 factors by less than tha
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,6 +32,7 @@ from framework.train.assembly import assemble_model
 from framework.train.launch import load_job
 from plugins.peft import lift, soka
 from plugins.peft.corda import calibrate_and_init
+from tests.distributed.shared_spawn import share
 from tests.integration.launch import QUICKSTART, TINY
 
 JOBS = {
@@ -79,9 +81,11 @@ def _assemble(job: str, overrides: tuple[str, ...], whole_first: bool = False) -
     return {**out, "whole_reason": assembled.whole_on_every_rank}
 
 
-def on_ranks(rank: int, world: int) -> dict[str, dict[str, Any]]:
-    """Every job in every layout, assembled on this rank (run with test_sharded_init.py's, in one spawn)."""
+def _on_ranks(rank: int, world: int) -> dict[str, dict[str, Any]]:
     return {f"{job}-{name}": _assemble(job, overrides) for job in JOBS for name, overrides in LAYOUTS.items()}
+
+
+share(4, "sharded_init_plugins", _on_ranks)  # one spawn with the other modules' 4-rank workers
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +94,8 @@ def whole_first() -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def four_ranks(sharded_init_four_ranks: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
-    return [rank["plugin_jobs"] for rank in sharded_init_four_ranks]
+def four_ranks(shared_ranks: Callable[[int, str], list[Any]]) -> list[dict[str, dict[str, Any]]]:
+    return shared_ranks(4, "sharded_init_plugins")
 
 
 @pytest.mark.parametrize("job", list(JOBS))

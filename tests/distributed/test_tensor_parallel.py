@@ -13,6 +13,8 @@ error (max |diff| / max |ref|) <= 1e-5 for gradients and logits, 1e-6 for the su
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from torch import nn
 from framework.config.errors import ConfigError
 from framework.config.sections import ModelConfig, MoEConfig
 from framework.parallel.tensor_parallel import check_tensor_parallel
-from tests.distributed.spawn import run_ranks
+from tests.distributed.shared_spawn import share
 
 GRAD_RTOL = 1e-5  # gradients and logits: fp32 partial sums in another order
 SCALAR_RTOL = 1e-6  # summed loss, gradient norm
@@ -256,9 +258,12 @@ def _tp2_worker(rank: int, world: int) -> dict:
     return out
 
 
+share(2, "tensor_parallel/tp2", _tp2_worker)  # one spawn with the other modules' 2-rank workers
+
+
 @pytest.fixture(scope="module")
-def tp2() -> list[dict]:
-    return run_ranks(_tp2_worker, 2, timeout=120)
+def tp2(shared_ranks: Callable[[int, str], list[Any]]) -> list[dict]:
+    return shared_ranks(2, "tensor_parallel/tp2")
 
 
 @pytest.mark.parametrize(("sp", "tied"), COMBOS)
@@ -346,8 +351,11 @@ def _dp_tp_worker(rank: int, world: int) -> dict:
     return res
 
 
-def test_tp2_dp2_fsdp_matches_single_rank_and_clips() -> None:
-    for res in run_ranks(_dp_tp_worker, 4, timeout=150):
+share(4, "tensor_parallel/dp2-tp2", _dp_tp_worker)  # one spawn with the other modules' 4-rank workers
+
+
+def test_tp2_dp2_fsdp_matches_single_rank_and_clips(shared_ranks: Callable[[int, str], list[Any]]) -> None:
+    for res in shared_ranks(4, "tensor_parallel/dp2-tp2"):
         assert res["mesh_names"] == ["('dp', 'tp')"]
         assert res["loss_err"] < SCALAR_RTOL
         bad = {n: e for n, e in res["grad_err"].items() if not e < GRAD_RTOL}
