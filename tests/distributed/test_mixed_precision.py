@@ -47,7 +47,7 @@ from framework.parallel.grad_clip import clip_grad_norm_
 from framework.parallel.mesh import ParallelLayout, build_meshes
 from framework.train.optim import build_optimizer
 from tests.distributed.layouts import register
-from tests.distributed.spawn import run_ranks
+from tests.distributed.shared_spawn import share
 
 WORLD = 2
 STEPS = 3
@@ -217,9 +217,12 @@ def _every_case(rank: int, world: int) -> dict[str, dict[str, Any]]:
     return {name: _train_case(rank, ep, policy, autocast) for name, (ep, policy, autocast) in CASES.items()}
 
 
+share(WORLD, "mixed_precision/cases", _every_case)  # one spawn with the other modules' 2-rank workers
+
+
 @pytest.fixture(scope="module")
-def runs() -> dict[str, dict[str, Any]]:
-    return run_ranks(_every_case, WORLD, timeout=240)[0]
+def runs(shared_ranks: Callable[[int, str], list[Any]]) -> dict[str, dict[str, Any]]:
+    return shared_ranks(WORLD, "mixed_precision/cases")[0]
 
 
 @pytest.fixture(scope="module")

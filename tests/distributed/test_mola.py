@@ -11,6 +11,7 @@ additions), losses over 5 steps to 1e-3 relative (Adam amplifies round-off throu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from framework.hooks.markers import hookimpl
 from framework.observe.metrics import read_metrics
 from tests.distributed.layouts import COMMON, GradCapture
+from tests.distributed.shared_spawn import share
 from tests.distributed.spawn import run_ranks
 from tests.distributed.test_parallel_equivalence import CrashAt
 from tests.integration.launch import QUICKSTART, TINY
@@ -104,13 +106,20 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return run_ranks(_jobs, 1, str(root), [("single", (), 0)], timeout=240)[0][0]
 
 
-def test_ep2_trains_the_same_adapters_as_one_rank_and_resumes(
-    reference: dict[str, Any], tmp_path: Path
-) -> None:
-    # One ep=2 run, stopped at the start of step 4 (checkpoint at step 3) and resumed: its steps 1-3 compare the
-    # layouts, its steps 4-5 the resume.
+def _ep2_stopped_and_resumed(rank: int, world: int, root: str) -> list[dict[str, Any]]:
+    """One ep=2 run, stopped at the start of step 4 (checkpoint at step 3) and resumed: its steps 1-3 compare the
+    layouts, its steps 4-5 the resume."""
     ep2 = ("parallel.data=fsdp", "parallel.ep=2", "checkpoint.every=3")
-    stopped, resumed = run_ranks(_jobs, 2, str(tmp_path), [("ep2", ep2, 4), ("ep2", ep2, 0)], timeout=240)[0]
+    return _jobs(rank, world, root, [("ep2", ep2, 4), ("ep2", ep2, 0)])
+
+
+share(2, "mola/ep2", _ep2_stopped_and_resumed, needs_folder=True)  # one spawn with the other 2-rank workers
+
+
+def test_ep2_trains_the_same_adapters_as_one_rank_and_resumes(
+    reference: dict[str, Any], shared_ranks: Callable[[int, str], list[Any]]
+) -> None:
+    stopped, resumed = shared_ranks(2, "mola/ep2")[0]
 
     adapter = {n for n in reference["all_params"] if n.endswith(("router.weight", "lora_A", "lora_B"))}
     assert any(".ffn.gate_proj." in n for n in adapter)  # the dense layer's MLP is adapted
