@@ -3,7 +3,8 @@ size in one spawn.
 
 Test modules :func:`register` their layouts at import (pytest imports every module before running any test); the
 session fixture ``trained_layouts`` (``conftest.py``) trains all layouts of a world size the first time a test asks
-for one, so imports, data preparation and process start-up are paid once per world size, not once per test. Each
+for one, in the spawn the other modules' shared workers of that size run in (``shared_spawn.py``), so imports, data
+preparation and process start-up are paid once per world size, not once per test. Each
 layout runs in ``<root>/<name>`` and returns its per-step losses, gradient norms and step-1 gradients (rank 0), and
 the model object each hook got (:class:`HookModels`).
 """

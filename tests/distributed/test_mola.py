@@ -22,7 +22,6 @@ from framework.hooks.markers import hookimpl
 from framework.observe.metrics import read_metrics
 from tests.distributed.layouts import COMMON, GradCapture
 from tests.distributed.shared_spawn import share
-from tests.distributed.spawn import run_ranks
 from tests.distributed.test_parallel_equivalence import CrashAt
 from tests.integration.launch import QUICKSTART, TINY
 
@@ -100,10 +99,12 @@ def _jobs(
     return [_train(rank, world, str(Path(root) / name), overrides, crash) for name, overrides, crash in jobs]
 
 
+share(1, "mola/reference", _jobs, [("single", (), 0)], needs_folder=True)  # with the one-rank layouts
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("mola-ref")
-    return run_ranks(_jobs, 1, str(root), [("single", (), 0)], timeout=240)[0][0]
+def reference(shared_ranks: Callable[[int, str], list[Any]]) -> dict[str, Any]:
+    return shared_ranks(1, "mola/reference")[0][0]
 
 
 def _ep2_stopped_and_resumed(rank: int, world: int, root: str) -> list[dict[str, Any]]:
