@@ -20,7 +20,9 @@ RoPE row reordering, read as runs of consecutive rows even where FSDP2 cuts a he
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.spawn import run_ranks
+from tests.distributed.shared_spawn import share
 
 WORLD = 4
 SEQ = 16
@@ -124,23 +126,38 @@ def _all_layouts(rank: int, world: int, folders: dict[str, str]) -> dict[str, di
     return results
 
 
+def _folders_and_layouts(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Rank 0 saves the folders (transformers is imported there only, not at the module's top: each spawned rank
+    imports this module), then every rank loads them in every layout."""
+    folders = {name: Path(root) / name / f"hf_{family}" for name, (family, _, _) in FOLDERS.items()}
+    if rank == 0:
+        from tests.unit.interop.test_hf_families import _saved
+
+        for name, (family, extra, _) in FOLDERS.items():
+            (Path(root) / name).mkdir()
+            assert _saved(Path(root) / name, family, **extra)[1] == folders[name]
+    torch.distributed.barrier()
+    return {"folders": folders, "layouts": _all_layouts(rank, world, {k: str(v) for k, v in folders.items()})}
+
+
+if importlib.util.find_spec("transformers") is not None:  # the tests skip without it
+    share(WORLD, "hf_sharded_load", _folders_and_layouts, needs_folder=True)  # with the other 4-rank workers
+
+
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    # transformers is imported here, not at the module's top: each spawned rank imports this module (~8 s each).
+def _shared(shared_ranks: Callable[[int, str], list[Any]]) -> list[dict[str, Any]]:
     pytest.importorskip("transformers")
-    from tests.unit.interop.test_hf_families import _saved
-
-    root = tmp_path_factory.mktemp("hf-sharded")
-    out = {}
-    for name, (family, extra, _) in FOLDERS.items():
-        (root / name).mkdir()
-        out[name] = _saved(root / name, family, **extra)[1]
-    return out
+    return shared_ranks(WORLD, "hf_sharded_load")
 
 
 @pytest.fixture(scope="module")
-def four_ranks(folders: dict[str, Path]) -> list[dict[str, dict[str, Any]]]:
-    return run_ranks(_all_layouts, WORLD, {k: str(v) for k, v in folders.items()}, timeout=600)
+def folders(_shared: list[dict[str, Any]]) -> dict[str, Path]:
+    return _shared[0]["folders"]
+
+
+@pytest.fixture(scope="module")
+def four_ranks(_shared: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
+    return [rank["layouts"] for rank in _shared]
 
 
 CASES = [f"{name}/{layout}" for name, (_, _, layouts) in FOLDERS.items() for layout in layouts]
