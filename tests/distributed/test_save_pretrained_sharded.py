@@ -9,13 +9,15 @@ are loaded sharded from the folders (``load_hf_weights`` reads each rank's slice
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.distributed.spawn import run_ranks
+from tests.distributed.shared_spawn import share
 
 WORLD = 2
 SEQ = 16
@@ -55,26 +57,39 @@ def _save_sharded(rank: int, world: int, folders: dict[str, str], out_root: str)
     return results
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    pytest.importorskip("transformers")
-    from tests.unit.interop.test_hf_families import _saved
+def _folders_then_save_sharded(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Rank 0 saves the HF folders (transformers is imported there only), then every rank saves them sharded."""
+    folders = {name: Path(root) / name / f"hf_{family}" for name, (family, _, _) in CASES.items()}
+    if rank == 0:
+        from tests.unit.interop.test_hf_families import _saved
 
-    root = tmp_path_factory.mktemp("hf-save-sharded")
-    out = {}
-    for name, (family, extra, _) in CASES.items():
-        (root / name).mkdir()
-        out[name] = _saved(root / name, family, **extra)[1]
-    return out
+        for name, (family, extra, _) in CASES.items():
+            (Path(root) / name).mkdir()
+            assert _saved(Path(root) / name, family, **extra)[1] == folders[name]
+    torch.distributed.barrier()
+    out = Path(root) / "sharded"
+    return {
+        "folders": folders,
+        "out": out,
+        "saved": _save_sharded(rank, world, {k: str(v) for k, v in folders.items()}, str(out)),
+    }
+
+
+if importlib.util.find_spec("transformers") is not None:  # the test skips without it
+    share(
+        WORLD, "save_pretrained_sharded", _folders_then_save_sharded, needs_folder=True
+    )  # with the 2-rank workers
 
 
 def test_sharded_save_pretrained_writes_the_one_process_folder_from_rank_0(
-    folders: dict[str, Path], tmp_path: Path
+    shared_ranks: Callable[[int, str], list[Any]], tmp_path: Path
 ) -> None:
+    pytest.importorskip("transformers")
     from framework.interop.hf import load_pretrained, save_pretrained
 
-    out = tmp_path / "sharded"
-    per_rank = run_ranks(_save_sharded, WORLD, {k: str(v) for k, v in folders.items()}, str(out), timeout=300)
+    shared = shared_ranks(WORLD, "save_pretrained_sharded")
+    folders, out = shared[0]["folders"], shared[0]["out"]
+    per_rank = [rank["saved"] for rank in shared]
     for name in CASES:
         reference = tmp_path / "one_process" / name
         expected = save_pretrained(
