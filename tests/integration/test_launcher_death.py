@@ -55,7 +55,10 @@ def test_workers_of_a_killed_torchrun_stop_and_the_restart_resumes_from_their_ch
     out = proc.stdout.read()
 
     gone_lines = [line for line in out.splitlines() if "expertrain: the launcher (pid" in line]
-    assert sorted(re.findall(r"\[rank (\d)\]", " ".join(gone_lines))) == ["0", "1"], out[-3000:]
+    # The rank whose watch polls first stops every rank through the agreed stop; a rank that has saved and exited
+    # before its own poll prints nothing. So: at least one rank says why, and no rank says it twice.
+    named = re.findall(r"\[rank (\d)\]", " ".join(gone_lines))
+    assert named and set(named) <= {"0", "1"} and len(named) == len(set(named)), out[-3000:]
     stop = re.search(r"stopped by SIGTERM after step (\d+); checkpoint (step_\d+) saved", out)
     assert stop is not None, out[-3000:]
     stopped_at = int(stop.group(1))
