@@ -202,7 +202,9 @@ def launch(job_file: Path, nproc: int, log: Path) -> tuple[int, float, float]:
 
 
 _COVERAGE = re.compile(r"([\d,]+) trainable parameters = [\d.]+% of ([\d,]+)")  # lora, corda, lift, soka
-_COMPACTER = re.compile(r"([\d,]+) adapter parameters \+ ([\d,]+) norm weights trained = [\d.]+% of ([\d,]+)")
+_COMPACTER = re.compile(
+    r"([\d,]+) adapter parameters \+ ([\d,]+) norm weights(?: \+ ([\d,]+) of .*?)? trained = [\d.]+% of ([\d,]+)"
+)
 _HFT = re.compile(r"hft: stage 0 .*?([\d.]+)% of the parameters trained")
 # SoKA stores its factors at the rank cap; the rows past each layer's chosen rank are zero and never move.
 _SOKA_IN_USE = re.compile(
@@ -218,8 +220,9 @@ def trained_parameters(log_text: str, params_total: int) -> tuple[int, int, bool
         if soka := _SOKA_IN_USE.search(log_text):
             trained -= int(soka[2].replace(",", "")) - int(soka[1].replace(",", ""))
         return trained, total, True
-    if m := _COMPACTER.search(log_text):
-        return int(m[1].replace(",", "")) + int(m[2].replace(",", "")), int(m[3].replace(",", "")), True
+    if m := _COMPACTER.search(log_text):  # adapters + norms (+ modules_to_save), of the total
+        trained = sum(int(g.replace(",", "")) for g in (m[1], m[2], m[3]) if g)
+        return trained, int(m[4].replace(",", "")), True
     if m := _HFT.search(log_text):
         return round(float(m[1]) / 100 * params_total, -3), params_total, False
     return params_total, params_total, True  # full fine-tuning: every parameter

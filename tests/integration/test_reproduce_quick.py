@@ -41,6 +41,8 @@ def test_quick_suite_runs_every_claims_arms_and_resumes_only_what_is_missing(tmp
             ]
             assert len(runs) == reproduce.SCALES["quick"].n_lrs, (claim.name, name)  # the 2-lr sweep
             assert all(r["tokens_seen"] > 0 and r["val_loss"] > 0 for r in runs.values())
+            if name.endswith("+head"):  # the adapter and the head train, not the whole model
+                assert all(r["trained_params"] < r["params_total"] for r in runs.values()), (claim.name, name)
             assert re.search(rf"^\| {re.escape(name)} \| ", report, re.M), (claim.name, name)
         for comparison in claim.comparisons:  # every comparison has a verdict row
             assert f"{comparison.a} " in report and comparison.claim in report
