@@ -324,7 +324,7 @@ CLAIMS: tuple[Claim, ...] = (
     Claim(
         "hft",
         "Half Fine-Tuning (arXiv 2404.18466)",
-        "HFT matches full fine-tuning on the task and forgets less of the pretraining distribution",
+        "HFT matches full fine-tuning on the task and forgets less of what the base knew before",
         "sft",
         1e-3,
         (
@@ -1355,56 +1355,70 @@ def write_report(suite: Suite, seeds: int, output: Path, plots: Path | None) -> 
 
 # What the committed CPU results say beyond the statistics (written by hand after a run; the report includes them).
 NOTES: dict[str, str] = {
-    "coe": "Why: at 205k tokens per arm with 32 experts of hidden 32, CoE-2 in the block form that keeps `h` (the like-"
-    "for-like comparison with the core MoE) is 0.04 nats worse than top-4 MoE on every seed — not reproduced at this "
-    "scale; in the reference code's form (both arms without `h`) the difference is within the seed noise. The "
-    "paper's gain (1.20 → 1.12 math validation loss) is for 64 experts and far longer training; this size cannot "
-    "say whether it appears there. The ablation does reproduce: with the outer residual (and a norm between "
-    "iterations, so the second iteration is live) CoE is 0.12 nats worse than with the inner one, on every seed.",
+    "coe": "Why: at 205k tokens per arm with 32 experts of hidden 32, CoE-2 in the block form that keeps `h` "
+    "(the like-for-like comparison with the core MoE) is 0.04 nats worse than top-4 MoE on every seed — "
+    "not reproduced at this scale; in the reference code's form (both arms without `h`) the difference is"
+    " within the seed noise. The paper's gain (1.20 → 1.12 math validation loss) is for 64 experts and "
+    "far longer training; this size cannot say whether it appears there. The ablation does reproduce: "
+    "with the outer residual (and a norm between iterations, so the second iteration is live) CoE is 0.12"
+    " nats worse than with the inner one, on every seed.",
     "deepseek_moe": "Why: the GShard baseline's best lr on seed 0 (4e-3, the top of its sweep) is unstable on seed 1 "
-    "(6.00 against 5.46 and 5.51), and that one seed makes every comparison with it inconclusive; a wider sweep and "
-    "more seeds would settle it. Within DeepSeekMoE the shared expert helps on top of fine-grained segmentation "
-    "(0.10 nats on every seed: reproduced); the shared-expert-only arm (7 routed top-1 + 1 shared) was the best arm "
-    "at this size, and segmentation alone did not beat the baseline — at 4 segments of 32-wide experts the "
-    "fine-grained experts are very small.",
-    "lora_vs_full": "Why: 150 steps on a 600-step base do not teach the task to exact match (≤ 0.05 for every arm), "
-    "so the exact-match comparisons are inconclusive by construction; the task loss on held-out rows is the "
-    "informative score. With the LM head frozen LoRA stays 3.2 nats above full fine-tuning, which trains its "
-    "head (not like for like, so no verdict: the frozen head of a weak base caps the logit scale, as the issue "
-    "found); with the head trained "
-    "(`lora.modules_to_save=[lm_head]`, the like-for-like comparison) the gap falls to 0.08 ± 0.07 nats, inside the 0.1 tolerance in the mean "
-    "but not with its interval, so inconclusive. Forgetting is large for every arm at this size (the pretraining "
-    "loss rises by 8-12 nats): the chat-format task pulls a small model far from its corpus.",
-    "compacter": "Why: no arm learns the task to exact match here, so the task loss decides: with the head frozen "
-    "Compacter (0.16% of the parameters) stays 3.5 nats above full fine-tuning (which trains its head: not like "
-    "for like, no verdict), and with the head trained (`compacter.modules_to_save=[lm_head]`, like for like) still "
-    "0.48 nats above it — not reproduced at this scale. The paper's "
-    "result is for T5-base on GLUE with a trained classifier; a 600-step, 1.5M-parameter base leaves its adapters "
-    "far less to build on.",
-    "lift": "Why: with the head frozen every sparse or low-rank arm stays near 4.65 nats of task loss (the frozen-head "
-    "cap), where LIFT, magnitude-only sparse fine-tuning and LoRA are within the seed noise of each other "
-    "(inconclusive). With the head trained (`lift.modules_to_save=[lm_head]`, the fairer protocol) LIFT reaches a "
-    "task loss 0.21 nats below LoRA's on every seed and forgets about half as much (6.2 against 11.9 nats): the "
-    "claim against LoRA reproduces. Against magnitude-only sparse fine-tuning at the same budget (the paper's key "
-    "ablation) the difference is within the seed noise: inconclusive at this size.",
-    "corda": "Why: instruction-previewed CorDA's training loss falls faster than LoRA's over the first quarter of "
-    "the steps (reproduced, narrowly); knowledge-preserved CorDA's forgetting is within LoRA's very large seed "
-    "spread (8-12 nats at this size), so inconclusive; neither learns the task to exact match with the head frozen. "
-    "With the head trained the task losses are KPM 1.57, LoRA 1.62, IPM 1.73 nats, and IPM forgets least (6.9 nats "
-    "against 10.4-11.9).",
-    "soka": "Why: with `energy: 0.5`, the elbow and `max_rank: 16`, SoKA's per-layer ranks at these small shapes "
-    "come to twice LoRA-r8's trained parameters (192k against 96k), so 'fewer parameters' is not reproduced here; "
-    "the paper's 25% saving is at 4096-wide layers, where one Kronecker term is far cheaper than one LoRA rank. On "
-    "the task SoKA matches LoRA with the head frozen and, with the head trained, had the lowest task loss of every "
-    "adapter arm (1.47 nats, below full fine-tuning's 1.54).",
+    "(6.00 against 5.46 and 5.51), and that one seed makes every comparison with it inconclusive; a wider"
+    " sweep and more seeds would settle it. Within DeepSeekMoE the shared expert helps on top of fine-"
+    "grained segmentation (0.10 nats on every seed: reproduced); the shared-expert-only arm (7 routed "
+    "top-1 + 1 shared) was the best arm at this size, and segmentation alone did not beat the baseline — "
+    "at 4 segments of 32-wide experts the fine-grained experts are very small.",
+    "lora_vs_full": "Why: on the base warmed up on the chat format, 400 steps teach the task to 0.31 exact match with "
+    "full fine-tuning (on test rows the lr choice never saw). With the head trained "
+    "(`lora.modules_to_save=[lm_head]`, the like-for-like comparison) LoRA r8 reaches 0.25 ± 0.02 against"
+    " 0.31 ± 0.03 and a task loss 0.12 ± 0.17 nats higher: both intervals straddle their tolerance (0.05 "
+    "exact match, 0.1 nats), so inconclusive with 3 seeds and 100 test rows (sampling alone moves one "
+    "run's exact match by about ±0.05). With the head frozen LoRA reaches 0.16 exact match and 1.46 nats "
+    "more task loss than full fine-tuning, which trains its head: not like for like, no verdict. Every "
+    "arm forgets most of the warm-up skills (their loss rises from 1.03 to 5-8 nats): a 1.5M-parameter "
+    "model fine-tuned on one task overwrites the previous ones.",
+    "compacter": "Why: Compacter (2,368 trained parameters, 0.16%, shared PHM rules and norms) does not come near full"
+    " fine-tuning at this scale: with the head trained (`compacter.modules_to_save=[lm_head]`, like for "
+    "like) it reaches 0.04 exact match against 0.31 and a task loss 0.63 ± 0.14 nats higher — not "
+    "reproduced; with the head frozen it reaches 0.01 (not like for like, no verdict), its best lr at the"
+    " top of its grid (0.1). The paper's result is for T5-base on GLUE with a trained classifier; at "
+    "width 64 the bottleneck is 8 wide, which leaves the adapters little to work with.",
+    "lift": "Why: at the same trained-parameter budget as LoRA r8 (96k, the sparse mask of each matrix holding "
+    "LoRA's count), LIFT's task loss is below LoRA's with the head frozen (−0.08 ± 0.06 nats) and with it"
+    " trained (−0.18 ± 0.17): reproduced, though exact match does not separate them (0.15 against 0.16 "
+    "frozen; 0.31 against 0.25 trained head, both inconclusive). Against magnitude-only sparse fine-"
+    "tuning at the same budget, the paper's key ablation, LIFT's low-rank filtering does not help here: "
+    "equal with the head frozen (inconclusive) and 0.11 nats worse with it trained (not reproduced; "
+    "magnitude-only with the head reached the best task loss and exact match of every arm, 0.52 and 0.39,"
+    " above full fine-tuning's 0.69 and 0.31). Both sparse arms chose the top of their lr grid (3e-2) "
+    "with the head trained.",
+    "corda": "Why: instruction-previewed CorDA does not learn faster than LoRA here: its best lr (3e-3, chosen on "
+    "the task's validation loss) is a third of LoRA's, and at it its training loss over the first quarter"
+    " is 0.16 ± 0.05 nats higher (not reproduced; the same holds with the head trained: 2.43 against "
+    "2.18). Adapting the principal components of the base's weights, IPM tolerates less lr than a zero-"
+    "initialised LoRA at this size (at 1e-2 it ends 0.29 nats worse than at 3e-3). Knowledge-preserved "
+    "CorDA matches LoRA's task loss (−0.002 ± 0.11 nats, inconclusive only because the interval reaches "
+    "past the 0.1 tolerance) and forgets 1.1 nats less of the warm-up skills in the mean, within the seed"
+    " noise (inconclusive); with the head trained KPM and LoRA tie on exact match (0.25).",
+    "soka": "Why: with the energy threshold at 0.3 and the elbow, SoKA's per-layer Kronecker ranks come to 3-8 "
+    "(mean 6.4) under a cap equal to LoRA r8's budget, so it trains 80,544 parameters against LoRA's "
+    "96,256 (16% fewer: reproduced; the paper reports 25%) and reaches the same task loss (−0.01 ± 0.06 "
+    "nats, within the 0.1 tolerance: reproduced). On exact match it is 0.06 ± 0.06 below LoRA with the "
+    "head frozen (0.10 against 0.16), an interval straddling the 0.05 tolerance: inconclusive.",
     "mola": "Partly run (frozen head only: `--arms mola_2468,mola_5555`): on an 8-layer dense base with all 7 "
-    "projections adapted, 2-4-6-8 and 5-5-5-5 (the same 40 experts and parameters) reach the same task loss within "
-    "the seed noise (inconclusive) and neither learns the task to exact match with the head frozen; 8-8-8-8 and "
-    "the trained-head protocol are not yet run (`python benchmarks/reproduce.py --claim mola` runs the rest).",
-    "hft": "Why: HFT forgets much less than full fine-tuning (3.7 against 8.6 nats of pretraining-loss increase; "
-    "reproduced), at a task loss 0.10 ± 0.03 nats higher — at the edge of the 0.1 tolerance, so inconclusive on "
-    "'matches full FT'. At this size HFT's always-trained embeddings and LM head are 70% of the model, so it trains "
-    "85% of the parameters, not the paper's ~50%.",
+    "projections adapted, 2-4-6-8 and 5-5-5-5 (the same 40 experts and parameters) reach the same task "
+    "loss within the seed noise (inconclusive) and neither learns the task to exact match with the head "
+    "frozen; 8-8-8-8 and the trained-head protocol are not yet run (`python benchmarks/reproduce.py "
+    "--claim mola` runs the rest).",
+    "hft": "Why: HFT comes close to full fine-tuning on the task (exact match 0.26 ± 0.04 against 0.31 ± 0.03: "
+    "within the tolerance in the mean, not with its interval, so inconclusive) but its task loss is 0.16 "
+    "± 0.05 nats higher, beyond the 0.1 tolerance: not reproduced at this scale. It forgets 0.8 nats less"
+    " of the warm-up skills in the mean (5.5 ± 0.2 against 6.3 ± 0.9 nats, and less spread), but one seed"
+    " of full fine-tuning forgets as little, so the interval contains 0: inconclusive. At this size HFT's"
+    " always-trained embeddings and LM head are 70% of the model, so it trains 85% of the parameters, not"
+    " the paper's ~50%: its frozen half is small here. (On the earlier base without the warm-up, scored "
+    "on corpus loss, HFT forgot 5.0 nats less than full fine-tuning; that base and metric are retired "
+    "because the corpus loss did not survive the warm-up this base now needs.)",
 }
 
 
