@@ -1083,7 +1083,13 @@ def summarise(suite: Suite, claim: Claim, seeds: int) -> dict[str, Any]:
         if not sweep:
             continue
         lr = choose_lr(sweep)
-        rows = [r for k in range(seeds) if (r := suite.load_arm(claim, name, k).get(f"{lr:g}"))]
+        # Every seed run at the chosen lr: ``seeds`` at least, more where a claim was given more (``--seeds``).
+        ran = {
+            int(p.stem.rsplit("-seed", 1)[1]) for p in (suite.results / claim.name).glob(f"{name}-seed*.json")
+        }
+        rows = [
+            r for k in sorted(ran | set(range(seeds))) if (r := suite.load_arm(claim, name, k).get(f"{lr:g}"))
+        ]
         entry: dict[str, Any] = {
             "lr": lr,
             "sweep": {k: v["val_loss"] for k, v in sweep.items()},
@@ -1284,7 +1290,8 @@ def write_report(suite: Suite, seeds: int, output: Path, plots: Path | None) -> 
         f"claims {s.sft_steps} steps ({s.sft_steps * s.batch * s.seq_len:,} tokens per arm) on the generated SFT "
         f"task (add, reverse, upper, sort) ({s.train_rows} training rows, lr chosen on {s.val_rows} validation rows, exact match on "
         f"{s.test_rows} test rows); lr sweep of {s.n_lrs} values on seed 0, grown toward "
-        f"its edge while the best lr sits there (up to {s.max_lrs} values), {seeds} seeds at the chosen lr; "
+        f"its edge while the best lr sits there (up to {s.max_lrs} values), {seeds} seeds at the chosen lr (more where a table's "
+        "seeds column says so); "
         "mean ± standard deviation over seeds; verdicts from the 95% confidence interval of the difference (Student's t, "
         "paired by seed where both arms ran the same seeds). One rank per run, fp32.",
         "",
