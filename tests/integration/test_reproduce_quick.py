@@ -79,3 +79,20 @@ def test_a_sweep_grows_only_toward_the_edge_where_its_best_lr_sits() -> None:
     assert reproduce.next_lr(grid, [1.0, 2.0, 0.5], best=0.5) == 0.25  # best at the bottom: one value below
     assert reproduce.next_lr(grid, [1.0, 2.0, 0.5], best=1.0) is None  # inside: the sweep is done
     assert reproduce.next_lr(grid, [1.0, 2.0, 0.5, 4.0], best=4.0) is None  # nothing beyond the grid's top
+
+
+def test_every_arm_of_the_gpu_scale_is_a_valid_job(tmp_path: Path) -> None:
+    """``--scale gpu`` cannot train here: every job it would run (bases, warm-up, each arm in each head protocol)
+    passes the trainer's own checks (types, plugin sections, the one-rank layout, plugin validation)."""
+    from framework.train.launch import load_job
+
+    s = reproduce.SCALES["gpu"]
+    base, task = tmp_path / "base", tmp_path / "task"
+    jobs = [reproduce.base_job(n, s, tmp_path / n) for n in reproduce.BASE_RECIPES]
+    jobs += [reproduce.chat_job(n, tmp_path / n, s, tmp_path / "chat", task) for n in reproduce.BASE_RECIPES]
+    for claim in reproduce.CLAIMS:
+        for _, arm, head in reproduce.arm_variants(claim):
+            jobs.append(reproduce.arm_job(claim, arm, head, s, claim.lr, 1, tmp_path / "run", base, task))
+    for job in jobs:
+        config, _ = load_job("reproduce", [], raw=job, world=1)
+        assert config.model.dim == s.dim and config.data.seq_len == s.seq_len
