@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_MODEL = {
+MODEL: dict[str, Any] = {  # the model section every job below shares
     "dim": 32,
     "n_layers": 2,
     "n_heads": 4,
@@ -15,14 +15,14 @@ _MODEL = {
 }
 
 MOE_JOB: dict[str, Any] = {
-    "model": dict(_MODEL),
+    "model": dict(MODEL),
     "moe": {"num_experts": 4, "expert_hidden": 24, "every": 2},  # layer 0 MoE, layer 1 dense
     "data": {"seq_len": 16},
 }
 """Two layers, the first an MoE block of 4 experts."""
 
-MOE_JOB_4_LAYERS: dict[str, Any] = {**MOE_JOB, "model": {**_MODEL, "n_layers": 4}}
+MOE_JOB_4_LAYERS: dict[str, Any] = {**MOE_JOB, "model": {**MODEL, "n_layers": 4}}
 """Four layers, MoE blocks at layers 0 and 2."""
 
-DENSE_JOB: dict[str, Any] = {"model": dict(_MODEL), "moe": {"num_experts": 0}, "data": {"seq_len": 16}}
+DENSE_JOB: dict[str, Any] = {"model": dict(MODEL), "moe": {"num_experts": 0}, "data": {"seq_len": 16}}
 """Two dense layers."""

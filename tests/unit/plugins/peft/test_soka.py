@@ -27,16 +27,8 @@ from framework.models.init import KeyedInit
 from framework.models.moe.experts import GroupedExperts
 from framework.train.optim import build_optimizer
 from plugins.peft import soka
+from tests.unit.plugins.tiny_jobs import MODEL
 
-MODEL = {
-    "dim": 32,
-    "n_layers": 2,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "ffn_hidden": 48,
-    "max_seq_len": 16,
-    "vocab_size": 64,
-}
 IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
 G = torch.Generator().manual_seed(3)
 
