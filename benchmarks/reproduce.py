@@ -797,18 +797,31 @@ class Evaluator:
         from peft_methods import PretrainingValidation, base_config
 
         self.validation = PretrainingValidation(base_config(str(pretrained)))
-        self.corpus_before = self.validation.loss(base)[0]  # the model every fine-tune starts from
         rows = SFTDataConfig(train_files=[str(warmup / "val.jsonl")], val_file=str(warmup / "val.jsonl"))
         _, skills = build_sft_datasets(rows, base / "tokenizer", seq_len)
         assert skills is not None
         items = [skills[i] for i in range(len(skills))]
         self.skill_batches = [collate_sft(items[i : i + 16]) for i in range(0, len(items), 16)]
+        start = load_model(base)[0].eval()  # the model every fine-tune starts from
         with torch.no_grad():
-            self.before = sft_loss(load_model(base)[0].eval(), self.skill_batches)
+            self.corpus_before = self.corpus_loss(start)
+            self.before = sft_loss(start, self.skill_batches)
         self.test_rows = [
             json.loads(x) for x in (task / "test.jsonl").read_text(encoding="utf-8").splitlines() if x
         ]
         self.max_new_tokens = max_new_tokens
+
+    def corpus_loss(self, model: Any) -> float:
+        """Mean next-token loss of ``model`` on the first stage's corpus validation batches (call under no_grad)."""
+        from framework.train.loss import count_loss_tokens, lm_loss_sum
+
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for input_ids, labels in self.validation.batches:
+            total += float(lm_loss_sum(model(input_ids.to(device)), labels.to(device)))
+            count += count_loss_tokens(labels)
+        model.discard_routing_state()
+        return total / max(count, 1)
 
     def __call__(self, model: Any, run_dir: Path) -> dict[str, float]:
         """Scores of the trained ``model`` (whole, on this process: one rank, no sharding)."""
@@ -816,18 +829,10 @@ class Evaluator:
 
         from framework.data.sft import ChatTokenizer
         from framework.inference.generate import exact_match_accuracy
-        from framework.train.loss import count_loss_tokens, lm_loss_sum
 
         model.eval()
-        device = next(model.parameters()).device
-        total, count = 0.0, 0
-        with torch.no_grad():  # PretrainingValidation.loss, on the trained model itself
-            for input_ids, labels in self.validation.batches:
-                input_ids, labels = input_ids.to(device), labels.to(device)
-                total += float(lm_loss_sum(model(input_ids), labels))
-                count += count_loss_tokens(labels)
-            model.discard_routing_state()
-            corpus_after = total / max(count, 1)
+        with torch.no_grad():
+            corpus_after = self.corpus_loss(model)
             skills_after = sft_loss(model, self.skill_batches)
             chat = ChatTokenizer.from_dir(run_dir / "tokenizer")
             accuracy, _ = exact_match_accuracy(model, chat, self.test_rows, self.max_new_tokens)
