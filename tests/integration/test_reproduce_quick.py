@@ -19,8 +19,15 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import reproduce  # noqa: E402
 
 
-def _run(tmp_path: Path) -> str:
-    cmd = [sys.executable, str(REPO / "benchmarks" / "reproduce.py"), "--quick", "--report"]
+def _run(tmp_path: Path, jobs: int) -> str:
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "reproduce.py"),
+        "--quick",
+        "--report",
+        "--jobs",
+        str(jobs),
+    ]
     cmd += ["--cache-dir", str(tmp_path / "cache"), "--results", str(tmp_path / "results")]
     cmd += ["--report-file", str(tmp_path / "results.md")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -30,7 +37,7 @@ def _run(tmp_path: Path) -> str:
 
 
 def test_quick_suite_runs_every_claims_arms_and_resumes_only_what_is_missing(tmp_path: Path) -> None:
-    first = _run(tmp_path)
+    first = _run(tmp_path, jobs=2)  # two worker processes
     report = (tmp_path / "results.md").read_text(encoding="utf-8")
     results = tmp_path / "results"
     for claim in reproduce.CLAIMS:
@@ -48,6 +55,12 @@ def test_quick_suite_runs_every_claims_arms_and_resumes_only_what_is_missing(tmp
             assert f"{comparison.a} " in report and comparison.claim in report
     progress = re.findall(r"^\[(\w+)\] \d+/\d+ (\S+) lr", first, re.M)
     assert {c for c, _ in progress} == set(reproduce.CLAIMS_BY_NAME)
+    for claim in reproduce.CLAIMS:  # each claim's wall time and run count, for the report's budget line
+        (session,) = json.loads((results / claim.name / "timing.json").read_text(encoding="utf-8"))[
+            "sessions"
+        ]
+        assert session["jobs"] == 2 and session["wall_seconds"] > 0
+        assert session["runs"] == sum(c == claim.name for c, _ in progress)
 
     removed = results / "hft" / "hft-seed0.json"
     removed.unlink()
@@ -59,14 +72,11 @@ def test_quick_suite_runs_every_claims_arms_and_resumes_only_what_is_missing(tmp
     body["runs"][stale_lr]["job"]["optim"]["weight_decay"] = 0.5
     stale.write_text(json.dumps(body), encoding="utf-8")
     kept = {p: p.stat().st_mtime_ns for p in results.rglob("*-seed0.json") if p != stale}
-    second = _run(tmp_path)
-    assert re.findall(r"^\[(\w+)\] \d+/\d+ (\S+) lr (\S+)", second, re.M) == [
-        *[
-            ("hft", "hft", lr)
-            for lr in sorted(json.loads(removed.read_text(encoding="utf-8"))["runs"], key=float)
-        ],
-        ("soka", "soka", stale_lr),
-    ]
+    second = _run(tmp_path, jobs=1)  # in this process
+    assert sorted(re.findall(r"^\[(\w+)\] \d+/\d+ (\S+) lr (\S+)", second, re.M)) == sorted(
+        [("hft", "hft", lr) for lr in json.loads(removed.read_text(encoding="utf-8"))["runs"]]
+        + [("soka", "soka", stale_lr)]
+    )
     assert (
         json.loads(stale.read_text(encoding="utf-8"))["runs"][stale_lr]["job"]["optim"]["weight_decay"] == 0.0
     )
