@@ -88,20 +88,88 @@ def generate(
     return new
 
 
+@torch.no_grad()
+def generate_greedy_batch(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    stop_ids: Collection[int] = (),
+    batch_size: int = 64,
+) -> list[list[int]]:
+    """Greedy answers to many prompts: :func:`generate`'s tokens for each, computed ``batch_size`` prompts at a time.
+
+    Only prompts of the same length share a batch, so every row sees the positions and the causal mask it would see
+    alone (no padding); a row's answer ends at its first stop id, and a batch stops once every row has. Rows are
+    independent through the model (attention within a row, routing per token), which is why a model whose experts
+    drop tokens over capacity (``moe.capacity_factor > 0``: the rows of a batch compete) is refused. The tokens can
+    differ from one-at-a-time decoding only where two logits tie within rounding (batched matrix products sum in
+    another order).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if any(not p for p in prompts):
+        raise ValueError("generate_greedy_batch needs prompts of at least one token each")
+    if model.moe_cfg is not None and model.moe_cfg.num_experts and model.moe_cfg.capacity_factor > 0:
+        raise ValueError(
+            f"moe.capacity_factor={model.moe_cfg.capacity_factor} drops tokens over capacity, so the rows of a batch "
+            "would change each other's answers: use generate() one prompt at a time"
+        )
+    limit = model.model_cfg.max_seq_len
+    if (longest := max((len(p) for p in prompts), default=0)) >= limit:
+        raise ValueError(f"a prompt has {longest} tokens; model.max_seq_len={limit} leaves no room")
+    device = model.tok_embeddings.weight.device
+    by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    answers: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        for length, rows in by_length.items():
+            steps = min(max_new_tokens, limit - length)
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                cache = model.new_kv_cache(length + steps)
+                step_input = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)
+                open_rows = set(range(len(chunk)))
+                for _ in range(steps):
+                    tokens = model(step_input, cache=cache)[:, -1].argmax(dim=-1).tolist()
+                    for j in sorted(open_rows):
+                        answers[chunk[j]].append(tokens[j])
+                        if tokens[j] in stop_ids:
+                            open_rows.discard(j)
+                    if not open_rows:
+                        break
+                    step_input = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1)
+    finally:
+        model.discard_routing_state()
+        model.train(was_training)
+    return answers
+
+
 def exact_match_accuracy(
-    model: Transformer, chat: Any, rows: Sequence[dict[str, Any]], max_new_tokens: int = 16
+    model: Transformer,
+    chat: Any,
+    rows: Sequence[dict[str, Any]],
+    max_new_tokens: int = 16,
+    batch_size: int = 1,
 ) -> tuple[float, list[str]]:
     """Greedy answers to chat rows (all but their last assistant turn as the prompt) and the share equal to the
     reference after :func:`~framework.data.sft_tasks.normalize_answer`. ``chat``: a
-    :class:`~framework.data.sft.ChatTokenizer`. Returns ``(accuracy, predictions)``."""
+    :class:`~framework.data.sft.ChatTokenizer`; ``batch_size > 1``: rows of equal prompt length answered together
+    (:func:`generate_greedy_batch`). Returns ``(accuracy, predictions)``."""
     from framework.data.sft_tasks import exact_match, prompt_and_reference
 
-    predictions, references = [], []
     stop = chat.stop_ids()
+    prompts, references = [], []
     for row in rows:
         messages, reference = prompt_and_reference(row)
-        prompt = chat.encode(chat.render(messages, add_generation_prompt=True))
-        answer = generate(model, prompt, max_new_tokens, stop_ids=stop)
-        predictions.append(chat.decode([t for t in answer if t not in stop]))
+        prompts.append(chat.encode(chat.render(messages, add_generation_prompt=True)))
         references.append(reference)
+    if batch_size > 1:
+        answers = generate_greedy_batch(model, prompts, max_new_tokens, stop_ids=stop, batch_size=batch_size)
+    else:
+        answers = [generate(model, prompt, max_new_tokens, stop_ids=stop) for prompt in prompts]
+    predictions = [chat.decode([t for t in answer if t not in stop]) for answer in answers]
     return exact_match(predictions, references), predictions

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from framework.config import ModelConfig, MoEConfig
-from framework.inference.generate import generate
+from framework.inference.generate import generate, generate_greedy_batch
 from framework.models import Transformer
 
 # fp32: the cached path computes the same sums over fewer keys at a time; differences are rounding (~1e-6).
@@ -55,6 +55,27 @@ def test_greedy_decoding_with_and_without_cache_gives_the_same_tokens(attention:
     recomputed = generate(model, prompt, 25, use_cache=False)
     assert cached == recomputed and len(cached) == 25
     assert len(set(cached)) > 1, "a degenerate model would make this test weak"
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_batched_greedy_answers_equal_one_prompt_at_a_time(attention: str) -> None:
+    model = _model(attention)
+    rng = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=rng).tolist() for n in (5, 9, 5, 5, 9, 3, 5)]
+    alone = [generate(model, p, 12) for p in prompts]
+    stop = {alone[0][3], alone[4][1]}  # two rows stop early, at different steps; the others run to the end
+    alone_stopped = [generate(model, p, 12, stop_ids=stop) for p in prompts]
+    assert generate_greedy_batch(model, prompts, 12, batch_size=2) == alone  # batches split within a length
+    assert generate_greedy_batch(model, prompts, 12, stop_ids=stop) == alone_stopped
+    assert len({len(a) for a in alone_stopped}) > 1, "stop ids should end some answers early"
+    assert all(int(layer.consume_expert_counts().sum()) == 0 for layer in model.moe_layers())
+
+
+def test_batched_greedy_refuses_experts_that_drop_tokens() -> None:
+    model = _model()
+    model.moe_cfg.capacity_factor = 1.0
+    with pytest.raises(ValueError, match="capacity_factor"):
+        generate_greedy_batch(model, [[1, 2, 3]], 4)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy_and_stop_ids_end_it() -> None:
