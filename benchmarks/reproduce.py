@@ -1562,11 +1562,12 @@ def cost_table(suite: Suite) -> list[str]:
             )
             bases.append(f"`{name}` {seconds / 60:.1f} min")
     return [
-        "Cost on the machine that ran them (every claim in the order of this page, in one `--claim all`, so "
+        "Cost on the machine that ran them (`--claim all`: every claim in the order of this page, so "
         "a run two claims share, like full fine-tuning or LoRA, trained in the first one and was reused by the "
         "later ones): 'run time' is the sum of the runs' own wall times (training and scoring, one thread each: what the claim "
         "would cost alone, a shared run counted in each claim that reports it, once in the last row), "
-        "'wall' the elapsed time of the invocations that trained them, with that many runs side by side"
+        "'wall' the elapsed time of the invocations that trained them (summed where a claim was resumed), "
+        "with that many runs side by side"
         + (
             f"; the bases' training (pretraining and chat warm-up, once per machine): {', '.join(bases)}"
             if bases
