@@ -1170,7 +1170,8 @@ class ArmPlan:
         ]
 
     def planned(self) -> int:
-        return len(self.sweep()) + (self.seeds - 1) * min(FINALISTS, len(self.sweep()))
+        swept = len(self.sweep())
+        return swept + (self.seeds - 1) * min(FINALISTS, swept)
 
     def finished(self) -> int:
         sweep, done = self.sweep(), self.runs.get(0, {})
@@ -1293,12 +1294,13 @@ def choose_lr_over_seeds(by_seed: dict[int, dict[str, dict[str, Any]]]) -> float
     complete = [lr for lr in finalists(by_seed[0]) if all(f"{lr:g}" in runs for runs in by_seed.values())]
     if not complete:
         return choose_lr(by_seed[0])
+    return min(complete, key=lambda lr: mean_val_loss(by_seed, lr))
 
-    def mean_loss(lr: float) -> float:
-        runs = [r[f"{lr:g}"] for r in by_seed.values()]
-        return statistics.fmean(r["val_loss"] if _finite(r) else math.inf for r in runs)
 
-    return min(complete, key=mean_loss)
+def mean_val_loss(by_seed: dict[int, dict[str, dict[str, Any]]], lr: float) -> float:
+    """The mean validation loss at ``lr`` over the seeds that ran it (a diverged run counts as infinite)."""
+    runs = [r[f"{lr:g}"] for r in by_seed.values() if f"{lr:g}" in r]
+    return statistics.fmean(r["val_loss"] if _finite(r) else math.inf for r in runs)
 
 
 # --- summaries and verdicts ----------------------------------------------------------------------------------------
@@ -1324,10 +1326,7 @@ def summarise(suite: Suite, claim: Claim, seeds: int) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "lr": lr,
             "sweep": {k: v["val_loss"] for k, v in sweep.items()},
-            "finalists": {  # the mean validation loss over the seeds each finalist ran
-                f"{x:g}": statistics.fmean(r[f"{x:g}"]["val_loss"] for r in by_seed.values() if f"{x:g}" in r)
-                for x in finalists(sweep)
-            },
+            "finalists": {f"{x:g}": mean_val_loss(by_seed, x) for x in finalists(sweep)},
             "seeds": len(rows),
             "tokens_seen": rows[0]["tokens_seen"],
             "params_total": rows[0]["params_total"],
@@ -1610,7 +1609,9 @@ def write_report(suite: Suite, seeds: int, output: Path, plots: Path | None) -> 
         "claims choose it on the task's validation rows and report exact match on separate test rows; their task loss (on "
         "the validation rows the lr was chosen on, so slightly optimistic for every arm alike) is the informative score "
         "where no arm learns the task to exact match. Every arm of a comparison sees the same data, validation "
-        "rows, lr search and seeds; where the two arms train different parts (an adapter with the head frozen "
+        "rows, lr search and seeds (the same procedure on each arm's own grid: adapters' grids sit higher than "
+        "full fine-tuning's, as in their papers — `FULL_LRS`, `ADAPTER_LRS`, `PISSA_LRS` in the script — and every "
+        "sweep grows toward the edge where its best sits); where the two arms train different parts (an adapter with the head frozen "
         "against full fine-tuning, which trains it) the row says *not like for like* and draws no verdict — "
         "the arm with `modules_to_save=[lm_head]` (+head) is the like-for-like one. † marks a "
         "chosen lr at the edge of its (grown) sweep. 'tokens seen' is the trainer's count (for fine-tuning: the loss "
