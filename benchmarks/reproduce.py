@@ -158,6 +158,7 @@ class Claim:
 FULL_LRS = (0.3, 1.0, 3.0, 0.1, 10.0)
 ADAPTER_LRS = (10.0, 5.0, 20.0, 2.5, 40.0)  # LoRA-type: ~5-20x the full fine-tuning lr
 PISSA_LRS = (1.0, 3.0, 10.0, 0.3, 30.0)  # adapters initialised from the base's own components (CorDA, SoKA)
+MOLA_LRS = (5.0, 2.5, 10.0, 1.25, 20.0)  # ADAPTER_LRS one step lower: 20x was the worst lr of every MoLA arm
 ALL_LINEAR = "all-linear"
 
 
@@ -496,11 +497,9 @@ CLAIMS: tuple[Claim, ...] = (
         "sft",
         1e-3,
         (
-            Arm(
-                "mola_2468", _mola(allocation="inverted_triangle", base_experts=8), ADAPTER_LRS, plugin="mola"
-            ),
-            Arm("mola_5555", _mola(base_experts=5, allocation="uniform"), ADAPTER_LRS, plugin="mola"),
-            Arm("mola_8888", _mola(base_experts=8, allocation="uniform"), ADAPTER_LRS, plugin="mola"),
+            Arm("mola_2468", _mola(allocation="inverted_triangle", base_experts=8), MOLA_LRS, plugin="mola"),
+            Arm("mola_5555", _mola(base_experts=5, allocation="uniform"), MOLA_LRS, plugin="mola"),
+            Arm("mola_8888", _mola(base_experts=8, allocation="uniform"), MOLA_LRS, plugin="mola"),
         ),
         (
             Comparison(
@@ -769,9 +768,13 @@ class _ScoresAtEnd:
         summary.update(self.score(model, self.run_dir))
 
 
-EVALUATION = 2
+EVALUATION = 3
 """Version of the fine-tuning scores (:class:`Evaluator`): a run scored by another version is rerun, not reported.
-1: forgetting on the corpus; 2: forgetting on the base's previous skills (the warm-up tasks), corpus loss kept."""
+1: forgetting on the corpus; 2: forgetting on the base's previous skills (the warm-up tasks), corpus loss kept;
+3: test prompts of equal length answered together (:data:`EVAL_BATCH` at a time) instead of one by one."""
+
+EVAL_BATCH = 64
+"""Test prompts answered together by :class:`Evaluator` (greedy, equal lengths, no padding)."""
 
 
 def sft_loss(model: Any, batches: list[tuple[Any, Any, Any]]) -> float:
@@ -846,7 +849,9 @@ class Evaluator:
             corpus_after = self.corpus_loss(model)
             skills_after = sft_loss(model, self.skill_batches)
             chat = ChatTokenizer.from_dir(run_dir / "tokenizer")
-            accuracy, _ = exact_match_accuracy(model, chat, self.test_rows, self.max_new_tokens)
+            accuracy, _ = exact_match_accuracy(
+                model, chat, self.test_rows, self.max_new_tokens, batch_size=EVAL_BATCH
+            )
         return {
             "exact_match": accuracy,
             "skills_loss_after": skills_after,
@@ -1610,7 +1615,7 @@ def write_report(suite: Suite, seeds: int, output: Path, plots: Path | None) -> 
         "the validation rows the lr was chosen on, so slightly optimistic for every arm alike) is the informative score "
         "where no arm learns the task to exact match. Every arm of a comparison sees the same data, validation "
         "rows, lr search and seeds (the same procedure on each arm's own grid: adapters' grids sit higher than "
-        "full fine-tuning's, as in their papers — `FULL_LRS`, `ADAPTER_LRS`, `PISSA_LRS` in the script — and every "
+        "full fine-tuning's, as in their papers — `FULL_LRS`, `ADAPTER_LRS`, `PISSA_LRS`, `MOLA_LRS` in the script — and every "
         "sweep grows toward the edge where its best sits); where the two arms train different parts (an adapter with the head frozen "
         "against full fine-tuning, which trains it) the row says *not like for like* and draws no verdict — "
         "the arm with `modules_to_save=[lm_head]` (+head) is the like-for-like one. † marks a "

@@ -216,9 +216,10 @@ class MoLALinear(nn.Linear):
             self._record(ids_TK, probs_TN)
         # All experts at once: h = A·dropout(x) for every expert [T, N, r], gated (0 for unselected experts), then
         # one contraction over (expert, rank) with B.
-        h_TNR = torch.einsum("ti,nri->tnr", self.lora_dropout(x_TD), self.lora_A)
-        h_TNR = h_TNR * gates_TN.unsqueeze(-1).to(h_TNR.dtype)
-        delta_TO = torch.einsum("tnr,nor->to", h_TNR, self.lora_B)
+        T, N, R = x_TD.shape[0], self.num_experts, self.r
+        h_TNR = F.linear(self.lora_dropout(x_TD), self.lora_A.reshape(N * R, self.in_features)).view(T, N, R)
+        h_TM = (h_TNR * gates_TN.unsqueeze(-1).to(h_TNR.dtype)).reshape(T, N * R)  # M = (expert, rank) rows
+        delta_TO = h_TM @ self.lora_B.transpose(1, 2).reshape(N * R, self.out_features)
         return y + (self.scaling * delta_TO).view(*x.shape[:-1], self.out_features).to(y.dtype)
 
     def _record(self, ids_TK: torch.Tensor, probs_TN: torch.Tensor) -> None:
