@@ -89,6 +89,13 @@ def generate(
 
 
 @torch.no_grad()
+def rows_are_independent(model: Transformer) -> bool:
+    """Whether the rows of a batch cannot change each other's outputs: false only for MoE experts that drop tokens
+    over capacity (``moe.capacity_factor > 0``), where the rows compete for the same slots."""
+    moe = model.moe_cfg
+    return moe is None or not moe.num_experts or moe.capacity_factor <= 0
+
+
 def generate_greedy_batch(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -110,7 +117,7 @@ def generate_greedy_batch(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if any(not p for p in prompts):
         raise ValueError("generate_greedy_batch needs prompts of at least one token each")
-    if model.moe_cfg is not None and model.moe_cfg.num_experts and model.moe_cfg.capacity_factor > 0:
+    if not rows_are_independent(model):
         raise ValueError(
             f"moe.capacity_factor={model.moe_cfg.capacity_factor} drops tokens over capacity, so the rows of a batch "
             "would change each other's answers: use generate() one prompt at a time"

@@ -113,13 +113,19 @@ class Evaluator:
         return tokenizer.decode(ids[0].tolist())
 
 
+EXACT_MATCH_BATCH = 64
+"""Validation prompts of equal length answered together by :func:`exact_match` (one at a time where the model's
+experts drop tokens over capacity)."""
+
+
 def exact_match(
     config: JobConfig, raw_model: torch.nn.Module, store: CheckpointStore, run_dir: Path, forward: LossForward
 ) -> float | None:
-    """Greedy answers to the first ``sft.eval_exact_match`` rows of ``sft.val_file`` (rank 0, one process): with
-    the training model when it is whole on this rank, else with the final checkpoint rebuilt unsharded."""
+    """Greedy answers to the first ``sft.eval_exact_match`` rows of ``sft.val_file`` (rank 0, one process;
+    :data:`EXACT_MATCH_BATCH` prompts at a time): with the training model when it is whole on this rank, else with
+    the final checkpoint rebuilt unsharded."""
     from framework.data.sft import BadRow, ChatTokenizer, read_rows
-    from framework.inference.generate import exact_match_accuracy
+    from framework.inference.generate import exact_match_accuracy, rows_are_independent
 
     cfg = config.sft
     rows = [{"messages": item[1]} for item in read_rows(cfg.val_file) if not isinstance(item, BadRow)]
@@ -135,5 +141,6 @@ def exact_match(
         model = load_model(latest)[0]
     chat = ChatTokenizer.from_dir(run_dir / "tokenizer")
     with forward.autocast():
-        accuracy, _ = exact_match_accuracy(model, chat, rows, cfg.eval_max_new_tokens)
+        batch = EXACT_MATCH_BATCH if rows_are_independent(model) else 1
+        accuracy, _ = exact_match_accuracy(model, chat, rows, cfg.eval_max_new_tokens, batch_size=batch)
     return accuracy
