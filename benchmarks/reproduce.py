@@ -30,6 +30,7 @@ from whatever is cached.
 
     python benchmarks/reproduce.py --claim coe                 # one claim at the CPU scale (minutes: docs/results.md)
     python benchmarks/reproduce.py --claim all --scale gpu     # larger settings, unchanged on a CUDA machine
+                                                               # (valid jobs in the tests; not yet run on a GPU)
     python benchmarks/reproduce.py --quick                      # every claim on a minuscule setting (a smoke test)
     python benchmarks/reproduce.py --report                     # docs/results.md from the cached results
 """
