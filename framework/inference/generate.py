@@ -88,7 +88,6 @@ def generate(
     return new
 
 
-@torch.no_grad()
 def rows_are_independent(model: Transformer) -> bool:
     """Whether the rows of a batch cannot change each other's outputs: false only for MoE experts that drop tokens
     over capacity (``moe.capacity_factor > 0``), where the rows compete for the same slots."""
@@ -96,6 +95,7 @@ def rows_are_independent(model: Transformer) -> bool:
     return moe is None or not moe.num_experts or moe.capacity_factor <= 0
 
 
+@torch.no_grad()
 def generate_greedy_batch(
     model: Transformer,
     prompts: Sequence[Sequence[int]],

@@ -74,6 +74,15 @@ def test_batched_greedy_answers_equal_one_prompt_at_a_time(attention: str) -> No
     assert all(int(layer.consume_expert_counts().sum()) == 0 for layer in model.moe_layers())
 
 
+def test_batched_greedy_builds_no_autograd_graph_when_grad_is_on() -> None:
+    model = _model()
+    grad_on: list[bool] = []
+    model.register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
+    with torch.enable_grad():
+        generate_greedy_batch(model, [[1, 2, 3], [4, 5, 6]], 3)
+    assert grad_on and not any(grad_on)
+
+
 def test_batched_greedy_refuses_experts_that_drop_tokens() -> None:
     model = _model()
     assert rows_are_independent(model)  # dropless experts: each token is routed alone
